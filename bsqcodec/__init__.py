@@ -1,0 +1,12 @@
+"""bsqcodec: a learned image codec with an integer-exact autoregressive prior.
+
+    >>> import bsqcodec
+    >>> data = bsqcodec.encode(image)          # PIL image or (H, W, 3) uint8 array -> bytes
+    >>> image = bsqcodec.decode(data)          # bytes -> PIL.Image.Image
+"""
+
+from .codec import decode, encode
+from .errors import BsqError
+
+__version__ = "0.1.0"
+__all__ = ["encode", "decode", "BsqError", "__version__"]

@@ -1,0 +1,192 @@
+"""The `bsqc` command line. Thin: parse, call the library, report. Nothing imports this module."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import codec, container, images, weights
+from .errors import BsqError
+from .fileio import check_output, read_bytes, write_atomic
+from .progress import LazyProgress
+
+app = typer.Typer(
+    help="bsqc: a learned image codec (patch tokenizer + binary spherical quantization + transformer prior).",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+train_app = typer.Typer(help="Train a tokenizer and a prior, then freeze them into a model file.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+out_console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _fail(msg: str) -> None:
+    err_console.print(f"bsqc: error: {msg}", markup=False)
+    raise typer.Exit(1)
+
+
+def guarded(fn):
+    """Turn every BsqError (and anything unexpected) into one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except BsqError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            err_console.print("bsqc: interrupted", markup=False)
+            raise typer.Exit(130) from None
+        except MemoryError:
+            _fail("out of memory")
+        except Exception as e:  # a bug, not the user's fault: still one line, unless debugging
+            if os.environ.get("BSQC_DEBUG"):
+                raise
+            _fail(f"internal error: {type(e).__name__}: {e}")
+
+    return wrapper
+
+
+def _models(model_file: Optional[Path]) -> list[weights.Model]:
+    return [weights.load(model_file)] if model_file else []
+
+
+def _emit_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+
+
+@app.command()
+@guarded
+def encode(
+    input: Annotated[Path, typer.Argument(help="Image to compress (anything Pillow reads).")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output .bsq file [default: INPUT with suffix .bsq].")] = None,
+    preset: Annotated[str, typer.Option("--preset", "-p", help="Installed preset to use (see `bsqc presets`).")] = "default",
+    model: Annotated[Optional[Path], typer.Option("--model", help="Use this model file instead of a preset.")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUTPUT if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary.")] = False,
+) -> None:
+    """Compress an image into a .bsq file."""
+    t0 = time.perf_counter()
+    out = output or input.with_suffix(".bsq")
+    check_output(out, force)
+    arr, icc, notes = images.read(input)
+    for n in notes:
+        err_console.print(f"bsqc: warning: {input}: {n}", markup=False)
+    m = weights.load(model) if model else weights.preset(preset)
+    with LazyProgress(err_console, enabled=not quiet) as prog:
+        enc = codec.encode_array(arr, m, icc, prog)
+        recon = codec.tokens_to_array(m, enc.tokens, arr.shape[1], arr.shape[0])
+    write_atomic(out, enc.data, force)
+    h, w = arr.shape[:2]
+    res = {
+        "input": str(input), "output": str(out), "width": w, "height": h, "preset": m.name, "model": m.hash_hex,
+        "bytes": len(enc.data), "bpp": len(enc.data) * 8 / (w * h), "tokens": int(enc.tokens.numel()),
+        "token_bits": m.config.tokenizer.bits, "tiles": enc.header.tiles,
+        "payload_bytes": len(enc.data) - container.header_size(enc.data) - 4,
+        "estimated_bits": enc.estimated_bits, "psnr": codec.psnr(arr, recon), "seconds": time.perf_counter() - t0,
+    }
+    if as_json:
+        _emit_json(res)
+    elif not quiet:
+        out_console.print(
+            f"{input} -> {out}: {res['bytes']} bytes, {res['bpp']:.4f} bpp, PSNR {res['psnr']:.2f} dB, "
+            f"{res['seconds']:.2f} s", markup=False)
+
+
+@app.command()
+@guarded
+def decode(
+    input: Annotated[Path, typer.Argument(help="A .bsq file.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output image; its extension picks the format [default: INPUT with suffix .png].")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="Model file, for files made with a model that is not installed.")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUTPUT if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results.")] = False,
+    batch_tiles: Annotated[int, typer.Option("--batch-tiles", min=1, max=codec.MAX_BATCH_TILES, help="Tiles decoded together (speed and memory only; the pixels never change).")] = codec.DEFAULT_BATCH_TILES,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary.")] = False,
+) -> None:
+    """Decompress a .bsq file into an image."""
+    t0 = time.perf_counter()
+    out = output or input.with_suffix(".png")
+    check_output(out, force)
+    data = read_bytes(input)
+    with LazyProgress(err_console, enabled=not quiet) as prog:
+        header, _, arr = codec.decode_detailed(data, _models(model), batch_tiles, prog)
+    img = images.to_pil(arr, header.chunk(b"iCCP"))
+    write_atomic(out, images.encode_image(img, out), force)
+    res = {"input": str(input), "output": str(out), "width": header.width, "height": header.height,
+           "preset": header.preset, "bytes": len(data), "seconds": time.perf_counter() - t0}
+    if as_json:
+        _emit_json(res)
+    elif not quiet:
+        out_console.print(f"{input} -> {out}: {header.width}x{header.height}, {res['seconds']:.2f} s", markup=False)
+
+
+def info_dict(data: bytes) -> dict:
+    header, streams = container.unpack(data)
+    payload = sum(len(s) for s in streams)
+    gr, gc = header.grid
+    tokens = gr * gc
+    return {
+        "version": f"{container.MAJOR}.{header.minor}", "width": header.width, "height": header.height,
+        "preset": header.preset, "model": header.model_hash.hex(), "patch": header.patch,
+        "token_bits": header.bits, "groups": header.groups, "grid": [gr, gc], "tokens": tokens,
+        "tiles": header.tiles, "tile_shape": [header.tile_rows, header.tile_cols],
+        "payload_bytes": payload, "bytes": len(data), "bpp": len(data) * 8 / (header.width * header.height),
+        "coded_bits_per_token": payload * 8 / tokens, "chunks": [t.decode("ascii") for t, _ in header.chunks],
+        "checksums": "ok",
+    }
+
+
+@app.command()
+@guarded
+def info(
+    file: Annotated[Path, typer.Argument(help="A .bsq file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show what a .bsq file holds and verify its checksums."""
+    d = info_dict(read_bytes(file))
+    if as_json:
+        _emit_json(d)
+        return
+    t = Table(show_header=False, box=None)
+    for k, v in d.items():
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out_console.print(t)
+
+
+@app.command()
+@guarded
+def presets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the models installed with bsqcodec."""
+    rows = []
+    for name, (path, h) in sorted(weights.installed().items()):
+        m = weights.preset(name)
+        t = m.config.tokenizer
+        rows.append({"preset": name, "model": h.hex(), "patch": t.patch, "token_bits": t.bits,
+                     "raw_bpp": t.bits / t.patch**2, "file": Path(path).name})
+    if as_json:
+        _emit_json({"presets": rows})
+        return
+    t = Table("preset", "patch", "bits/token", "raw bpp", "model")
+    for r in rows:
+        t.add_row(r["preset"], str(r["patch"]), str(r["token_bits"]), f"{r['raw_bpp']:.4f}", r["model"][:16])
+    out_console.print(t)
+
+
+def main() -> None:
+    from . import cli_train  # noqa: F401  (registers the train commands)
+
+    app()

@@ -1,0 +1,98 @@
+"""`bsqc train ...`: the training commands (registered on the main app by cli.main)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .cli import err_console, guarded, out_console, train_app
+
+Data = Annotated[Path, typer.Option("--data", help="Folder of training images (.png/.jpg, searched recursively).")]
+Out = Annotated[Path, typer.Option("--out", help="Run folder: checkpoints are written here.")]
+
+
+def _run(stage: str, **kw) -> dict:
+    from .train import TrainOptions, train
+
+    opts = TrainOptions(stage=stage, **kw)
+    metric_name = "PSNR" if stage == "tokenizer" else "bits/token"
+    cols = [TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TimeRemainingColumn()]
+    last_eval = ["-"]
+    t0 = time.time()
+    with Progress(*cols, console=err_console, transient=False) as bar:
+        task = bar.add_task(stage, total=opts.steps, info="")
+
+        def progress(step, loss=None, metric=None, elapsed=None, eval=None):
+            if eval is not None:
+                last_eval[0] = f"{eval:.3f}"
+                err_console.print(f"step {step}: held-out {metric_name} {eval:.3f}", markup=False)
+                return
+            rate = step / max(1e-9, time.time() - t0)
+            bar.update(task, completed=step,
+                       info=f"loss {loss:.4f}  {metric_name} {metric:.3f}  eval {last_eval[0]}  {rate:.2f} step/s")
+
+        res = train(opts, progress)
+    if res["interrupted"]:
+        err_console.print(f"interrupted at step {res['step']}; checkpoint saved, continue with --resume", markup=False)
+    else:
+        out_console.print(f"{stage}: {res['step']} steps, checkpoint in {opts.out}", markup=False)
+    return res
+
+
+@train_app.command("tokenizer")
+@guarded
+def train_tokenizer(
+    data: Data, out: Out,
+    arch: Annotated[str, typer.Option(help="Architecture: seed or default.")] = "default",
+    eval_dir: Annotated[Optional[Path], typer.Option(help="Held-out images [default: 2% of --data].")] = None,
+    steps: int = 20000, batch: int = 16, crop: int = 128, lr: float = 1e-3, seed: int = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Where decoded crops are cached.")] = None,
+    eval_every: int = 500, checkpoint_seconds: float = 300.0, threads: int = 0,
+) -> None:
+    """Train the patch autoencoder (MSE)."""
+    _run("tokenizer", data=str(data), out=str(out), arch=arch, eval_dir=str(eval_dir) if eval_dir else None,
+         steps=steps, batch=batch, crop=crop, lr=lr, seed=seed, resume=resume,
+         cache_dir=str(cache_dir) if cache_dir else None, eval_every=eval_every,
+         checkpoint_seconds=checkpoint_seconds, threads=threads)
+
+
+@train_app.command("prior")
+@guarded
+def train_prior(
+    data: Data, out: Out,
+    tokenizer: Annotated[Path, typer.Option(help="Frozen tokenizer: a tokenizer checkpoint or a model file.")],
+    arch: Annotated[str, typer.Option(help="Architecture: seed or default.")] = "default",
+    eval_dir: Annotated[Optional[Path], typer.Option(help="Held-out images [default: 2% of --data].")] = None,
+    steps: int = 20000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Where decoded crops and tokens are cached.")] = None,
+    eval_every: int = 500, checkpoint_seconds: float = 300.0, threads: int = 0, per_image: int = 16,
+) -> None:
+    """Train the transformer prior on tokens of a frozen tokenizer."""
+    _run("prior", data=str(data), out=str(out), arch=arch, eval_dir=str(eval_dir) if eval_dir else None,
+         steps=steps, batch=batch, lr=lr, seed=seed, resume=resume, tokenizer_ckpt=str(tokenizer),
+         cache_dir=str(cache_dir) if cache_dir else None, eval_every=eval_every,
+         checkpoint_seconds=checkpoint_seconds, threads=threads, per_image=per_image)
+
+
+@train_app.command("export")
+@guarded
+def train_export(
+    run: Annotated[Path, typer.Option(help="Run folder holding tokenizer.ckpt and prior.ckpt.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Model file to write (.safetensors).")],
+    data: Data,
+    name: Annotated[Optional[str], typer.Option(help="Preset name stored in the model [default: the architecture's].")] = None,
+    calib: Annotated[int, typer.Option(help="Tiles of training tokens used to calibrate the integer prior.")] = 256,
+    force: bool = False,
+) -> None:
+    """Freeze a run into a model file: float tokenizer plus the integer-exported prior."""
+    from .export import export_run
+
+    m = export_run(run, data, output, name=name, calib=calib, force=force)
+    out_console.print(f"wrote {output}: preset {m.name}, model {m.hash_hex[:16]}", markup=False)

@@ -1,0 +1,210 @@
+"""The codec: image -> tokens -> tiles -> streams -> container, and back.
+
+The only module that composes tokenizer, integer prior, entropy coder and container.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import container, entropy, images, weights
+from .container import Header
+from .errors import FormatError
+from .tokenizer import join_groups, split_groups
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+ENCODE_BATCH = 8  # tiles per teacher-forced pass; affects speed only, never the bytes
+DEFAULT_BATCH_TILES = 16
+MAX_BATCH_TILES = 4096
+
+
+@dataclass
+class Encoded:
+    data: bytes
+    tokens: torch.Tensor  # (rows, cols) int64
+    estimated_bits: float  # sum of -log2 p over all coded symbols under the integer prior
+    header: Header
+
+
+def _model(model: weights.Model | str | None) -> weights.Model:
+    if isinstance(model, weights.Model):
+        return model
+    return weights.preset(model or "default")
+
+
+def tile_slices(header: Header) -> list[tuple[slice, slice]]:
+    gr, gc = header.grid
+    out = []
+    for r0 in range(0, gr, header.tile_rows):
+        for c0 in range(0, gc, header.tile_cols):
+            out.append((slice(r0, min(gr, r0 + header.tile_rows)), slice(c0, min(gc, c0 + header.tile_cols))))
+    return out
+
+
+def _pad(arr: np.ndarray, patch: int) -> np.ndarray:
+    h, w = arr.shape[:2]
+    return np.pad(arr, ((0, -h % patch), (0, -w % patch), (0, 0)), mode="edge")
+
+
+def image_to_tokens(model: weights.Model, arr: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (rows, cols) tokens; works in strips so memory stays bounded."""
+    tok = model.tokenizer
+    p = tok.cfg.patch
+    padded = _pad(arr, p)
+    halo = tok.cfg.halo
+    rows = padded.shape[0] // p
+    out = []
+    for r0 in range(0, rows, tok.STRIP):
+        r1 = min(rows, r0 + tok.STRIP)
+        a, b = max(0, r0 - halo), min(rows, r1 + halo)
+        x = torch.from_numpy(padded[a * p : b * p]).permute(2, 0, 1)[None].float().div(255)
+        with torch.no_grad():
+            lat = tok.encode_latent(x)[..., r0 - a : r1 - a, :]
+            out.append(tok.quant.codes_to_tokens(tok.quant(lat))[0])
+    return torch.cat(out, 0)
+
+
+def tokens_to_array(model: weights.Model, tokens: torch.Tensor, width: int, height: int) -> np.ndarray:
+    """(rows, cols) tokens -> (height, width, 3) uint8 pixels."""
+    px = model.tokenizer.tokens_to_image(tokens)
+    return px[:height, :width].numpy()
+
+
+def make_header(model: weights.Model, width: int, height: int, icc: bytes | None = None) -> Header:
+    t, p = model.config.tokenizer, model.config.prior
+    chunks = [(b"iCCP", icc)] if icc else []
+    h = Header(width, height, t.patch, t.bits, p.groups, p.tile_rows, p.tile_cols, model.name, model.sha256, chunks=chunks)
+    h.validate()
+    return h
+
+
+def encode_tokens(model: weights.Model, header: Header, tokens: torch.Tensor, progress: Progress | None = None) -> tuple[list[bytes], float]:
+    """Token grid -> one range-coded stream per tile, and the ideal code length in bits."""
+    ip = model.prior
+    G = header.groups
+    slices = tile_slices(header)
+    streams: list[bytes | None] = [None] * len(slices)
+    est = 0.0
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, (rs, cs) in enumerate(slices):
+        by_shape.setdefault((rs.stop - rs.start, cs.stop - cs.start), []).append(i)
+    done = 0
+    for (r, c), idxs in by_shape.items():
+        for k in range(0, len(idxs), ENCODE_BATCH):
+            batch = idxs[k : k + ENCODE_BATCH]
+            grid = torch.stack([tokens[slices[i]] for i in batch]).reshape(len(batch), r * c)
+            sym = split_groups(grid, header.bits, G)  # (B, T, G)
+            with torch.no_grad():
+                tabs = torch.stack(ip.tables(sym, r, c), 2).cpu().numpy()  # (B, T, G, n)
+            for b, i in enumerate(batch):
+                s = sym[b].reshape(-1).numpy()
+                t = tabs[b].reshape(len(s), -1)
+                streams[i] = entropy.encode(s, t)
+                est += entropy.bits(s, t)
+            done += len(batch)
+            if progress:
+                progress("encode", done, len(slices))
+    return streams, est  # type: ignore[return-value]
+
+
+def encode_array(arr: np.ndarray, model: weights.Model | str | None = None, icc: bytes | None = None,
+                 progress: Progress | None = None) -> Encoded:
+    model = _model(model)
+    h, w = arr.shape[:2]
+    header = make_header(model, w, h, icc)
+    tokens = image_to_tokens(model, arr)
+    streams, est = encode_tokens(model, header, tokens, progress)
+    return Encoded(container.pack(header, streams), tokens, est, header)
+
+
+def encode(image: Image.Image | np.ndarray, model: weights.Model | str | None = None,
+           progress: Progress | None = None) -> bytes:
+    """An image (PIL or (H, W, 3) uint8 array) -> the bytes of a .bsq file."""
+    icc = None
+    if isinstance(image, Image.Image):
+        icc = image.info.get("icc_profile")
+        image, _ = images.to_rgb(image)
+    return encode_array(np.asarray(image, dtype=np.uint8), model, icc, progress).data
+
+
+def _check_geometry(header: Header, model: weights.Model) -> None:
+    t, p = model.config.tokenizer, model.config.prior
+    got = (header.patch, header.bits, header.groups, header.tile_rows, header.tile_cols)
+    want = (t.patch, t.bits, p.groups, p.tile_rows, p.tile_cols)
+    if got != want:
+        raise FormatError(f"the file's token geometry {got} does not match model {model.name!r} {want}")
+
+
+def decode_streams(model: weights.Model, header: Header, streams: list[bytes], batch_tiles: int = DEFAULT_BATCH_TILES,
+                   progress: Progress | None = None) -> torch.Tensor:
+    """Streams -> token grid, running the integer prior token by token with a KV cache."""
+    _check_geometry(header, model)
+    ip = model.prior
+    G = header.groups
+    gr, gc = header.grid
+    tokens = torch.zeros(gr, gc, dtype=torch.int64)
+    slices = tile_slices(header)
+    batch_tiles = max(1, min(MAX_BATCH_TILES, int(batch_tiles)))
+    total = sum((rs.stop - rs.start) * (cs.stop - cs.start) for rs, cs in slices)
+    done = 0
+    for k in range(0, len(slices), batch_tiles):
+        idxs = list(range(k, min(len(slices), k + batch_tiles)))
+        shapes = [(slices[i][0].stop - slices[i][0].start, slices[i][1].stop - slices[i][1].start) for i in idxs]
+        decs = [entropy.Decoder(streams[i]) for i in idxs]
+        lens = [r * c for r, c in shapes]
+        B, T = len(idxs), max(lens)
+        cols = torch.tensor([c for _, c in shapes])
+        cache = ip.new_cache(B, T)
+        out = torch.zeros(B, T, G, dtype=torch.int64)
+        prev = None
+        for t in range(T):
+            tt = torch.full((B,), t)
+            active = [b for b in range(B) if t < lens[b]]
+            tt = torch.where(tt < torch.tensor(lens), tt, 0)
+            rows_t, cols_t = torch.div(tt, cols, rounding_mode="floor"), tt % cols
+            x = ip.embed(prev, rows_t[:, None], cols_t[:, None])
+            if prev is None:
+                x = x.expand(B, 1, -1)
+            hdn = ip.hidden(x.to(ip.device), cache, t)[:, 0]
+            cur = torch.zeros(B, G, dtype=torch.int64)
+            for j in range(G):
+                tab = ip.group_table(hdn, j, cur[:, :j].to(ip.device) if j else None).cpu().numpy()
+                for b in active:
+                    cur[b, j] = int(decs[b].decode(tab[b : b + 1])[0])
+            out[:, t] = cur
+            prev = cur[:, None].to(ip.device)
+            done += len(active)
+            if progress and (t % 16 == 15 or t == T - 1):
+                progress("decode", done, total)
+        for b, i in enumerate(idxs):
+            r, c = shapes[b]
+            tokens[slices[i]] = join_groups(out[b, : r * c], header.bits).reshape(r, c)
+    return tokens
+
+
+def decode_detailed(data: bytes, models: list[weights.Model] | None = None, batch_tiles: int = DEFAULT_BATCH_TILES,
+                    progress: Progress | None = None) -> tuple[Header, torch.Tensor, np.ndarray]:
+    header, streams = container.unpack(data)
+    model = weights.find(header.model_hash, header.preset, models)
+    tokens = decode_streams(model, header, streams, batch_tiles, progress)
+    arr = tokens_to_array(model, tokens, header.width, header.height)
+    return header, tokens, arr
+
+
+def decode(data: bytes, models: list[weights.Model] | None = None, batch_tiles: int = DEFAULT_BATCH_TILES,
+           progress: Progress | None = None) -> Image.Image:
+    """The bytes of a .bsq file -> a PIL RGB image (with its ICC profile, if the file has one)."""
+    header, _, arr = decode_detailed(data, models, batch_tiles, progress)
+    return images.to_pil(arr, header.chunk(b"iCCP"))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)

@@ -1,0 +1,78 @@
+"""Frozen configuration dataclasses for the tokenizer, the prior and a preset."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    patch: int = 8  # pixels per patch side; the token grid is (H/patch, W/patch)
+    channels: int = 192  # width of the latent-grid convolutions
+    bits: int = 16  # L, bits per token (BSQ code length)
+    enc_blocks: int = 2  # residual blocks on the latent grid, encoder side
+    dec_blocks: int = 4  # residual blocks on the latent grid, decoder side
+    overlap: bool = True  # final transposed conv has kernel 2*patch (smooths patch seams)
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.patch <= 32 and 1 <= self.bits <= 32 and self.channels >= 1):
+            raise ValueError(f"bad tokenizer config {self}")
+
+    @property
+    def halo(self) -> int:
+        """Latent rows/cols of context one output position depends on (for strip processing)."""
+        return 1 + 2 * max(self.enc_blocks, self.dec_blocks) + 1
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    bits: int = 16  # token bits; must equal the tokenizer's
+    groups: int = 2  # a token is coded as `groups` symbols of bits/groups bits, MSB group first
+    dim: int = 192  # embedding width
+    layers: int = 6
+    heads: int = 6
+    mlp_ratio: int = 4
+    tile_rows: int = 16  # a tile holds at most tile_rows x tile_cols tokens
+    tile_cols: int = 16
+
+    def __post_init__(self) -> None:
+        if self.bits % self.groups or self.bits // self.groups > 12:
+            raise ValueError("bits must split into groups of at most 12 bits")
+        if self.dim % self.heads:
+            raise ValueError("dim must be a multiple of heads")
+
+    @property
+    def group_bits(self) -> int:
+        return self.bits // self.groups
+
+    @property
+    def tile_tokens(self) -> int:
+        return self.tile_rows * self.tile_cols
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    tokenizer: TokenizerConfig
+    prior: PriorConfig
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(
+            name=str(d["name"]),
+            tokenizer=TokenizerConfig(**d["tokenizer"]),
+            prior=PriorConfig(**d["prior"]),
+        )
+
+
+SEED = ModelConfig(
+    name="seed",
+    tokenizer=TokenizerConfig(patch=5, channels=128, bits=10, enc_blocks=0, dec_blocks=0, overlap=False),
+    prior=PriorConfig(bits=10, groups=1, dim=128, layers=6, heads=4, tile_rows=20, tile_cols=32),
+)
+DEFAULT = ModelConfig(name="default", tokenizer=TokenizerConfig(), prior=PriorConfig())
+ARCHITECTURES = {c.name: c for c in (SEED, DEFAULT)}

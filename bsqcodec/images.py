@@ -1,0 +1,97 @@
+"""Reading and writing images with Pillow: 8-bit RGB arrays in, any Pillow format out."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .container import MAX_DIM
+from .errors import ImageError, LimitError
+
+Image.MAX_IMAGE_PIXELS = MAX_DIM * MAX_DIM
+
+
+def to_rgb(img: Image.Image) -> tuple[np.ndarray, list[str]]:
+    """Any Pillow image -> (H, W, 3) uint8 RGB and a list of warnings (alpha flattened on white)."""
+    notes = []
+    img = ImageOps.exif_transpose(img)
+    w, h = img.size
+    if not (1 <= w <= MAX_DIM and 1 <= h <= MAX_DIM):
+        raise LimitError(f"image is {w}x{h}; width and height must be 1..{MAX_DIM}")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+        img = Image.fromarray(a, "L")
+    elif img.mode == "F":
+        a = np.clip(np.round(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(a, "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:
+            notes.append("the image has transparency; it was flattened onto white")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy(), notes
+
+
+def read(path: str | os.PathLike) -> tuple[np.ndarray, bytes | None, list[str]]:
+    """An image file -> (RGB array, ICC profile or None, warnings). Errors are ImageError/LimitError."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{path} is a directory")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if not (1 <= w <= MAX_DIM and 1 <= h <= MAX_DIM):
+                    raise LimitError(f"{path}: image is {w}x{h}; width and height must be 1..{MAX_DIM}")
+                img.load()
+                icc = img.info.get("icc_profile")
+                arr, notes = to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise LimitError(f"{path}: image is too large") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, struct_error()) as e:
+        raise ImageError(f"{path}: cannot read image ({e})") from None
+    return arr, (bytes(icc) if icc else None), notes
+
+
+def struct_error():
+    import struct
+
+    return struct.error
+
+
+def to_pil(arr: np.ndarray, icc: bytes | None = None) -> Image.Image:
+    img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), "RGB")
+    if icc:
+        img.info["icc_profile"] = icc
+    return img
+
+
+def encode_image(img: Image.Image, path: str | os.PathLike) -> bytes:
+    """The bytes of img saved in the format named by path's extension."""
+    buf = io.BytesIO()
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ImageError(f"{path}: unknown image format (use .png, .jpg, .webp, ...)")
+    kw = {}
+    icc = img.info.get("icc_profile")
+    if icc and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
+        kw["icc_profile"] = icc
+    try:
+        img.save(buf, format=fmt, **kw)
+    except (OSError, KeyError, ValueError) as e:
+        raise ImageError(f"{path}: cannot write {fmt} ({e})") from None
+    return buf.getvalue()

@@ -1,0 +1,164 @@
+"""Patch autoencoder and Binary Spherical Quantization (float; used for training and encoding).
+
+Vocabulary: a *code* is a +-1 vector of L entries, *bits* are its 0/1 form (1 where the code is +1),
+a *token* is the integer sum(bits * basis) with the basis most significant bit first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TokenizerConfig
+
+
+class BSQ(nn.Module):
+    """Project to L dims, L2-normalize, take signs (x > 0 gives +1, else -1)."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        # most significant bit first; float64 holds every integer up to 2^53 exactly
+        basis = torch.tensor([2.0 ** (bits - 1 - i) for i in range(bits)], dtype=torch.float64)
+        self.register_buffer("basis", basis, persistent=False)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        """(B, L, h, w) projection -> (B, L, h, w) code scaled to unit norm; straight-through in training."""
+        v = v.float()
+        u = F.normalize(v, dim=1)
+        q = torch.where(u > 0, 1.0, -1.0) / math.sqrt(self.bits)
+        if self.training:
+            return u + (q - u).detach()
+        return q
+
+    def codes_to_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, L, h, w) codes (any positive scale) -> (B, h, w) int64 tokens."""
+        bits = (codes > 0).to(torch.float64)
+        return torch.einsum("blhw,l->bhw", bits, self.basis).round().long()
+
+    def tokens_to_codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) tokens -> (B, L, h, w) unit-norm float codes."""
+        bits = tokens_to_bits(tokens, self.bits)  # (B, h, w, L)
+        code = (bits.float() * 2 - 1) / math.sqrt(self.bits)
+        return code.permute(0, 3, 1, 2).contiguous()
+
+
+def tokens_to_bits(tokens: torch.Tensor, nbits: int) -> torch.Tensor:
+    """(...) int64 tokens -> (..., nbits) int64 0/1, most significant first (mask test, no shifts)."""
+    weights = torch.tensor([2 ** (nbits - 1 - i) for i in range(nbits)], dtype=torch.int64, device=tokens.device)
+    # floor(token / 2^k) mod 2 is bit k; integer division and remainder are exact on int64
+    return torch.div(tokens.long().unsqueeze(-1), weights, rounding_mode="floor") % 2
+
+
+def bits_to_tokens(bits: torch.Tensor) -> torch.Tensor:
+    """(..., nbits) 0/1 -> (...) int64 tokens by a weighted sum with the basis."""
+    nbits = bits.shape[-1]
+    weights = torch.tensor([2 ** (nbits - 1 - i) for i in range(nbits)], dtype=torch.int64, device=bits.device)
+    return (bits.long() * weights).sum(-1)
+
+
+def split_groups(tokens: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
+    """(...) tokens -> (..., groups) symbols of bits/groups bits each, most significant group first."""
+    g = bits // groups
+    weights = torch.tensor([2 ** (g * (groups - 1 - i)) for i in range(groups)], dtype=torch.int64, device=tokens.device)
+    return torch.div(tokens.long().unsqueeze(-1), weights, rounding_mode="floor") % (2**g)
+
+
+def join_groups(symbols: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., groups) symbols -> (...) tokens."""
+    groups = symbols.shape[-1]
+    g = bits // groups
+    weights = torch.tensor([2 ** (g * (groups - 1 - i)) for i in range(groups)], dtype=torch.int64, device=symbols.device)
+    return (symbols.long() * weights).sum(-1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.gelu(self.conv1(x)))
+
+
+class Tokenizer(nn.Module):
+    """Patch autoencoder: every convolution after the first runs at patch resolution."""
+
+    def __init__(self, cfg: TokenizerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        p, c, L = cfg.patch, cfg.channels, cfg.bits
+        self.patchify = nn.Conv2d(3, c, p, stride=p)
+        self.enc_conv = nn.Conv2d(c, c, 3, padding=1)
+        self.enc_blocks = nn.Sequential(*[ResBlock(c) for _ in range(cfg.enc_blocks)])
+        self.to_code = nn.Conv2d(c, L, 1)
+        self.quant = BSQ(L)
+        self.from_code = nn.Conv2d(L, c, 1)
+        self.dec_conv = nn.Conv2d(c, c, 3, padding=1)
+        self.dec_blocks = nn.Sequential(*[ResBlock(c) for _ in range(cfg.dec_blocks)])
+        if cfg.overlap:
+            self.unpatchify = nn.ConvTranspose2d(c, 3, 2 * p, stride=p, padding=p // 2)
+        else:
+            self.unpatchify = nn.ConvTranspose2d(c, 3, p, stride=p)
+
+    # pixels are float in [0, 1], shape (B, 3, H, W) with H, W multiples of the patch
+    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.enc_conv(F.gelu(self.patchify(x - 0.5)))
+        return self.to_code(self.enc_blocks(h))
+
+    def decode_code(self, code: torch.Tensor) -> torch.Tensor:
+        h = self.dec_conv(self.from_code(code * math.sqrt(self.cfg.bits)))
+        h = F.gelu(self.dec_blocks(h))
+        y = self.unpatchify(h)
+        if self.cfg.overlap and self.cfg.patch % 2:
+            y = y[..., : code.shape[-2] * self.cfg.patch, : code.shape[-1] * self.cfg.patch]
+        return y + 0.5
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pass: (reconstruction, code)."""
+        code = self.quant(self.encode_latent(x))
+        return self.decode_code(code), code
+
+    # ---- inference in horizontal strips, so memory stays bounded for any image height ----
+    STRIP = 32  # latent rows per strip; fixed so that results never depend on how a caller batches
+
+    @torch.no_grad()
+    def image_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, 3, H, W) float pixels (H, W multiples of patch) -> (h, w) int64 tokens."""
+        p, halo = self.cfg.patch, self.cfg.halo
+        h = x.shape[-2] // p
+        out = []
+        for r0 in range(0, h, self.STRIP):
+            r1 = min(h, r0 + self.STRIP)
+            a, b = max(0, r0 - halo), min(h, r1 + halo)
+            lat = self.encode_latent(x[..., a * p : b * p, :])
+            code = self.quant(lat[..., r0 - a : r1 - a, :])
+            out.append(self.quant.codes_to_tokens(code)[0])
+        return torch.cat(out, 0)
+
+    @torch.no_grad()
+    def tokens_to_image(self, tokens: torch.Tensor, progress=None) -> torch.Tensor:
+        """(h, w) tokens -> (H, W, 3) uint8 pixels."""
+        p, halo = self.cfg.patch, self.cfg.halo
+        h = tokens.shape[0]
+        out = []
+        for r0 in range(0, h, self.STRIP):
+            r1 = min(h, r0 + self.STRIP)
+            a, b = max(0, r0 - halo), min(h, r1 + halo)
+            code = self.quant.tokens_to_codes(tokens[None, a:b])
+            y = self.decode_code(code)[0, :, (r0 - a) * p : (r1 - a) * p]
+            out.append(to_uint8(y))
+            if progress is not None:
+                progress(r1 - r0)
+        return torch.cat(out, 0)
+
+
+def to_uint8(y: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8, rounding half to even."""
+    return (y.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()

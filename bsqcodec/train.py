@@ -1,0 +1,280 @@
+"""Training loops for the tokenizer and the prior: checkpoints, exact resume, optional DDP.
+
+Runs alone (`bsqc train ...`) or under `torchrun` (one process per device, DistributedDataParallel).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import data as data_mod
+from .config import ARCHITECTURES, ModelConfig
+from .errors import BsqError
+from .tokenizer import Tokenizer
+from .weights import load_checkpoint, load_tokenizer_any
+
+
+@dataclass
+class TrainOptions:
+    stage: str  # "tokenizer" or "prior"
+    data: str
+    out: str  # run directory: checkpoints live here
+    arch: str = "default"
+    eval_dir: str | None = None
+    steps: int = 10000
+    batch: int = 16
+    crop: int = 128
+    lr: float = 1e-3
+    warmup: int = 200
+    seed: int = 0
+    resume: bool = False
+    checkpoint_seconds: float = 300.0
+    eval_every: int = 500
+    per_image: int = 16
+    cache_dir: str | None = None
+    tokenizer_ckpt: str | None = None  # prior stage: the frozen tokenizer
+    threads: int = 0
+    log: list = field(default_factory=list)
+
+
+def _dist() -> tuple[int, int]:
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def lr_at(step: int, opts: TrainOptions) -> float:
+    if step < opts.warmup:
+        return opts.lr * (step + 1) / opts.warmup
+    t = (step - opts.warmup) / max(1, opts.steps - opts.warmup)
+    return opts.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    mse = F.mse_loss(x.clamp(0, 1), y).item()
+    return 10 * math.log10(1 / max(mse, 1e-10))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def build_model(stage: str, cfg: ModelConfig) -> torch.nn.Module:
+    if stage == "tokenizer":
+        return Tokenizer(cfg.tokenizer)
+    from .prior import Prior
+
+    return Prior(cfg.prior)
+
+
+class _Stop:
+    def __init__(self) -> None:
+        self.flag = False
+
+    def __call__(self, *_):
+        self.flag = True
+
+
+def train(opts: TrainOptions, progress=None) -> dict:
+    """Run (or resume) one training stage; returns the final checkpoint dict."""
+    rank, world = _dist()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    out = Path(opts.out)
+    ckpt_path = out / f"{opts.stage}.ckpt"
+    cfg = ARCHITECTURES[opts.arch] if opts.arch in ARCHITECTURES else None
+    state = None
+    if opts.resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        cfg = ModelConfig.from_dict(state["config"])
+    if cfg is None:
+        raise BsqError(f"unknown architecture {opts.arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    torch.manual_seed(opts.seed)
+    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    model = build_model(opts.stage, cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    rng = np.random.default_rng([opts.seed, rank])
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng"][rank] if rank < len(state["rng"]) else rng.bit_generator.state
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+    train_arr, eval_arr = _dataset(opts, cfg, device)
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+    stop = _Stop()
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if rank == 0 and _main_thread() else {}
+    last_save = time.time()
+    t_start = time.time()
+    metric = float("nan")
+    try:
+        while step < opts.steps and not stop.flag:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, opts)
+            idx = rng.integers(0, len(train_arr), opts.batch)
+            loss, metric = _loss(opts.stage, ddp, train_arr, idx, rng, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            if progress is not None and rank == 0:
+                progress(step=step, loss=loss.item(), metric=metric, elapsed=time.time() - t_start)
+            if rank == 0 and (step % opts.eval_every == 0 or step == opts.steps) and eval_arr is not None:
+                ev = evaluate(opts.stage, model, eval_arr, device)
+                opts.log.append({"step": step, "eval": ev})
+                if progress is not None:
+                    progress(step=step, eval=ev)
+            if rank == 0 and time.time() - last_save > opts.checkpoint_seconds:
+                _save(ckpt_path, model, opt, rng, step, cfg, opts, world)
+                last_save = time.time()
+        if rank == 0:
+            _save(ckpt_path, model, opt, rng, step, cfg, opts, world)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if world > 1:
+        dist.barrier()
+    return {"step": step, "config": cfg.to_dict(), "model": model.state_dict(), "interrupted": stop.flag}
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _save(path, model, opt, rng, step, cfg, opts, world) -> None:
+    rngs = [rng.bit_generator.state]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng.bit_generator.state)
+    save_checkpoint(
+        path,
+        {
+            "step": step,
+            "config": cfg.to_dict(),
+            "stage": opts.stage,
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "rng": rngs,
+            "torch_rng": torch.get_rng_state(),
+            "tokenizer_ckpt": opts.tokenizer_ckpt,
+        },
+    )
+
+
+def _dataset(opts: TrainOptions, cfg: ModelConfig, device):
+    files = data_mod.find_images(opts.data)
+    if not files:
+        raise BsqError(f"no .png or .jpg images under {opts.data}")
+    if opts.eval_dir:
+        train_files, eval_files = files, data_mod.find_images(opts.eval_dir)
+    else:
+        train_files, eval_files = data_mod.split_holdout(files)
+        if not train_files:
+            train_files, eval_files = files, []
+    crop = opts.crop
+    if opts.stage == "prior":
+        p = cfg.tokenizer.patch
+        crop = max(cfg.prior.tile_rows, cfg.prior.tile_cols) * p
+    tr = data_mod.crop_cache(train_files, crop, opts.per_image, opts.seed, opts.cache_dir)
+    ev = data_mod.crop_cache(eval_files, crop, 2, opts.seed + 1, opts.cache_dir) if eval_files else None
+    if opts.stage == "prior":
+        tok = _frozen_tokenizer(opts, cfg, device)
+        tr = _tokenize_crops(tok, tr, cfg, device, opts.cache_dir, opts.tokenizer_ckpt, "train")
+        ev = _tokenize_crops(tok, ev, cfg, device, opts.cache_dir, opts.tokenizer_ckpt, "eval") if ev is not None else None
+    return tr, ev
+
+
+def _frozen_tokenizer(opts: TrainOptions, cfg: ModelConfig, device) -> Tokenizer:
+    if not opts.tokenizer_ckpt:
+        raise BsqError("the prior stage needs --tokenizer CHECKPOINT (a tokenizer run's checkpoint or model file)")
+    tok = load_tokenizer_any(opts.tokenizer_ckpt)
+    if tok.cfg != cfg.tokenizer:
+        raise BsqError("the tokenizer checkpoint does not match the architecture's tokenizer")
+    return tok.to(device).eval()
+
+
+@torch.no_grad()
+def _tokenize_crops(tok, arr, cfg, device, cache_dir, key_src, name):
+    import hashlib
+
+    key = hashlib.sha256(repr((key_src, arr.shape, int(arr[:64].sum()), name)).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"tokens-{key}.npy" if cache_dir else None
+    if path is not None and path.exists():
+        return np.load(path)
+    out = []
+    for i in range(0, len(arr), 64):
+        x = torch.from_numpy(np.ascontiguousarray(arr[i : i + 64])).permute(0, 3, 1, 2).float().div(255).to(device)
+        code = tok.quant(tok.encode_latent(x))
+        out.append(tok.quant.codes_to_tokens(code).cpu().numpy().astype(np.int64))
+    toks = np.concatenate(out, 0)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, toks)
+    return toks
+
+
+def _prior_batch(arr, idx, rng, cfg_prior, device):
+    """Random tile-shaped windows (with random flips) from token grids -> (B, rows, cols)."""
+    toks = torch.from_numpy(np.ascontiguousarray(arr[np.sort(idx)]))
+    r, c = cfg_prior.tile_rows, cfg_prior.tile_cols
+    H, W = toks.shape[1:]
+    y = int(rng.integers(0, H - r + 1))
+    x = int(rng.integers(0, W - c + 1))
+    return toks[:, y : y + r, x : x + c].to(device)
+
+
+def _loss(stage, model, arr, idx, rng, device):
+    if stage == "tokenizer":
+        x = data_mod.batch_from(arr, idx, rng).to(device)
+        y, _ = model(x)
+        loss = F.mse_loss(y, x)
+        return loss, 10 * math.log10(1 / max(loss.item(), 1e-10))
+    m = model.module if hasattr(model, "module") else model
+    toks = _prior_batch(arr, idx, rng, m.cfg, device)
+    loss = m.loss(toks, model)
+    return loss, loss.item() / math.log(2) * m.cfg.groups
+
+
+@torch.no_grad()
+def evaluate(stage, model, arr, device) -> float:
+    """Held-out PSNR (tokenizer) or bits per token (prior)."""
+    model.eval()
+    try:
+        if stage == "tokenizer":
+            tot = 0.0
+            for i in range(0, len(arr), 32):
+                x = torch.from_numpy(np.ascontiguousarray(arr[i : i + 32])).permute(0, 3, 1, 2).float().div(255).to(device)
+                y, _ = model(x)
+                tot += F.mse_loss(y.clamp(0, 1), x, reduction="sum").item()
+            mse = tot / (arr.shape[0] * arr[0].size)
+            return 10 * math.log10(1 / max(mse, 1e-10))
+        cfgp = model.cfg
+        tot, n = 0.0, 0
+        for i in range(0, len(arr), 32):
+            toks = torch.from_numpy(np.ascontiguousarray(arr[i : i + 32, : cfgp.tile_rows, : cfgp.tile_cols])).to(device)
+            tot += model.loss(toks).item() * toks.numel()
+            n += toks.numel()
+        return tot / n / math.log(2) * cfgp.groups
+    finally:
+        model.train()
