@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from bsqcodec import weights
+from bsqcodec.config import ModelConfig, PriorConfig, TokenizerConfig
+
+settings.register_profile(
+    "ci", max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "30")), deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile("ci")
+
+TINY = ModelConfig(
+    name="tiny",
+    tokenizer=TokenizerConfig(patch=4, channels=16, bits=12, enc_blocks=1, dec_blocks=1),
+    prior=PriorConfig(bits=12, groups=2, dim=32, layers=2, heads=2, tile_rows=4, tile_cols=5),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> weights.Model:
+    return weights.random_model(TINY, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,84 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+import bsqcodec
+from bsqcodec import codec, container, entropy
+from bsqcodec.errors import BsqError, FormatError, ModelNotFoundError
+
+
+def random_image(seed: int, h: int, w: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (1 + h // 8, 1 + w // 8, 3)).astype(np.uint8)
+    img = np.asarray(Image.fromarray(base).resize((w, h), Image.BILINEAR))
+    noise = rng.integers(-8, 9, img.shape)
+    return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+class TestCodec:
+    @given(st.integers(1, 100), st.integers(1, 70), st.integers(0, 2**31), st.integers(1, 7))
+    def test_lossless_on_tokens(self, tiny_model, w, h, seed, batch_tiles):
+        arr = random_image(seed, h, w)
+        enc = codec.encode_array(arr, tiny_model)
+        header, tokens, out = codec.decode_detailed(enc.data, [tiny_model], batch_tiles=batch_tiles)
+        assert torch.equal(tokens, enc.tokens)
+        assert out.shape == arr.shape
+        assert np.array_equal(out, codec.tokens_to_array(tiny_model, enc.tokens, w, h))
+        assert (header.width, header.height) == (w, h)
+
+    def test_payload_close_to_estimate(self, tiny_model):
+        enc = codec.encode_array(random_image(1, 64, 96), tiny_model)
+        header, streams = container.unpack(enc.data)
+        payload_bits = 8 * sum(map(len, streams))
+        assert payload_bits <= enc.estimated_bits * 1.01 + 64 * header.tiles
+
+    def test_threads_do_not_change_pixels(self, tiny_model):
+        enc = codec.encode_array(random_image(2, 50, 61), tiny_model)
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(codec.decode_detailed(enc.data, [tiny_model], batch_tiles=n * 3)[2])
+        assert np.array_equal(*outs)
+
+    def test_python_api(self, tiny_model):
+        img = Image.fromarray(random_image(3, 30, 40))
+        data = bsqcodec.encode(img, model=tiny_model)
+        out = bsqcodec.decode(data, models=[tiny_model])
+        assert isinstance(out, Image.Image) and out.size == (40, 30) and out.mode == "RGB"
+
+    def test_icc_profile_is_kept(self, tiny_model):
+        img = Image.fromarray(random_image(4, 9, 9))
+        img.info["icc_profile"] = b"fake-profile"
+        out = bsqcodec.decode(bsqcodec.encode(img, model=tiny_model), models=[tiny_model])
+        assert out.info["icc_profile"] == b"fake-profile"
+
+    def test_invalid_unknown_model(self, tiny_model):
+        data = codec.encode_array(random_image(5, 8, 8), tiny_model).data
+        with pytest.raises(ModelNotFoundError, match="tiny"):
+            codec.decode(data)
+
+    def test_invalid_every_byte_change(self, tiny_model):
+        data = codec.encode_array(random_image(6, 12, 12), tiny_model).data
+        for i in range(len(data)):
+            bad = bytearray(data)
+            bad[i] ^= 0x10
+            with pytest.raises(BsqError):
+                codec.decode(bytes(bad), models=[tiny_model])
+
+    @given(st.binary(max_size=200))
+    def test_invalid_arbitrary_bytes(self, tiny_model, blob):
+        with pytest.raises(BsqError):
+            codec.decode(blob, models=[tiny_model])
+
+    def test_invalid_geometry_mismatch(self, tiny_model):
+        enc = codec.encode_array(random_image(7, 8, 8), tiny_model)
+        h, streams = container.unpack(enc.data)
+        h.tile_rows += 1
+        data = container.pack(h, streams[: h.tiles] + [b""] * (h.tiles - len(streams)))
+        with pytest.raises(FormatError, match="geometry"):
+            codec.decode(data, models=[tiny_model])

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bsqcodec import entropy
+from bsqcodec.errors import FormatError
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(2, 300))
+    count = draw(st.integers(0, 200))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    skew = draw(st.sampled_from([1, 16, 2**16]))
+    tables = rng.integers(1, skew + 1, size=(count, n)).astype(np.int64)
+    symbols = rng.integers(0, n, size=count)
+    return symbols, tables
+
+
+class TestEntropy:
+    @given(problems())
+    def test_round_trip(self, prob):
+        symbols, tables = prob
+        data = entropy.encode(symbols, tables)
+        assert len(data) % 4 == 0
+        assert np.array_equal(entropy.decode(data, tables), symbols)
+
+    @given(problems())
+    def test_symbol_by_symbol(self, prob):
+        symbols, tables = prob
+        dec = entropy.Decoder(entropy.encode(symbols, tables))
+        out = [int(dec.decode(tables[i : i + 1])[0]) for i in range(len(symbols))]
+        assert out == list(symbols)
+
+    def test_size_close_to_ideal(self):
+        rng = np.random.default_rng(1)
+        tables = rng.integers(1, 2**16, size=(5000, 256))
+        tables[:, 7] = 2**22
+        symbols = np.where(rng.random(5000) < 0.5, 7, rng.integers(0, 256, 5000))
+        ideal = entropy.bits(symbols, tables)
+        real = len(entropy.encode(symbols, tables)) * 8
+        assert ideal <= real <= ideal * 1.01 + 64
+
+    def test_pinned_bytes(self):
+        tables = np.array([[1, 2, 3, 4], [4, 3, 2, 1], [1, 1, 1, 1]])
+        assert entropy.encode(np.array([1, 3, 2]), tables).hex() == PINNED
+
+    def test_invalid_tables(self):
+        with pytest.raises(ValueError):
+            entropy.encode(np.array([0]), np.array([[0, 1]]))
+        with pytest.raises(ValueError):
+            entropy.encode(np.array([2]), np.array([[1, 1]]))
+
+    def test_invalid_stream_length(self):
+        with pytest.raises(FormatError):
+            entropy.Decoder(b"abc")
+
+
+PINNED = "b6703d4a"  # constriction 0.5 range coder, Categorical(perfect=False)

@@ -1,0 +1,72 @@
+import math
+
+import numpy as np
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bsqcodec.config import TokenizerConfig
+from bsqcodec.tokenizer import BSQ, Tokenizer, bits_to_tokens, join_groups, split_groups, tokens_to_bits
+
+
+class TestConversions:
+    @given(st.integers(1, 32), st.data())
+    def test_tokens_bits_codes_round_trip(self, L, data):
+        toks = torch.tensor(data.draw(st.lists(st.integers(0, 2**L - 1), min_size=1, max_size=20)))
+        bits = tokens_to_bits(toks, L)
+        assert torch.equal(bits_to_tokens(bits), toks)
+        q = BSQ(L)
+        codes = q.tokens_to_codes(toks.view(1, 1, -1))
+        assert torch.allclose(codes.norm(dim=1), torch.ones(1, 1, len(toks)))
+        assert torch.equal(q.codes_to_tokens(codes)[0, 0], toks)
+
+    def test_most_significant_bit_first(self):
+        assert tokens_to_bits(torch.tensor([1, 2**9]), 10).tolist() == [[0] * 9 + [1], [1] + [0] * 9]
+
+    @given(st.sampled_from([(12, 1), (16, 2), (24, 2), (30, 3)]), st.data())
+    def test_groups_round_trip(self, bg, data):
+        bits, groups = bg
+        toks = torch.tensor(data.draw(st.lists(st.integers(0, 2**bits - 1), min_size=1, max_size=20)))
+        sym = split_groups(toks, bits, groups)
+        assert sym.max() < 2 ** (bits // groups)
+        assert torch.equal(join_groups(sym, bits), toks)
+
+    def test_sign_tie_break(self):
+        q = BSQ(3).eval()
+        code = q(torch.tensor([[1.0, 0.0, -1.0]]).view(1, 3, 1, 1))
+        assert torch.equal(torch.sign(code.view(-1)), torch.tensor([1.0, -1.0, -1.0]))
+        assert torch.allclose(code.norm(), torch.tensor(1.0))
+
+    def test_straight_through_gradient(self):
+        q = BSQ(4).train()
+        v = torch.randn(2, 4, 3, 3, requires_grad=True)
+        q(v).sum().backward()
+        assert v.grad is not None and v.grad.abs().sum() > 0
+
+
+class TestTokenizer:
+    def test_shapes_and_strips(self):
+        torch.manual_seed(0)
+        cfg = TokenizerConfig(patch=4, channels=8, bits=10, enc_blocks=1, dec_blocks=1)
+        tok = Tokenizer(cfg).eval()
+        tok.STRIP = 3  # force several strips
+        x = torch.rand(1, 3, 40, 24)
+        toks = tok.image_to_tokens(x)
+        assert toks.shape == (10, 6)
+        with torch.no_grad():
+            full = tok.quant.codes_to_tokens(tok.quant(tok.encode_latent(x)))[0]
+        assert torch.equal(toks, full)
+        img = tok.tokens_to_image(toks)
+        assert img.shape == (40, 24, 3) and img.dtype == torch.uint8
+        with torch.no_grad():
+            ref = tok.decode_code(tok.quant.tokens_to_codes(toks[None]))[0]
+        diff = (img.float() - (ref.clamp(0, 1) * 255).permute(1, 2, 0)).abs().max()
+        assert diff <= 0.51
+
+    def test_seed_geometry(self):
+        from bsqcodec.config import SEED
+
+        tok = Tokenizer(SEED.tokenizer)
+        y, code = tok(torch.rand(2, 3, 50, 35))
+        assert y.shape == (2, 3, 50, 35) and code.shape == (2, 10, 10, 7)
+        assert isinstance(tok.patchify, torch.nn.Conv2d) and tok.patchify.stride == (5, 5)
