@@ -30,7 +30,7 @@ class PriorConfig:
     bits: int = 16  # token bits; must equal the tokenizer's
     groups: int = 2  # a token is coded as `groups` symbols of bits/groups bits, MSB group first
     dim: int = 192  # embedding width
-    layers: int = 6
+    layers: int = 4
     heads: int = 6
     mlp_ratio: int = 4
     tile_rows: int = 16  # a tile holds at most tile_rows x tile_cols tokens
@@ -39,8 +39,10 @@ class PriorConfig:
     def __post_init__(self) -> None:
         if self.bits % self.groups or self.bits // self.groups > 12:
             raise ValueError("bits must split into groups of at most 12 bits")
-        if self.dim % self.heads:
-            raise ValueError("dim must be a multiple of heads")
+        if self.dim % self.heads or self.dim // self.heads > 128:
+            raise ValueError("dim must be a multiple of heads, with head size at most 128")
+        if self.tile_rows * self.tile_cols > 512:
+            raise ValueError("a tile holds at most 512 tokens (the integer attention's exactness bound)")
 
     @property
     def group_bits(self) -> int:
@@ -72,7 +74,7 @@ class ModelConfig:
 SEED = ModelConfig(
     name="seed",
     tokenizer=TokenizerConfig(patch=5, channels=128, bits=10, enc_blocks=0, dec_blocks=0, overlap=False),
-    prior=PriorConfig(bits=10, groups=1, dim=128, layers=6, heads=4, tile_rows=20, tile_cols=32),
+    prior=PriorConfig(bits=10, groups=1, dim=128, layers=6, heads=4, tile_rows=16, tile_cols=16),
 )
 DEFAULT = ModelConfig(name="default", tokenizer=TokenizerConfig(), prior=PriorConfig())
 ARCHITECTURES = {c.name: c for c in (SEED, DEFAULT)}

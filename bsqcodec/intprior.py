@@ -1,16 +1,22 @@
 """Integer-exact inference of the prior, and its export from the float model.
 
-Every value that reaches the entropy coder is computed with integer arithmetic, or with float64
-operations on integers that are exact (matrix products whose sums stay far below 2^53) or
-correctly rounded by IEEE 754 (+, -, *, /, sqrt, conversion). Non-linearities (exp, GELU) are
-lookup tables stored in the model file. So one teacher-forced pass, a token-by-token pass with the
-KV cache, any batch of tiles, any thread count and any device give bit-identical probability tables.
+Every value that reaches the entropy coder is an integer computed by operations that give the same
+result on every IEEE 754 machine, in any order and any batching:
+- matrix products are done in float32 on integer operands split into small digits, so that every
+  partial sum is an integer below 2^24 (exact in float32, whatever the summation order);
+- reductions (sums) are over integers whose totals stay below 2^53 (exact in float64);
+- everything else is an element-wise +, -, *, /, sqrt or floor, which IEEE 754 rounds correctly;
+- non-linearities (exp, GELU) are lookup tables stored in the model file.
+So one teacher-forced pass, a token-by-token pass with the KV cache, any batch of tiles, any thread
+count and any device give bit-identical probability tables. Integers are held in float64 tensors
+(exact up to 2^53); lookup indices are int64.
 
-Fixed-point conventions (int64 tensors unless noted):
+Fixed-point conventions:
 - residual stream: real = int / 2^FRAC, clamped to +-RES_MAX
 - LayerNorm output: real = int / LN_SCALE, clamped to +-QMAX (gain and bias are folded into the next linear)
-- linear: acc = x @ W^T (W int8 per output channel), y = floor((acc * M + 2^(s-1)) / 2^s) + b
-- attention: exp table indexed by the logit gap times EXP_STEP; weights sum exactly, rounded division
+- linear: acc = x @ W^T (W int8 per output channel), y = floor((acc * M + 2^(s-1)) / 2^s) + b, M < 2^23
+- attention: exp table indexed by the rounded logit gap times EXP_STEP; rounded weighted mean
+- output: probability tables from a second exp table, each entry at least 1
 """
 
 from __future__ import annotations
@@ -18,33 +24,28 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .config import PriorConfig
 
-FRAC = 12
-RES_MAX = 2**24
+FRAC = 10
+RES_MAX = 2**20  # |x| <= 2^20 keeps sum((x - mean)^2) below 2^53 for dim <= 1024
 LN_SCALE = 256
 QMAX = 2047
 EXP_STEP = 256  # exp table entries per unit of logit
-EXP_LEN = 16 * EXP_STEP  # beyond a gap of 16 nats the weight is 0 (or the floor of 1 for output tables)
-EXP_ONE = 2**16
-LN_EPS = round(1e-5 * 4**FRAC)
-CLAMP_GAP = 2**30
+ATT_LEN = 12 * EXP_STEP  # attention: beyond a gap of 12 nats the weight is 0
+ATT_ONE = 2**12 - 1  # attention weights fit in three base-16 digits
+OUT_LEN = 24 * EXP_STEP  # output tables: beyond a gap of 24 nats a symbol gets the floor of 1
+OUT_ONE = 2**20
+MAX_KEYS = 512  # 15 * QMAX * MAX_KEYS < 2^24: exactness bound of the weighted sum
+MAX_IN = 1024  # 63 * 127 * MAX_IN < 2^24: exactness bound of a linear layer's product
+LN_EPS = float(round(1e-5 * 4**FRAC))
+CLAMP_GAP = float(2**30)
+MULT_BITS = 23  # multipliers M < 2^23, so |acc * M| < 2^53 for |acc| < 2^30
 
 
-def _fdiv(a: torch.Tensor, b: int | torch.Tensor) -> torch.Tensor:
-    return torch.div(a, b, rounding_mode="floor")
-
-
-def _rshift_round(v: torch.Tensor, s: torch.Tensor | int) -> torch.Tensor:
-    """round(v / 2^s) for int64 v, ties up, by exact floor division (no bit shifts)."""
-    p = 2**s if isinstance(s, int) else torch.pow(2, s)
-    return _fdiv(v + _fdiv(p, 2), p)
-
-
-def exp_table() -> torch.Tensor:
-    t = [round(EXP_ONE * math.exp(-i / EXP_STEP)) for i in range(EXP_LEN)] + [0]
+def exp_table(one: int, length: int) -> torch.Tensor:
+    """round(one * exp(-i / EXP_STEP)) for i < length, then a final 0."""
+    t = [round(one * math.exp(-i / EXP_STEP)) for i in range(length)] + [0]
     return torch.tensor(t, dtype=torch.int64)
 
 
@@ -57,11 +58,17 @@ def gelu_table(scale: float) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.int64)
 
 
-def _multiplier(m: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Real multipliers m (>0) -> integers M and a shift s with M / 2^s ~ m and M < 2^31."""
+def _multiplier(m: torch.Tensor, bits: int = MULT_BITS) -> tuple[torch.Tensor, int]:
+    """Real multipliers m (>0) -> integers M and a shift s with M / 2^s ~ m and M < 2^bits."""
     top = float(m.max())
-    s = max(0, min(48, 30 - math.ceil(math.log2(max(top, 1e-30)))))
+    s = max(0, min(60, bits - 1 - math.ceil(math.log2(max(top, 1e-30)))))
     return torch.round(m.double() * 2.0**s).long(), s
+
+
+def _requant(acc: torch.Tensor, M: torch.Tensor, s: int) -> torch.Tensor:
+    """floor((acc * M + 2^(s-1)) / 2^s) on float64 integers; exact since |acc * M| < 2^53."""
+    half = float(2 ** (s - 1)) if s > 0 else 0.0
+    return torch.floor((acc * M + half) / float(2**s))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,38 +76,63 @@ def _multiplier(m: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def int_layernorm(x: torch.Tensor) -> torch.Tensor:
-    """Residual ints (..., D) -> normalized ints at LN_SCALE, clamped to +-QMAX."""
+    """Residual integers (..., D) -> normalized integers at LN_SCALE, clamped to +-QMAX."""
     D = x.shape[-1]
-    c = x - _fdiv(x.sum(-1, keepdim=True), D)
-    var = (c * c).sum(-1, keepdim=True).double() / D
-    den = torch.sqrt(var + float(LN_EPS))
-    n = torch.round(c.double() * float(LN_SCALE) / den)
-    return n.clamp(-QMAX, QMAX).long()
+    c = x - torch.floor(x.sum(-1, keepdim=True) / D)  # the sum is exact: |x| <= 2^20, D <= 1024
+    var = (c * c).sum(-1, keepdim=True) / D  # exact sum: c^2 <= 2^42
+    n = torch.round(c * float(LN_SCALE) / torch.sqrt(var + LN_EPS))
+    return n.clamp(-QMAX, QMAX)
+
+
+def _split64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integers |x| <= QMAX -> (hi, lo) with x = 64 * hi + lo, |hi| <= 32, 0 <= lo < 64."""
+    hi = torch.floor(x / 64)
+    return hi, x - hi * 64
 
 
 class IntLinear:
     def __init__(self, t: dict, name: str, device) -> None:
-        self.w = t[f"{name}.w"].to(device=device, dtype=torch.float64)  # int8 values
-        self.m = t[f"{name}.m"].to(device)
+        w = t[f"{name}.w"]
+        if w.shape[1] > MAX_IN:
+            raise ValueError("linear layer too wide for exact float32 products")
+        self.wt = w.t().contiguous().to(device=device, dtype=torch.float32)  # int8 values, (in, out)
+        self.m = t[f"{name}.m"].to(device=device, dtype=torch.float64)
         self.s = int(t[f"{name}.s"].item())
-        self.b = t[f"{name}.b"].to(device)
+        self.b = t[f"{name}.b"].to(device=device, dtype=torch.float64)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        acc = torch.matmul(x.double(), self.w.t()).long()  # exact: |sum| < 2^31
-        return _rshift_round(acc * self.m, self.s) + self.b
+        """x: float64 integers with |x| <= QMAX, shape (..., rows, in); rows are independent."""
+        T = x.shape[-2]
+        hi, lo = _split64(x)
+        r = torch.matmul(torch.cat([hi, lo], -2).float(), self.wt).double()  # exact partial sums
+        acc = r[..., :T, :] * 64 + r[..., T:, :]
+        return _requant(acc, self.m, self.s) + self.b
+
+
+def _exact_dots(q: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """q @ K^T for integer float32 tensors, |q|, |K| <= QMAX, head size <= 128, as float64.
+
+    q is split into base-64 digits so that every partial sum stays below 2^24 (63 * 2047 * 128 < 2^24);
+    both digits go through one matrix product, so K is read once.
+    """
+    T = q.shape[-2]
+    hi, lo = _split64(q)
+    r = torch.matmul(torch.cat([hi, lo], -2), K.transpose(-1, -2)).double()
+    return r[..., :T, :] * 64 + r[..., T:, :]
 
 
 class KVCache:
-    """Preallocated keys and values of every layer: (layers, B, heads, T, head size), float64 ints."""
+    """Preallocated keys and values of every layer: (layers, B, heads, T, head size), float32 integers."""
 
     def __init__(self, layers: int, B: int, heads: int, T: int, hs: int, device) -> None:
-        self.k = torch.zeros(layers, B, heads, T, hs, dtype=torch.float64, device=device)
-        self.v = torch.zeros(layers, B, heads, T, hs, dtype=torch.float64, device=device)
+        self.k = torch.zeros(layers, B, heads, T, hs, dtype=torch.float32, device=device)
+        # values carry an extra column of ones, so that attention sums its weights in the same product
+        self.v = torch.ones(layers, B, heads, T, hs + 1, dtype=torch.float32, device=device)
 
     def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.shape[2]
         self.k[layer, :, :, pos : pos + T] = k
-        self.v[layer, :, :, pos : pos + T] = v
+        self.v[layer, :, :, pos : pos + T, :-1] = v
         return self.k[layer, :, :, : pos + T], self.v[layer, :, :, : pos + T]
 
 
@@ -111,13 +143,22 @@ class IntPrior:
         self.cfg = cfg
         self.device = torch.device(device)
         dev = self.device
+        f64 = dict(device=dev, dtype=torch.float64)
         self.n = 2**cfg.group_bits
-        self.tok_emb = t["tok_emb"].to(dev)
-        self.start = t["start"].to(dev)
-        self.row_emb = t["row_emb"].to(dev)
-        self.col_emb = t["col_emb"].to(dev)
-        self.cond_emb = t["cond_emb"].to(dev)
-        self.exp = t["exp_table"].to(dev)
+        self.tok_emb = t["tok_emb"].to(**f64)
+        self.start = t["start"].to(**f64)
+        self.row_emb = t["row_emb"].to(**f64)
+        self.col_emb = t["col_emb"].to(**f64)
+        self.cond_emb = t["cond_emb"].to(**f64)
+        att = t["att_exp_table"].long()
+        if att.shape != (ATT_LEN + 1,) or int(att.max()) > ATT_ONE or int(att.min()) < 0:
+            raise ValueError("bad attention exp table")
+        # base-16 digits of the attention weights, most significant first, and a 1 for their sum
+        self.att_digits = torch.stack([(att // 16**i) % 16 for i in (2, 1, 0)]).to(device=dev, dtype=torch.float32)
+        out = t["out_exp_table"].long()
+        if out.shape != (OUT_LEN + 1,) or int(out.max()) > OUT_ONE or int(out.min()) < 0:
+            raise ValueError("bad output exp table")
+        self.out_exp = out.to(dev)
         self.layers = []
         for i in range(cfg.layers):
             p = f"blocks.{i}."
@@ -127,8 +168,8 @@ class IntPrior:
                     "proj": IntLinear(t, p + "proj", dev),
                     "fc1": IntLinear(t, p + "fc1", dev),
                     "fc2": IntLinear(t, p + "fc2", dev),
-                    "gelu": t[p + "gelu_table"].to(dev),
-                    "att_m": int(t[p + "att_m"].item()),
+                    "gelu": t[p + "gelu_table"].to(**f64),
+                    "att_m": float(t[p + "att_m"].item()),
                     "att_s": int(t[p + "att_s"].item()),
                 }
             )
@@ -139,9 +180,9 @@ class IntPrior:
         """Inputs of positions whose previous token has symbols prev_sym (B, T, G); None = start."""
         pos = self.row_emb[rows] + self.col_emb[cols]  # (B, T, D) or (T, D)
         if prev_sym is None:
-            return self.start + pos
+            return (self.start + pos).clamp(-RES_MAX, RES_MAX)
         offs = torch.arange(self.cfg.groups, device=self.device) * self.n
-        return self.tok_emb[prev_sym + offs].sum(-2) + pos
+        return (self.tok_emb[prev_sym + offs].sum(-2) + pos).clamp(-RES_MAX, RES_MAX)
 
     def inputs_for(self, sym: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Teacher-forced inputs for all positions: sym (B, T, G) -> (B, T, D)."""
@@ -151,46 +192,55 @@ class IntPrior:
         return torch.cat([start, rest], 1)
 
     # -- transformer ---------------------------------------------------------------------------
+    def _attend(self, q, K, V, L, pos: int) -> torch.Tensor:
+        """Integer attention: q (B, nh, T, hs); K, V (B, nh, pos+T, hs) -> (B, nh, T, hs)."""
+        T = q.shape[-2]
+        dots = _exact_dots(q, K)  # (B, nh, T, pos+T)
+        if T > 1:
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=self.device).tril(pos)
+            dots = dots.masked_fill(~mask, -CLAMP_GAP)
+        gap = (dots.amax(-1, keepdim=True) - dots).clamp(max=CLAMP_GAP)
+        idx = _requant(gap, L["att_m"], L["att_s"]).clamp(max=ATT_LEN).long()
+        B, nh = idx.shape[:2]
+        digits = self.att_digits[:, idx].permute(1, 2, 3, 0, 4).reshape(B, nh, 3 * T, -1)  # rows (T, digit)
+        # V's last column is 1, so the product also sums the weights; exact: 15 * 2047 * 512 < 2^24
+        r = torch.matmul(digits, V).double().view(B, nh, T, 3, -1)
+        r = (r[..., 0, :] * 16 + r[..., 1, :]) * 16 + r[..., 2, :]
+        pv, wsum = r[..., :-1], r[..., -1:]
+        return torch.floor((2 * pv + wsum) / (2 * wsum))  # rounded weighted mean, at v's scale
+
     def hidden(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        """Residual ints x (B, T, D) of positions pos..pos+T-1 -> outputs (B, T, D); fills the cache."""
+        """Residual integers x (B, T, D) of positions pos..pos+T-1 -> outputs (B, T, D); fills the cache."""
         B, T, C = x.shape
         H = self.cfg.heads
         hs = C // H
         for li, L in enumerate(self.layers):
-            qkv = L["qkv"](int_layernorm(x)).clamp(-QMAX, QMAX)
-            q, k, v = qkv.double().split(C, dim=2)
+            qkv = L["qkv"](int_layernorm(x)).clamp(-QMAX, QMAX).float()  # float32 holds these exactly
+            q, k, v = qkv.split(C, dim=2)
             q = q.view(B, T, H, hs).transpose(1, 2)  # (B, nh, T, hs)
             k = k.view(B, T, H, hs).transpose(1, 2)
             v = v.view(B, T, H, hs).transpose(1, 2)
             K, V = cache.update(li, pos, k, v)  # (B, nh, pos+T, hs)
-            dots = torch.einsum("bhqd,bhkd->bhqk", q, K)  # exact integers, (B, nh, T, pos+T)
-            if T > 1:
-                mask = torch.ones(T, pos + T, dtype=torch.bool, device=self.device).tril(pos)
-                dots = dots.masked_fill(~mask, -float(CLAMP_GAP))
-            gap = (dots.amax(-1, keepdim=True) - dots).clamp(max=float(CLAMP_GAP)).long()
-            idx = _rshift_round(gap * L["att_m"], L["att_s"]).clamp(max=EXP_LEN)
-            w = self.exp[idx]  # (B, nh, T, pos+T)
-            wsum = w.sum(-1, keepdim=True)
-            pv = torch.matmul(w.double(), V).long()  # exact: < 2^40
-            o = _fdiv(2 * pv + wsum, 2 * wsum)  # rounded weighted mean, at v's scale
-            o = o.transpose(1, 2).reshape(B, T, C)
+            o = self._attend(q, K, V, L, pos).transpose(1, 2).reshape(B, T, C)
             x = (x + L["proj"](o)).clamp(-RES_MAX, RES_MAX)
             h = L["fc1"](int_layernorm(x)).clamp(-QMAX, QMAX)
-            g = L["gelu"][h + QMAX]
+            g = L["gelu"][(h + QMAX).long()]
             x = (x + L["fc2"](g)).clamp(-RES_MAX, RES_MAX)
         return x
 
     def group_table(self, h: torch.Tensor, j: int, earlier: torch.Tensor | None) -> torch.Tensor:
-        """Integer probability table (..., 2^g) of group j given h (..., D) and earlier groups (..., j)."""
+        """Integer probability table (..., 2^g) int64 of group j given h (..., D) and earlier groups (..., j)."""
         z = h
         for k in range(j):
             z = z + self.cond_emb[earlier[..., k] + k * self.n]
         logits = self.heads[j](int_layernorm(z))  # logits at scale 1/EXP_STEP
-        gap = (logits.amax(-1, keepdim=True) - logits).clamp(max=EXP_LEN)
-        return self.exp[gap].clamp(min=1)
+        gap = (logits.amax(-1, keepdim=True) - logits).clamp(max=OUT_LEN)
+        return self.out_exp[gap.long()].clamp(min=1)
 
     # -- whole tiles ------------------------------------------------------------------------
     def new_cache(self, B: int, T: int) -> KVCache:
+        if T > MAX_KEYS:
+            raise ValueError(f"at most {MAX_KEYS} tokens per tile")
         C = self.cfg.dim
         return KVCache(self.cfg.layers, B, self.cfg.heads, T, C // self.cfg.heads, self.device)
 
@@ -198,10 +248,11 @@ class IntPrior:
         """Teacher-forced tables for B tiles of one shape: sym (B, T, G) -> list over groups of (B, T, n)."""
         B, T, G = sym.shape
         t = torch.arange(T, device=self.device)
-        rr, cc = _fdiv(t, cols), t % cols
-        x = self.inputs_for(sym.to(self.device), rr, cc)
+        rr, cc = torch.div(t, cols, rounding_mode="floor"), t % cols
+        sym = sym.to(self.device)
+        x = self.inputs_for(sym, rr, cc)
         h = self.hidden(x, self.new_cache(B, T), 0)
-        return [self.group_table(h, j, sym[..., :j].to(self.device) if j else None) for j in range(G)]
+        return [self.group_table(h, j, sym[..., :j] if j else None) for j in range(G)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +317,8 @@ def export(prior, calib_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     out["row_emb"] = q_emb(prior.row_emb.weight)
     out["col_emb"] = q_emb(prior.col_emb.weight)
     out["cond_emb"] = q_emb(prior.cond_emb.weight)
-    out["exp_table"] = exp_table()
+    out["att_exp_table"] = exp_table(ATT_ONE, ATT_LEN)
+    out["out_exp_table"] = exp_table(OUT_ONE, OUT_LEN)
     stats = calibrate(prior, calib_tokens)
     for i, blk in enumerate(prior.blocks):
         p = f"blocks.{i}."
@@ -282,7 +334,8 @@ def export(prior, calib_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         _quant_linear(out, p + "fc2", blk.fc2.weight.double(), blk.fc2.bias.double(), st["h"],
                       torch.full((C,), res, dtype=torch.float64))
         # attention: exp-table index = gap * q_scale * k_scale / sqrt(hs) * EXP_STEP
-        M, s = _multiplier(torch.tensor([st["q"] * st["k"] / math.sqrt(hs) * EXP_STEP]))
+        # gap <= 2^30 and M < 2^22 keep gap * M below 2^53
+        M, s = _multiplier(torch.tensor([st["q"] * st["k"] / math.sqrt(hs) * EXP_STEP]), bits=22)
         out[p + "att_m"] = M[0].clone()
         out[p + "att_s"] = torch.tensor(s, dtype=torch.int64)
     n = 2**cfg.group_bits
