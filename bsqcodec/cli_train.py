@@ -24,7 +24,9 @@ def _run(stage: str, **kw) -> dict:
             TimeElapsedColumn(), TimeRemainingColumn()]
     last_eval = ["-"]
     t0 = time.time()
-    with Progress(*cols, console=err_console, transient=False) as bar:
+    last_log = [t0]
+    plain = not err_console.is_terminal  # no live bar in a log file: print a line every 30 s instead
+    with Progress(*cols, console=err_console, transient=False, disable=plain) as bar:
         task = bar.add_task(stage, total=opts.steps, info="")
 
         def progress(step, loss=None, metric=None, elapsed=None, eval=None):
@@ -33,8 +35,11 @@ def _run(stage: str, **kw) -> dict:
                 err_console.print(f"step {step}: held-out {metric_name} {eval:.3f}", markup=False)
                 return
             rate = step / max(1e-9, time.time() - t0)
-            bar.update(task, completed=step,
-                       info=f"loss {loss:.4f}  {metric_name} {metric:.3f}  eval {last_eval[0]}  {rate:.2f} step/s")
+            info = f"loss {loss:.4f}  {metric_name} {metric:.3f}  eval {last_eval[0]}  {rate:.2f} step/s"
+            bar.update(task, completed=step, info=info)
+            if plain and (time.time() - last_log[0] > 30 or step == opts.steps):
+                last_log[0] = time.time()
+                err_console.print(f"step {step}/{opts.steps}  {info}", markup=False)
 
         res = train(opts, progress)
     if res["interrupted"]:

@@ -192,7 +192,7 @@ def _dataset(opts: TrainOptions, cfg: ModelConfig, device):
         train_files, eval_files = data_mod.split_holdout(files)
         if not train_files:
             train_files, eval_files = files, []
-    crop = opts.crop
+    crop = max(1, opts.crop // cfg.tokenizer.patch) * cfg.tokenizer.patch
     if opts.stage == "prior":
         p = cfg.tokenizer.patch
         crop = max(cfg.prior.tile_rows, cfg.prior.tile_cols) * p
@@ -235,9 +235,15 @@ def _tokenize_crops(tok, arr, cfg, device, cache_dir, key_src, name):
 
 
 def _prior_batch(arr, idx, rng, cfg_prior, device):
-    """Random tile-shaped windows (with random flips) from token grids -> (B, rows, cols)."""
+    """Random tile-shaped windows from token grids -> (B, rows, cols).
+
+    A quarter of the batches use a smaller random tile shape, as at the right and bottom edges of
+    an image, so that the prior also learns partial tiles.
+    """
     toks = torch.from_numpy(np.ascontiguousarray(arr[np.sort(idx)]))
     r, c = cfg_prior.tile_rows, cfg_prior.tile_cols
+    if rng.random() < 0.25:
+        r, c = int(rng.integers(1, r + 1)), int(rng.integers(1, c + 1))
     H, W = toks.shape[1:]
     y = int(rng.integers(0, H - r + 1))
     x = int(rng.integers(0, W - c + 1))
