@@ -187,6 +187,7 @@ def presets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def main() -> None:
-    from . import cli_train  # noqa: F401  (registers the train commands)
-
     app()
+
+
+from . import cli_train  # noqa: E402,F401  (registers the train commands on train_app)

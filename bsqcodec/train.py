@@ -55,6 +55,20 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def architecture(arch: str) -> ModelConfig | None:
+    """A named architecture (seed, default) or a JSON file holding a ModelConfig."""
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch]
+    if arch.endswith(".json") and Path(arch).is_file():
+        import json
+
+        try:
+            return ModelConfig.from_dict(json.loads(Path(arch).read_text()))
+        except (TypeError, ValueError, KeyError) as e:
+            raise BsqError(f"bad architecture file {arch}: {e}") from None
+    return None
+
+
 def lr_at(step: int, opts: TrainOptions) -> float:
     if step < opts.warmup:
         return opts.lr * (step + 1) / opts.warmup
@@ -97,13 +111,13 @@ def train(opts: TrainOptions, progress=None) -> dict:
         torch.set_num_threads(opts.threads)
     out = Path(opts.out)
     ckpt_path = out / f"{opts.stage}.ckpt"
-    cfg = ARCHITECTURES[opts.arch] if opts.arch in ARCHITECTURES else None
+    cfg = architecture(opts.arch)
     state = None
     if opts.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         cfg = ModelConfig.from_dict(state["config"])
     if cfg is None:
-        raise BsqError(f"unknown architecture {opts.arch!r}; choose from {', '.join(ARCHITECTURES)}")
+        raise BsqError(f"unknown architecture {opts.arch!r}; choose from {', '.join(ARCHITECTURES)} or a .json config")
     torch.manual_seed(opts.seed)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     model = build_model(opts.stage, cfg).to(device)
@@ -121,12 +135,12 @@ def train(opts: TrainOptions, progress=None) -> dict:
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
     stop = _Stop()
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if rank == 0 and _main_thread() else {}
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
     last_save = time.time()
     t_start = time.time()
     metric = float("nan")
     try:
-        while step < opts.steps and not stop.flag:
+        while step < opts.steps:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, opts)
             idx = rng.integers(0, len(train_arr), opts.batch)
@@ -143,17 +157,24 @@ def train(opts: TrainOptions, progress=None) -> dict:
                 opts.log.append({"step": step, "eval": ev})
                 if progress is not None:
                     progress(step=step, eval=ev)
-            if rank == 0 and time.time() - last_save > opts.checkpoint_seconds:
-                _save(ckpt_path, model, opt, rng, step, cfg, opts, world)
+            save_now, stopping = time.time() - last_save > opts.checkpoint_seconds, stop.flag
+            if world > 1:  # every rank must agree, since saving gathers from all of them
+                flags = torch.tensor([int(save_now), int(stopping)], device=device)
+                dist.broadcast(flags, 0)
+                save_now, stopping = bool(flags[0]), bool(flags[1])
+            if save_now and not stopping and step < opts.steps:
+                _save(ckpt_path, model, opt, rng, step, cfg, opts, rank, world)
                 last_save = time.time()
-        if rank == 0:
-            _save(ckpt_path, model, opt, rng, step, cfg, opts, world)
+            if stopping:
+                break
+        _save(ckpt_path, model, opt, rng, step, cfg, opts, rank, world)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
     if world > 1:
         dist.barrier()
-    return {"step": step, "config": cfg.to_dict(), "model": model.state_dict(), "interrupted": stop.flag}
+    stopped = step < opts.steps
+    return {"step": step, "config": cfg.to_dict(), "model": model.state_dict(), "interrupted": stopped}
 
 
 def _main_thread() -> bool:
@@ -162,11 +183,14 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _save(path, model, opt, rng, step, cfg, opts, world) -> None:
+def _save(path, model, opt, rng, step, cfg, opts, rank, world) -> None:
+    """Called by every rank; rank 0 writes the checkpoint with every rank's sampler state."""
     rngs = [rng.bit_generator.state]
     if world > 1:
         rngs = [None] * world
         dist.all_gather_object(rngs, rng.bit_generator.state)
+    if rank != 0:
+        return
     save_checkpoint(
         path,
         {

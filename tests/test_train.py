@@ -1,0 +1,110 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from bsqcodec import codec, weights
+from bsqcodec.cli import app
+from bsqcodec.train import TrainOptions, train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((80 + 8 * i, 64), Image.BILINEAR)
+        sub = root / ("a" if i % 2 else "b")
+        sub.mkdir(exist_ok=True)
+        img.save(sub / f"im{i}.{'png' if i % 3 else 'jpg'}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def arch(tmp_path_factory):
+    from conftest import TINY
+
+    p = tmp_path_factory.mktemp("arch") / "tiny.json"
+    p.write_text(json.dumps(TINY.to_dict()))
+    return p
+
+
+def _opts(stage, dataset, out, arch, **kw):
+    base = dict(stage=stage, data=str(dataset), out=str(out), arch=str(arch), steps=6, batch=4, crop=32,
+                per_image=2, eval_every=3, warmup=2)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def test_train_export_encode_decode(dataset, arch, tmp_path):
+    run = tmp_path / "run"
+    args = ["--data", dataset, "--out", run, "--arch", arch, "--steps", "5", "--batch", "4", "--eval-every", "2"]
+    r = runner.invoke(app, ["train", "tokenizer", *map(str, args), "--crop", "32"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "prior", *map(str, args), "--tokenizer", str(run / "tokenizer.ckpt"), "--per-image", "2"])
+    assert r.exit_code == 0, r.output
+    model_path = tmp_path / "mine.safetensors"
+    r = runner.invoke(app, ["train", "export", "--run", str(run), "--data", str(dataset), "-o", str(model_path), "--calib", "8"])
+    assert r.exit_code == 0, r.output
+    model = weights.load(model_path)
+    arr = np.asarray(Image.open(next(dataset.rglob("*.png"))).convert("RGB"))
+    enc = codec.encode_array(arr, model)
+    _, tokens, out = codec.decode_detailed(enc.data, [model])
+    assert torch.equal(tokens, enc.tokens) and out.shape == arr.shape
+
+
+def test_resume_is_exact(dataset, arch, tmp_path):
+    a = train(_opts("tokenizer", dataset, tmp_path / "a", arch, steps=6))
+    train(_opts("tokenizer", dataset, tmp_path / "b", arch, steps=3))
+    b = train(_opts("tokenizer", dataset, tmp_path / "b", arch, steps=6, resume=True))
+    assert b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_seed_reproducible(dataset, arch, tmp_path):
+    a = train(_opts("tokenizer", dataset, tmp_path / "a", arch, steps=3, seed=5))
+    b = train(_opts("tokenizer", dataset, tmp_path / "b", arch, steps=3, seed=5))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_invalid_empty_data(tmp_path, arch):
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["train", "tokenizer", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), "--arch", str(arch)])
+    assert r.exit_code == 1 and "no .png or .jpg" in r.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes(dataset, arch, tmp_path):
+    """The same training entry point under torchrun-style env vars, 2 processes, gloo on CPU."""
+    code = (
+        "import sys; from bsqcodec.train import TrainOptions, train;"
+        f"train(TrainOptions(stage='tokenizer', data={str(dataset)!r}, out={str(tmp_path / 'ddp')!r},"
+        f" arch={str(arch)!r}, steps=3, batch=2, crop=32, per_image=2, eval_every=100, warmup=1, threads=1))"
+    )
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    state = torch.load(tmp_path / "ddp" / "tokenizer.ckpt", weights_only=False)
+    assert state["step"] == 3 and len(state["rng"]) == 2
