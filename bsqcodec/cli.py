@@ -186,6 +186,59 @@ def presets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     out_console.print(t)
 
 
+@app.command()
+@guarded
+def bench(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively), or one image.")],
+    preset: Annotated[Optional[list[str]], typer.Option("--preset", "-p", help="Preset to run; repeat for several [default: default].")] = None,
+    model: Annotated[Optional[list[Path]], typer.Option("--model", help="Also run this model file; repeatable.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON (schema: benchmarks/README.md).")] = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write per-image rows as CSV.")] = None,
+    plot_out: Annotated[Optional[Path], typer.Option("--plot", help="Write rate-distortion curves as a PNG.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N images.")] = None,
+    sweep: Annotated[Optional[bool], typer.Option("--sweep/--no-sweep", help="Sweep baseline qualities for RD curves and BD-rate [default: with several presets].")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Compare bsqc with PNG, JPEG, WebP, AVIF and JPEG XL at matched PSNR, image by image."""
+    from . import bench as bench_mod
+
+    models = [weights.preset(p) for p in (preset or ([] if model else ["default"]))]
+    models += [weights.load(m) for m in model or []]
+    with LazyProgress(err_console, enabled=not quiet) as prog:
+        res = bench_mod.run(folder, models, limit, progress=prog, sweep=sweep)
+    for n in res["notes"]:
+        err_console.print(f"note: {n}", markup=False)
+    t = Table(title=f"{res['dataset']}: {res['images']} images, bytes at matched PSNR (ratio = codec / bsqc)")
+    t.add_column("preset")
+    t.add_column("bsqc bytes", justify="right")
+    t.add_column("bpp", justify="right")
+    t.add_column("PSNR", justify="right")
+    t.add_column("MS-SSIM", justify="right")
+    t.add_column("PNG", justify="right")
+    for c in res["baselines"]:
+        t.add_column(c.upper(), justify="right")
+    for name, tot in res["totals"].items():
+        cells = [name, str(tot["bsqc_bytes"]), f"{tot['bpp']:.4f}", f"{tot['mean_psnr']:.2f}", f"{tot['mean_ms_ssim']:.4f}",
+                 f"{tot['png_ratio']:.2f}x"]
+        for c in res["baselines"]:
+            m = tot["matched"][c]
+            cell = f"{m['ratio']:.2f}x" if m["ratio"] else "-"
+            if m["images_unreachable"]:
+                cell += f" ({m['images_unreachable']} unreached)"
+            cells.append(cell)
+        t.add_row(*cells)
+    out_console.print(t)
+    if res["bd_rate_psnr"]:
+        out_console.print("BD-rate (PSNR) of bsqc against: " + ", ".join(
+            f"{c} {v:+.1f}%" if v is not None else f"{c} n/a" for c, v in res["bd_rate_psnr"].items()), markup=False)
+    if json_out:
+        write_atomic(json_out, (json.dumps(res, indent=1) + "\n").encode(), True)
+    if csv_out:
+        bench_mod.write_csv(res, csv_out)
+    if plot_out:
+        bench_mod.plot(res, plot_out)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,155 @@
+"""`bsqc bench`: bsqcodec against PNG, JPEG, WebP, AVIF and JPEG XL at matched quality."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import baselines, codec, images, weights
+from .errors import BsqError
+from .metrics import bd_rate, ms_ssim, psnr
+
+SCHEMA = "bsqcodec-bench-1"
+SWEEP = {
+    "jpeg": [3, 5, 8, 10, 15, 20, 30, 40, 50, 60, 75, 90],
+    "webp": [0, 5, 10, 20, 30, 40, 50, 60, 75, 90],
+    "avif": [2, 5, 10, 20, 30, 40, 50, 60, 75, 90],
+    "jxl": [2, 5, 10, 20, 30, 40, 50, 60, 75, 90],
+}
+
+
+def find_images(root: Path, limit: int | None = None) -> list[Path]:
+    exts = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN}
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise BsqError(f"{root}: no such folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    if not files:
+        raise BsqError(f"no images under {root}")
+    return files[:limit] if limit else files
+
+
+def run(root: Path, models: list[weights.Model], limit: int | None = None, codecs=baselines.LOSSY,
+        progress=None, sweep: bool | None = None) -> dict:
+    """The whole benchmark as a JSON-ready dict (schema in benchmarks/README.md)."""
+    files = find_images(Path(root), limit)
+    usable, notes = [], []
+    for c in codecs:
+        ok, note = baselines.available(c)
+        (usable.append(c) if ok else notes.append(note))
+    sweep = len(models) > 1 if sweep is None else sweep
+    per_image = []
+    curve_pts = {c.name: {} for c in usable}
+    for i, path in enumerate(files):
+        arr, _, _ = images.read(path)
+        h, w = arr.shape[:2]
+        row = {"image": str(path.relative_to(root)) if path != root else path.name, "width": w, "height": h,
+               "png_bytes": baselines.png_bytes(arr), "bsqc": {}, "matched": {}}
+        for m in models:
+            t0 = time.perf_counter()
+            data = codec.encode_array(arr, m).data
+            t1 = time.perf_counter()
+            out = np.asarray(codec.decode(data, models=[m]))
+            t2 = time.perf_counter()
+            p = psnr(arr, out)
+            row["bsqc"][m.name] = {"bytes": len(data), "bpp": len(data) * 8 / (w * h), "psnr": p,
+                                   "ms_ssim": ms_ssim(arr, out), "encode_seconds": t1 - t0, "decode_seconds": t2 - t1}
+            row["matched"][m.name] = {}
+            for c in usable:
+                pt = baselines.matched(arr, c, p)
+                row["matched"][m.name][c.name] = None if pt is None else {
+                    "quality": pt.quality, "bytes": pt.bytes, "bpp": pt.bytes * 8 / (w * h), "psnr": pt.psnr,
+                    "ms_ssim": ms_ssim(arr, baselines.decode(pt.data))}
+        if sweep:
+            for c in usable:
+                for q in SWEEP[c.name]:
+                    pt = baselines.at_quality(arr, c, q)
+                    curve_pts[c.name].setdefault(q, []).append((pt.bytes * 8 / (w * h), pt.psnr))
+        per_image.append(row)
+        if progress:
+            progress("bench", i + 1, len(files))
+    return _summarize(root, models, usable, per_image, curve_pts, sweep, notes)
+
+
+def _summarize(root, models, usable, per_image, curve_pts, sweep, notes) -> dict:
+    totals = {}
+    for m in models:
+        b = [r["bsqc"][m.name] for r in per_image]
+        px = sum(r["width"] * r["height"] for r in per_image)
+        t = {"bsqc_bytes": sum(x["bytes"] for x in b), "bpp": sum(x["bytes"] for x in b) * 8 / px,
+             "mean_psnr": float(np.mean([x["psnr"] for x in b])), "mean_ms_ssim": float(np.mean([x["ms_ssim"] for x in b])),
+             "encode_seconds": sum(x["encode_seconds"] for x in b), "decode_seconds": sum(x["decode_seconds"] for x in b),
+             "png_bytes": sum(r["png_bytes"] for r in per_image), "matched": {}}
+        t["png_ratio"] = t["png_bytes"] / t["bsqc_bytes"]
+        for c in usable:
+            ok = [(r["matched"][m.name][c.name], r["bsqc"][m.name]) for r in per_image if r["matched"][m.name][c.name]]
+            cb, bb = sum(x["bytes"] for x, _ in ok), sum(y["bytes"] for _, y in ok)
+            t["matched"][c.name] = {"bytes": cb, "bsqc_bytes": bb, "ratio": cb / bb if bb else None,
+                                    "images_matched": len(ok), "images_unreachable": len(per_image) - len(ok)}
+        totals[m.name] = t
+    curves = {"bsqc": sorted(({"preset": m.name, "bpp": totals[m.name]["bpp"], "psnr": totals[m.name]["mean_psnr"]}
+                              for m in models), key=lambda d: d["bpp"])}
+    bd = {}
+    if sweep:
+        for c in usable:
+            curves[c.name] = [{"quality": q, "bpp": float(np.mean([v[0] for v in pts])), "psnr": float(np.mean([v[1] for v in pts]))}
+                              for q, pts in sorted(curve_pts[c.name].items())]
+            try:
+                bd[c.name] = bd_rate([d["bpp"] for d in curves[c.name]], [d["psnr"] for d in curves[c.name]],
+                                     [d["bpp"] for d in curves["bsqc"]], [d["psnr"] for d in curves["bsqc"]])
+            except ValueError as e:
+                bd[c.name] = None
+                notes.append(f"BD-rate against {c.name}: {e}")
+    return {"schema": SCHEMA, "dataset": Path(root).name, "images": len(per_image), "presets": [m.name for m in models],
+            "models": {m.name: m.hash_hex for m in models}, "baselines": [c.name for c in usable], "notes": notes,
+            "totals": totals, "curves": curves, "bd_rate_psnr": bd, "per_image": per_image}
+
+
+def write_csv(res: dict, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["image", "preset", "codec", "quality", "bytes", "bpp", "psnr", "ms_ssim"])
+        for r in res["per_image"]:
+            for preset, b in r["bsqc"].items():
+                wr.writerow([r["image"], preset, "bsqc", "", b["bytes"], b["bpp"], b["psnr"], b["ms_ssim"]])
+                for c, m in r["matched"][preset].items():
+                    if m:
+                        wr.writerow([r["image"], preset, c, m["quality"], m["bytes"], m["bpp"], m["psnr"], m["ms_ssim"]])
+            wr.writerow([r["image"], "", "png", "", r["png_bytes"], r["png_bytes"] * 8 / (r["width"] * r["height"]), "inf", 1.0])
+
+
+def plot(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BsqError("--plot needs matplotlib (pip install bsqcodec[plot])") from None
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    for name, pts in res["curves"].items():
+        if name == "bsqc" or not pts:
+            continue
+        ax.plot([p["bpp"] for p in pts], [p["psnr"] for p in pts], "o-", ms=3, label=name.upper())
+    b = res["curves"]["bsqc"]
+    ax.plot([p["bpp"] for p in b], [p["psnr"] for p in b], "s-", color="black", lw=2, ms=6, label="bsqc")
+    for p in b:
+        ax.annotate(p["preset"], (p["bpp"], p["psnr"]), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    for preset, t in res["totals"].items():  # matched-quality points of every baseline
+        for c, m in t["matched"].items():
+            if m["ratio"]:
+                ax.plot([t["bpp"] * m["ratio"]], [t["mean_psnr"]], "x", color="gray", ms=5)
+    ax.set_xlabel("bits per pixel")
+    ax.set_ylabel("RGB PSNR (dB)")
+    ax.set_title(f"Rate-distortion on {res['dataset']} ({res['images']} images)")
+    ax.set_xlim(0, max(1.0, 1.1 * max(p["bpp"] for p in b)))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

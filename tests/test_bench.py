@@ -1,0 +1,84 @@
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from bsqcodec import baselines, bench, codec, weights
+from bsqcodec.cli import app
+from bsqcodec.metrics import psnr
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((64 + 8 * i, 48), Image.BICUBIC).save(root / f"img{i}.png")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def result(folder, tiny_model):
+    return bench.run(folder, [tiny_model], codecs=(baselines.JPEG, baselines.WEBP))
+
+
+class TestBench:
+    def test_bytes_are_real_file_sizes(self, folder, result, tiny_model):
+        for row in result["per_image"]:
+            arr = np.asarray(Image.open(folder / row["image"]).convert("RGB"))
+            data = codec.encode_array(arr, tiny_model).data
+            b = row["bsqc"]["tiny"]
+            assert b["bytes"] == len(data)
+            assert b["bpp"] == pytest.approx(len(data) * 8 / arr[..., 0].size)
+
+    def test_matched_baselines_reach_target(self, folder, result):
+        for row in result["per_image"]:
+            arr = np.asarray(Image.open(folder / row["image"]).convert("RGB"))
+            target = row["bsqc"]["tiny"]["psnr"]
+            for name, m in row["matched"]["tiny"].items():
+                c = {"jpeg": baselines.JPEG, "webp": baselines.WEBP}[name]
+                data = baselines.encode(arr, c, m["quality"])
+                assert len(data) == m["bytes"]
+                assert psnr(arr, baselines.decode(data)) >= target
+                assert m["psnr"] >= target
+
+    def test_ratios_follow_from_bytes(self, result):
+        t = result["totals"]["tiny"]
+        for name, m in t["matched"].items():
+            rows = [r for r in result["per_image"] if r["matched"]["tiny"][name]]
+            assert m["bytes"] == sum(r["matched"]["tiny"][name]["bytes"] for r in rows)
+            assert m["ratio"] == pytest.approx(m["bytes"] / sum(r["bsqc"]["tiny"]["bytes"] for r in rows))
+        assert t["png_ratio"] == pytest.approx(t["png_bytes"] / t["bsqc_bytes"])
+        assert result["images"] == 3
+
+    def test_several_presets_give_curves_and_bd_rate(self, folder):
+        from conftest import TINY
+
+        models = [weights.random_model(dataclasses.replace(TINY, name=f"t{i}", tokenizer=dataclasses.replace(TINY.tokenizer, patch=p)), seed=i)
+                  for i, p in enumerate((2, 3, 4, 6))]
+        res = bench.run(folder, models, limit=1, codecs=(baselines.JPEG,))
+        assert len(res["curves"]["bsqc"]) == 4 and len(res["curves"]["jpeg"]) == len(bench.SWEEP["jpeg"])
+        assert "jpeg" in res["bd_rate_psnr"]
+
+
+def test_cli_bench(folder, tiny_model, tmp_path):
+    mf = tmp_path / "m.safetensors"
+    weights.save(tiny_model, mf)
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(app, ["bench", str(folder), "--model", str(mf), "--json", str(out), "--csv", str(tmp_path / "r.csv"),
+                                 "--plot", str(tmp_path / "r.png"), "--limit", "2", "--sweep", "-q"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["schema"] == bench.SCHEMA and res["images"] == 2
+    for key in ("totals", "curves", "bd_rate_psnr", "per_image", "baselines", "notes", "models"):
+        assert key in res
+    assert Image.open(tmp_path / "r.png").size[0] > 100
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert {r["codec"] for r in rows} >= {"bsqc", "jpeg", "png"}
+    assert "JPEG" in r.stdout
