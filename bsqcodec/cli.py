@@ -239,6 +239,93 @@ def bench(
         bench_mod.plot(res, plot_out)
 
 
+def _write_images(out: Path, imgs: list, force: bool, columns: int | None = None) -> list[Path]:
+    from .generate import grid
+
+    if "%" in out.name:
+        paths = [out.with_name(out.name % i) for i in range(len(imgs))]
+        for p in paths:
+            check_output(p, force)
+        for p, im in zip(paths, imgs):
+            write_atomic(p, images.encode_image(images.to_pil(im), p), force)
+        return paths
+    check_output(out, force)
+    write_atomic(out, images.encode_image(images.to_pil(grid(imgs, columns)), out), force)
+    return [out]
+
+
+def _size(size: Optional[str], m: weights.Model) -> tuple[int, int]:
+    if not size:
+        p = m.config.prior
+        return p.tile_cols * m.config.tokenizer.patch, p.tile_rows * m.config.tokenizer.patch
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise BsqError(f"--size must look like 128x128, not {size!r}") from None
+    if not (1 <= w <= 4096 and 1 <= h <= 4096):
+        raise BsqError("--size must be between 1x1 and 4096x4096")
+    return w, h
+
+
+@app.command()
+@guarded
+def generate(
+    output: Annotated[Path, typer.Option("-o", "--output", help="One grid image, or a pattern like sample_%02d.png for one file each.")],
+    n: Annotated[int, typer.Option("-n", min=1, max=256, help="Number of images.")] = 8,
+    size: Annotated[Optional[str], typer.Option(help="WxH pixels [default: one tile of the model]; larger sizes are mosaics of independent tiles.")] = None,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0 = greedy).")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the K most likely symbols (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same images on the same machine.")] = 0,
+    preset: Annotated[str, typer.Option("--preset", "-p", help="Installed preset.")] = "default",
+    model: Annotated[Optional[Path], typer.Option("--model", help="Model file instead of a preset.")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Sample new images from the prior (token by token, with the KV cache) and decode them."""
+    from .generate import generate as gen
+
+    m = weights.load(model) if model else weights.preset(preset)
+    w, h = _size(size, m)
+    check_output(output, force) if "%" not in output.name else None
+    with LazyProgress(err_console, enabled=not quiet) as prog:
+        imgs = gen(m, n, w, h, seed, temperature, top_k, top_p, prog)
+    paths = _write_images(output, imgs, force)
+    if not quiet:
+        out_console.print(f"wrote {', '.join(map(str, paths))}", markup=False)
+
+
+@app.command()
+@guarded
+def complete(
+    input: Annotated[Path, typer.Argument(help="Image whose top part is kept.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Image: the original, then the completions, side by side.")],
+    keep: Annotated[float, typer.Option(min=0.0, max=1.0, help="Fraction of token rows kept from the image.")] = 0.5,
+    n: Annotated[int, typer.Option("-n", min=1, max=64, help="Number of completions.")] = 1,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
+    seed: int = 0,
+    preset: Annotated[str, typer.Option("--preset", "-p")] = "default",
+    model: Annotated[Optional[Path], typer.Option("--model")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Tokenize an image, keep its top rows of tokens, sample the rest from the prior, decode."""
+    from .generate import complete as comp
+
+    m = weights.load(model) if model else weights.preset(preset)
+    check_output(output, force)
+    arr, _, _ = images.read(input)
+    if arr.shape[0] * arr.shape[1] > 2048 * 2048:
+        raise BsqError("complete works on images up to 2048x2048 pixels")
+    with LazyProgress(err_console, enabled=not quiet) as prog:
+        _, _, imgs = comp(m, arr, keep, n, seed, temperature, top_k, top_p, prog)
+    _write_images(output, [arr] + imgs, force, columns=n + 1)
+    if not quiet:
+        out_console.print(f"wrote {output}", markup=False)
+
+
 def main() -> None:
     app()
 

@@ -16,6 +16,7 @@ from PIL import Image
 from . import container, entropy, images, weights
 from .container import Header
 from .errors import FormatError
+from .autoregress import run_tiles
 from .tokenizer import join_groups, split_groups
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -147,7 +148,6 @@ def decode_streams(model: weights.Model, header: Header, streams: list[bytes], b
     """Streams -> token grid, running the integer prior token by token with a KV cache."""
     _check_geometry(header, model)
     ip = model.prior
-    G = header.groups
     gr, gc = header.grid
     tokens = torch.zeros(gr, gc, dtype=torch.int64)
     slices = tile_slices(header)
@@ -158,31 +158,17 @@ def decode_streams(model: weights.Model, header: Header, streams: list[bytes], b
         idxs = list(range(k, min(len(slices), k + batch_tiles)))
         shapes = [(slices[i][0].stop - slices[i][0].start, slices[i][1].stop - slices[i][1].start) for i in idxs]
         decs = [entropy.Decoder(streams[i]) for i in idxs]
-        lens = [r * c for r, c in shapes]
-        B, T = len(idxs), max(lens)
-        cols = torch.tensor([c for _, c in shapes])
-        cache = ip.new_cache(B, T)
-        out = torch.zeros(B, T, G, dtype=torch.int64)
-        prev = None
-        for t in range(T):
-            tt = torch.full((B,), t)
-            active = [b for b in range(B) if t < lens[b]]
-            tt = torch.where(tt < torch.tensor(lens), tt, 0)
-            rows_t, cols_t = torch.div(tt, cols, rounding_mode="floor"), tt % cols
-            x = ip.embed(prev, rows_t[:, None], cols_t[:, None])
-            if prev is None:
-                x = x.expand(B, 1, -1)
-            hdn = ip.hidden(x.to(ip.device), cache, t)[:, 0]
-            cur = torch.zeros(B, G, dtype=torch.int64)
-            for j in range(G):
-                tab = ip.group_table(hdn, j, cur[:, :j].to(ip.device) if j else None).cpu().numpy()
-                for b in active:
-                    cur[b, j] = int(decs[b].decode(tab[b : b + 1])[0])
-            out[:, t] = cur
-            prev = cur[:, None].to(ip.device)
-            done += len(active)
+
+        def choose(b, t, j, earlier, table, decs=decs):
+            return int(decs[b].decode(table[None])[0])
+
+        def on_step(t, n_active, T=max(r * c for r, c in shapes)):
+            nonlocal done
+            done += n_active
             if progress and (t % 16 == 15 or t == T - 1):
                 progress("decode", done, total)
+
+        out = run_tiles(ip, shapes, choose, on_step)
         for b, i in enumerate(idxs):
             r, c = shapes[b]
             tokens[slices[i]] = join_groups(out[b, : r * c], header.bits).reshape(r, c)
