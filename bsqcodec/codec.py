@@ -5,7 +5,6 @@ The only module that composes tokenizer, integer prior, entropy coder and contai
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from PIL import Image
 from . import container, entropy, images, weights
 from .container import Header
 from .errors import FormatError
+from .metrics import psnr  # noqa: F401  (re-exported: codec.psnr)
 from .autoregress import run_tiles
 from .tokenizer import join_groups, split_groups
 
@@ -51,6 +51,8 @@ def tile_slices(header: Header) -> list[tuple[slice, slice]]:
 
 def _pad(arr: np.ndarray, patch: int) -> np.ndarray:
     h, w = arr.shape[:2]
+    if h % patch == 0 and w % patch == 0:
+        return arr
     return np.pad(arr, ((0, -h % patch), (0, -w % patch), (0, 0)), mode="edge")
 
 
@@ -189,8 +191,3 @@ def decode(data: bytes, models: list[weights.Model] | None = None, batch_tiles: 
     """The bytes of a .bsq file -> a PIL RGB image (with its ICC profile, if the file has one)."""
     header, _, arr = decode_detailed(data, models, batch_tiles, progress)
     return images.to_pil(arr, header.chunk(b"iCCP"))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)

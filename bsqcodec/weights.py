@@ -1,6 +1,6 @@
 """Frozen models: save, load and hash them; the registry of presets shipped in the package.
 
-A model file is a safetensors file: `tokenizer.*` float32 tensors, `prior.*` integer tensors of the
+A model file is a safetensors file: `tokenizer.*` float16 tensors (computed in float32), `prior.*` integer tensors of the
 exported integer prior, and the config as JSON metadata. Its identity is the SHA-256 of a canonical
 serialization of config and tensors, so re-saving the same weights gives the same hash.
 """
@@ -54,7 +54,8 @@ def canonical_hash(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> byt
 
 
 def build(config: ModelConfig, tokenizer_state: dict, prior_tensors: dict, device="cpu") -> Model:
-    tensors = {f"tokenizer.{k}": v.detach().float().cpu().contiguous() for k, v in tokenizer_state.items()}
+    # the tokenizer ships in float16 (half the bytes); it computes in float32 after loading
+    tensors = {f"tokenizer.{k}": v.detach().half().cpu().contiguous() for k, v in tokenizer_state.items()}
     tensors.update({f"prior.{k}": v.detach().cpu().contiguous() for k, v in prior_tensors.items()})
     return from_tensors(config, tensors, device)
 
@@ -63,7 +64,7 @@ def from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], device="
     if config.tokenizer.bits != config.prior.bits:
         raise ModelError("tokenizer and prior disagree on bits per token")
     tok = Tokenizer(config.tokenizer)
-    tstate = {k[len("tokenizer."):]: v for k, v in tensors.items() if k.startswith("tokenizer.")}
+    tstate = {k[len("tokenizer."):]: v.float() for k, v in tensors.items() if k.startswith("tokenizer.")}
     try:
         tok.load_state_dict(tstate, strict=True)
         prior = IntPrior(config.prior, {k[len("prior."):]: v for k, v in tensors.items() if k.startswith("prior.")}, device)
