@@ -37,6 +37,8 @@ def run(folder: Path, preset: str) -> dict:
             "bpp": len(enc.data) * 8 / (arr.shape[0] * arr.shape[1]), "psnr": codec.psnr(arr, recon),
             "tokens": n, "raw_bits_per_token": model.config.tokenizer.bits,
             "coded_bits_per_token": sum(map(len, streams)) * 8 / n, "estimated_bits_per_token": enc.estimated_bits / n,
+            "payload_bits": sum(map(len, streams)) * 8, "estimated_bits": enc.estimated_bits, "tiles": h.tiles,
+            "payload_within_bound": sum(map(len, streams)) * 8 <= 1.01 * enc.estimated_bits + 64 * h.tiles,
             "encode_seconds": secs,
         })
         print(f"{preset:8s} {p.name}: {rows[-1]['bpp']:.4f} bpp  {rows[-1]['psnr']:.2f} dB  "
@@ -49,6 +51,7 @@ def run(folder: Path, preset: str) -> dict:
         "raw_bits_per_token": model.config.tokenizer.bits,
         "raw_bpp": model.config.tokenizer.bits / model.config.tokenizer.patch ** 2,
         "coded_bits_per_token": sum(r["coded_bits_per_token"] * r["tokens"] for r in rows) / tok,
+        "payload_within_bound_all": all(r["payload_within_bound"] for r in rows),
         "saving_vs_raw_tokens": 1 - sum(r["coded_bits_per_token"] * r["tokens"] for r in rows) / tok / model.config.tokenizer.bits,
     }
     return {"name": f"bsqcodec-{preset}", "preset": preset, "model": model.hash_hex, "dataset": folder.name,

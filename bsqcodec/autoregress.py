@@ -36,13 +36,15 @@ def run_tiles(ip: IntPrior, shapes: list[tuple[int, int]], choose: Choose,
         if prev is None:
             x = x.expand(B, 1, -1)
         h = ip.hidden(x, cache, t)[:, 0]
-        cur = torch.zeros(B, G, dtype=torch.int64)
+        cur = np.zeros((B, G), dtype=np.int64)
         for j in range(G):
-            tab = ip.group_table(h, j, cur[:, :j].to(ip.device) if j else None).cpu().numpy()
+            earlier = torch.from_numpy(cur[:, :j]).to(ip.device) if j else None
+            tab = ip.group_table(h, j, earlier).cpu().numpy().astype(np.float64)
             for b in active:
-                cur[b, j] = choose(b, t, j, cur[b, :j].numpy(), tab[b])
-        out[:, t] = cur
-        prev = cur[:, None].to(ip.device)
+                cur[b, j] = choose(b, t, j, cur[b, :j], tab[b])
+        cur_t = torch.from_numpy(cur)
+        out[:, t] = cur_t
+        prev = cur_t[:, None].to(ip.device)
         if on_step is not None:
             on_step(t, len(active))
     return out

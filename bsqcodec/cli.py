@@ -115,10 +115,15 @@ def decode(
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUTPUT if it exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results.")] = False,
     batch_tiles: Annotated[int, typer.Option("--batch-tiles", min=1, max=codec.MAX_BATCH_TILES, help="Tiles decoded together (speed and memory only; the pixels never change).")] = codec.DEFAULT_BATCH_TILES,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads (0 = torch's default; the pixels never change).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary.")] = False,
 ) -> None:
     """Decompress a .bsq file into an image."""
     t0 = time.perf_counter()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     out = output or input.with_suffix(".png")
     check_output(out, force)
     data = read_bytes(input)

@@ -22,7 +22,7 @@ from .tokenizer import join_groups, split_groups
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 ENCODE_BATCH = 8  # tiles per teacher-forced pass; affects speed only, never the bytes
-DEFAULT_BATCH_TILES = 64  # a 768x512 photo is one batch; memory stays around 100 MB
+DEFAULT_BATCH_TILES = 128  # a 768x512 photo is one batch; memory stays around 200 MB
 MAX_BATCH_TILES = 4096
 
 
@@ -162,7 +162,7 @@ def decode_streams(model: weights.Model, header: Header, streams: list[bytes], b
         decs = [entropy.Decoder(streams[i]) for i in idxs]
 
         def choose(b, t, j, earlier, table, decs=decs):
-            return int(decs[b].decode(table[None])[0])
+            return decs[b].decode_row(table)
 
         def on_step(t, n_active, T=max(r * c for r, c in shapes)):
             nonlocal done

@@ -46,11 +46,19 @@ class Decoder:
             raise FormatError("stream length is not a multiple of 4 bytes")
         words = np.frombuffer(data, "<u4").astype(np.uint32)
         self._dec = constriction.stream.queue.RangeDecoder(words)
+        self._family = _family()
 
     def decode(self, tables: np.ndarray) -> np.ndarray:
         try:
-            return np.asarray(self._dec.decode(_family(), _rows(tables)), dtype=np.int64)
+            return np.asarray(self._dec.decode(self._family, _rows(tables)), dtype=np.int64)
         except (ValueError, RuntimeError, AssertionError) as e:  # constriction reports bad data this way
+            raise FormatError(f"corrupt stream: {e}") from None
+
+    def decode_row(self, table: np.ndarray) -> int:
+        """One symbol under one table: a 1-D float64 array of positive integers (the hot path)."""
+        try:
+            return int(self._dec.decode(self._family, table[None])[0])
+        except (ValueError, RuntimeError, AssertionError) as e:
             raise FormatError(f"corrupt stream: {e}") from None
 
 

@@ -2,8 +2,8 @@
 
 Every value that reaches the entropy coder is an integer computed by operations that give the same
 result on every IEEE 754 machine, in any order and any batching:
-- matrix products are done in float32 on integer operands split into small digits, so that every
-  partial sum is an integer below 2^24 (exact in float32, whatever the summation order);
+- matrix products are on integers whose partial sums stay below 2^53 (float64) or, where operands
+  are split into small digits, below 2^24 (float32): exact whatever the summation order;
 - reductions (sums) are over integers whose totals stay below 2^53 (exact in float64);
 - everything else is an element-wise +, -, *, /, sqrt or floor, which IEEE 754 rounds correctly;
 - non-linearities (exp, GELU) are lookup tables stored in the model file.
@@ -37,8 +37,8 @@ ATT_ONE = 2**12 - 1  # attention weights fit in three base-16 digits
 OUT_LEN = 24 * EXP_STEP  # output tables: beyond a gap of 24 nats a symbol gets the floor of 1
 OUT_ONE = 2**20
 MAX_KEYS = 512  # 15 * QMAX * MAX_KEYS < 2^24: exactness bound of the weighted sum
-MAX_IN = 1024  # 63 * 127 * MAX_IN < 2^24: exactness bound of a linear layer's product
-LN_EPS = float(round(1e-5 * 4**FRAC))
+MAX_IN = 4096  # widest linear input (the float64 product stays far below 2^53)
+LN_EPS = float(round(1e-5 * 4**FRAC))  # LayerNorm epsilon in squared residual units (part of the format)
 CLAMP_GAP = float(2**30)
 MULT_BITS = 23  # multipliers M < 2^23, so |acc * M| < 2^53 for |acc| < 2^30
 
@@ -65,10 +65,19 @@ def _multiplier(m: torch.Tensor, bits: int = MULT_BITS) -> tuple[torch.Tensor, i
     return torch.round(m.double() * 2.0**s).long(), s
 
 
-def _requant(acc: torch.Tensor, M: torch.Tensor, s: int) -> torch.Tensor:
-    """floor((acc * M + 2^(s-1)) / 2^s) on float64 integers; exact since |acc * M| < 2^53."""
-    half = float(2 ** (s - 1)) if s > 0 else 0.0
-    return torch.floor((acc * M + half) / float(2**s))
+def _scale(M: torch.Tensor | float, s: int) -> torch.Tensor | float:
+    """M / 2^s as a float64: exact, since M < 2^23 is an integer and 2^-s a power of two."""
+    return M * 2.0**-s
+
+
+def _requant(acc: torch.Tensor, scale, offset) -> torch.Tensor:
+    """floor(acc * M / 2^s + offset) with scale = M / 2^s, on float64 integers.
+
+    Exact: |acc| < 2^30 and M < 2^23, so acc * scale has at most 53 significant bits, and adding an
+    offset that is an integer plus 1/2 stays within them. With offset = b + 1/2 this is
+    round-half-up(acc * M / 2^s) + b.
+    """
+    return torch.floor(acc * scale + offset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,19 +103,21 @@ class IntLinear:
     def __init__(self, t: dict, name: str, device) -> None:
         w = t[f"{name}.w"]
         if w.shape[1] > MAX_IN:
-            raise ValueError("linear layer too wide for exact float32 products")
-        self.wt = w.t().contiguous().to(device=device, dtype=torch.float32)  # int8 values, (in, out)
-        self.m = t[f"{name}.m"].to(device=device, dtype=torch.float64)
-        self.s = int(t[f"{name}.s"].item())
-        self.b = t[f"{name}.b"].to(device=device, dtype=torch.float64)
+            raise ValueError("linear layer too wide for exact products")
+        self.wt = w.t().contiguous().to(device=device, dtype=torch.float64)  # int8 values, (in, out)
+        m = t[f"{name}.m"].to(device=device, dtype=torch.float64)
+        if float(m.abs().max()) >= 2**MULT_BITS:
+            raise ValueError("multiplier out of range")
+        self.scale = _scale(m, int(t[f"{name}.s"].item()))
+        self.offset = t[f"{name}.b"].to(device=device, dtype=torch.float64) + 0.5
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: float64 integers with |x| <= QMAX, shape (..., rows, in); rows are independent."""
-        T = x.shape[-2]
-        hi, lo = _split64(x)
-        r = torch.matmul(torch.cat([hi, lo], -2).float(), self.wt).double()  # exact partial sums
-        acc = r[..., :T, :] * 64 + r[..., T:, :]
-        return _requant(acc, self.m, self.s) + self.b
+        """x: float64 integers with |x| <= QMAX, shape (..., in).
+
+        The product is exact in float64 whatever the summation order: every partial sum is an
+        integer below QMAX * 127 * MAX_IN < 2^29.
+        """
+        return _requant(torch.matmul(x, self.wt), self.scale, self.offset)
 
 
 def _exact_dots(q: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
@@ -169,8 +180,7 @@ class IntPrior:
                     "fc1": IntLinear(t, p + "fc1", dev),
                     "fc2": IntLinear(t, p + "fc2", dev),
                     "gelu": t[p + "gelu_table"].to(**f64),
-                    "att_m": float(t[p + "att_m"].item()),
-                    "att_s": int(t[p + "att_s"].item()),
+                    "att_scale": _scale(float(t[p + "att_m"].item()), int(t[p + "att_s"].item())),
                 }
             )
         self.heads = [IntLinear(t, f"heads.{j}", dev) for j in range(cfg.groups)]
@@ -200,7 +210,7 @@ class IntPrior:
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=self.device).tril(pos)
             dots = dots.masked_fill(~mask, -CLAMP_GAP)
         gap = (dots.amax(-1, keepdim=True) - dots).clamp(max=CLAMP_GAP)
-        idx = _requant(gap, L["att_m"], L["att_s"]).clamp(max=ATT_LEN).long()
+        idx = _requant(gap, L["att_scale"], 0.5).clamp(max=ATT_LEN).long()
         B, nh = idx.shape[:2]
         digits = self.att_digits[:, idx].permute(1, 2, 3, 0, 4).reshape(B, nh, 3 * T, -1)  # rows (T, digit)
         # V's last column is 1, so the product also sums the weights; exact: 15 * 2047 * 512 < 2^24
