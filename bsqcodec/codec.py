@@ -67,7 +67,7 @@ def image_to_tokens(model: weights.Model, arr: np.ndarray) -> torch.Tensor:
     for r0 in range(0, rows, tok.STRIP):
         r1 = min(rows, r0 + tok.STRIP)
         a, b = max(0, r0 - halo), min(rows, r1 + halo)
-        x = torch.from_numpy(padded[a * p : b * p]).permute(2, 0, 1)[None].float().div(255)
+        x = torch.from_numpy(np.array(padded[a * p : b * p])).permute(2, 0, 1)[None].float().div(255)
         with torch.no_grad():
             lat = tok.encode_latent(x)[..., r0 - a : r1 - a, :]
             out.append(tok.quant.codes_to_tokens(tok.quant(lat))[0])

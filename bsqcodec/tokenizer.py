@@ -143,20 +143,43 @@ class Tokenizer(nn.Module):
         return torch.cat(out, 0)
 
     @torch.no_grad()
-    def tokens_to_image(self, tokens: torch.Tensor, progress=None) -> torch.Tensor:
-        """(h, w) tokens -> (H, W, 3) uint8 pixels."""
-        p, halo = self.cfg.patch, self.cfg.halo
-        h = tokens.shape[0]
-        out = []
-        for r0 in range(0, h, self.STRIP):
-            r1 = min(h, r0 + self.STRIP)
-            a, b = max(0, r0 - halo), min(h, r1 + halo)
-            code = self.quant.tokens_to_codes(tokens[None, a:b])
-            y = self.decode_code(code)[0, :, (r0 - a) * p : (r1 - a) * p]
-            out.append(to_uint8(y))
-            if progress is not None:
-                progress(r1 - r0)
+    def _decode_strip(self, tokens: torch.Tensor, r0: int) -> torch.Tensor:
+        p, halo, h = self.cfg.patch, self.cfg.halo, tokens.shape[0]
+        r1 = min(h, r0 + self.STRIP)
+        a, b = max(0, r0 - halo), min(h, r1 + halo)
+        code = self.quant.tokens_to_codes(tokens[None, a:b])
+        return to_uint8(self.decode_code(code)[0, :, (r0 - a) * p : (r1 - a) * p])
+
+    @torch.no_grad()
+    def tokens_to_image(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(h, w) tokens -> (H, W, 3) uint8 pixels.
+
+        Float convolutions may round differently with different intra-op thread counts, so every
+        strip is computed by single-threaded kernels; strips run in parallel Python threads instead.
+        The pixels are then the same for any thread count and any tile batching.
+        """
+        starts = list(range(0, tokens.shape[0], self.STRIP))
+        workers = max(1, min(len(starts), torch.get_num_threads()))
+        with single_threaded_kernels():
+            if workers == 1:
+                out = [self._decode_strip(tokens, r0) for r0 in starts]
+            else:
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(workers) as pool:
+                    out = list(pool.map(lambda r0: self._decode_strip(tokens, r0), starts))
         return torch.cat(out, 0)
+
+
+class single_threaded_kernels:
+    """Context manager: torch intra-op parallelism off, restored on exit."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
 
 
 def to_uint8(y: torch.Tensor) -> torch.Tensor:
