@@ -201,7 +201,7 @@ def bench(
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write per-image rows as CSV.")] = None,
     plot_out: Annotated[Optional[Path], typer.Option("--plot", help="Write rate-distortion curves as a PNG.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N images.")] = None,
-    sweep: Annotated[Optional[bool], typer.Option("--sweep/--no-sweep", help="Sweep baseline qualities for RD curves and BD-rate [default: with several presets].")] = None,
+    sweep: Annotated[Optional[bool], typer.Option("--sweep/--no-sweep", help="Sweep baseline qualities for RD curves and BD-rate [default: with several presets or --plot].")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Compare bsqc with PNG, JPEG, WebP, AVIF and JPEG XL at matched PSNR, image by image."""
@@ -210,6 +210,8 @@ def bench(
     models = [weights.preset(p) for p in (preset or ([] if model else ["default"]))]
     models += [weights.load(m) for m in model or []]
     with LazyProgress(err_console, enabled=not quiet) as prog:
+        if sweep is None:
+            sweep = len(models) > 1 or plot_out is not None
         res = bench_mod.run(folder, models, limit, progress=prog, sweep=sweep)
     for n in res["notes"]:
         err_console.print(f"note: {n}", markup=False)
