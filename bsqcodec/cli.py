@@ -26,7 +26,7 @@ app = typer.Typer(
 train_app = typer.Typer(help="Train a tokenizer and a prior, then freeze them into a model file.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
-out_console = Console(highlight=False, soft_wrap=True)
+out_console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

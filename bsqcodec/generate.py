@@ -46,12 +46,18 @@ def _grid_tiles(model: weights.Model, rows: int, cols: int) -> list[tuple[slice,
             for r in range(0, rows, p.tile_rows) for c in range(0, cols, p.tile_cols)]
 
 
-def sample_tokens(model: weights.Model, rows: int, cols: int, sampler: Sampler, known: torch.Tensor | None = None,
-                  keep_rows: int = 0, progress=None) -> torch.Tensor:
-    """A (rows, cols) token grid; token rows < keep_rows are taken from `known`, the rest sampled."""
+def sample_tokens(model: weights.Model, rows: int, cols: int, sampler: Sampler | list[Sampler],
+                  known: torch.Tensor | None = None, keep_rows: int = 0, progress=None, count: int = 1) -> torch.Tensor:
+    """Token grids (count, rows, cols), sampled in one batch with one sampler per grid.
+
+    Token rows < keep_rows are taken from `known` (rows, cols) instead of sampled. Each grid's
+    sampler is called in the same order whatever `count` is, so a seed gives the same grid.
+    """
     cfg = model.config.prior
+    samplers = sampler if isinstance(sampler, list) else [sampler] * count
+    count = len(samplers)
     slices = _grid_tiles(model, rows, cols)
-    shapes = [(rs.stop - rs.start, cs.stop - cs.start) for rs, cs in slices]
+    shapes = [(rs.stop - rs.start, cs.stop - cs.start) for rs, cs in slices] * count
     forced = []
     for rs, cs in slices:
         if known is not None and rs.start < keep_rows:
@@ -61,12 +67,13 @@ def sample_tokens(model: weights.Model, rows: int, cols: int, sampler: Sampler, 
             forced.append((None, 0))
     total = sum(r * c for r, c in shapes)
     done = 0
+    n_tiles = len(slices)
 
     def choose(b, t, j, earlier, table):
-        sym, n = forced[b]
+        sym, n = forced[b % n_tiles]
         if t < n:
             return int(sym[t, j])
-        return sampler(table)
+        return samplers[b // n_tiles](table)
 
     def on_step(t, n_active):
         nonlocal done
@@ -75,13 +82,13 @@ def sample_tokens(model: weights.Model, rows: int, cols: int, sampler: Sampler, 
             progress("sample", done, total)
 
     out = run_tiles(model.prior, shapes, choose, on_step)
-    tokens = torch.zeros(rows, cols, dtype=torch.int64)
-    for b, (rs, cs) in enumerate(slices):
-        r, c = shapes[b]
-        tokens[rs, cs] = join_groups(out[b, : r * c], cfg.bits).reshape(r, c)
+    tokens = torch.zeros(count, rows, cols, dtype=torch.int64)
+    for b, (r, c) in enumerate(shapes):
+        rs, cs = slices[b % n_tiles]
+        tokens[b // n_tiles, rs, cs] = join_groups(out[b, : r * c], cfg.bits).reshape(r, c)
     if progress:
         progress("sample", total, total)
-    return tokens
+    return tokens if isinstance(sampler, list) or count > 1 else tokens[0]
 
 
 def generate(model: weights.Model, n: int, width: int, height: int, seed: int = 0, temperature: float = 1.0,
@@ -89,12 +96,9 @@ def generate(model: weights.Model, n: int, width: int, height: int, seed: int = 
     """n sampled images of width x height pixels, (H, W, 3) uint8 each."""
     p = model.config.tokenizer.patch
     rows, cols = -(-height // p), -(-width // p)
-    out = []
-    for i in range(n):
-        sampler = Sampler(seed * 1_000_003 + i, temperature, top_k, top_p)
-        toks = sample_tokens(model, rows, cols, sampler, progress=progress)
-        out.append(codec.tokens_to_array(model, toks, width, height))
-    return out
+    samplers = [Sampler(seed * 1_000_003 + i, temperature, top_k, top_p) for i in range(n)]
+    toks = sample_tokens(model, rows, cols, samplers, progress=progress)
+    return [codec.tokens_to_array(model, t, width, height) for t in toks]
 
 
 def complete(model: weights.Model, arr: np.ndarray, keep: float, n: int = 1, seed: int = 0, temperature: float = 1.0,
@@ -105,13 +109,9 @@ def complete(model: weights.Model, arr: np.ndarray, keep: float, n: int = 1, see
     known = codec.image_to_tokens(model, arr)
     rows, cols = known.shape
     keep_rows = round(keep * rows)
-    toks, imgs = [], []
-    for i in range(n):
-        sampler = Sampler(seed * 1_000_003 + i, temperature, top_k, top_p)
-        t = sample_tokens(model, rows, cols, sampler, known, keep_rows, progress)
-        toks.append(t)
-        imgs.append(codec.tokens_to_array(model, t, arr.shape[1], arr.shape[0]))
-    return known, toks, imgs
+    samplers = [Sampler(seed * 1_000_003 + i, temperature, top_k, top_p) for i in range(n)]
+    toks = list(sample_tokens(model, rows, cols, samplers, known, keep_rows, progress))
+    return known, toks, [codec.tokens_to_array(model, t, arr.shape[1], arr.shape[0]) for t in toks]
 
 
 def grid(images: list[np.ndarray], columns: int | None = None, pad: int = 4) -> np.ndarray:

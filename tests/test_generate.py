@@ -17,6 +17,9 @@ class TestGenerate:
         assert all(x.shape == (17, 23, 3) for x in a)
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
         assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+        # a batch of n gives the same images as generating them one by one
+        one = generate(tiny_model, 1, 23, 17, seed=3)
+        assert np.array_equal(one[0], a[0])
 
     def test_top_k_1_is_greedy(self, tiny_model):
         k1 = sample_tokens(tiny_model, 6, 7, Sampler(1, top_k=1))
