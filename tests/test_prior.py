@@ -34,14 +34,20 @@ def kv_tables(ip: IntPrior, sym: torch.Tensor, rows: int, cols: int) -> list[tor
     return out
 
 
+def grids_differing_at(seed: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random (1, 4, 5) token grids that differ only in token t (raster order)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, 2**12, (1, 4, 5), generator=g)
+    b = a.clone()
+    b.view(-1)[t] = (b.view(-1)[t] + 1 + seed) % 2**12
+    return a, b
+
+
 class TestCausality:
     @given(st.integers(0, 1000), st.integers(0, 19))
     def test_float_prefix_unchanged(self, seed, t):
         p, _ = make(seed % 7)
-        g = torch.Generator().manual_seed(seed)
-        a = torch.randint(0, 2**12, (1, 4, 5), generator=g)
-        b = a.clone()
-        b.view(-1)[t] = (b.view(-1)[t] + 1 + seed) % 2**12
+        a, b = grids_differing_at(seed, t)
         with torch.no_grad():
             la, lb = p(a), p(b)
         # the input at position t+1 is token t: outputs at positions <= t must not change
@@ -53,10 +59,7 @@ class TestCausality:
     @given(st.integers(0, 1000), st.integers(0, 19))
     def test_integer_prefix_unchanged(self, seed, t):
         p, ip = make(seed % 7)
-        g = torch.Generator().manual_seed(seed)
-        a = torch.randint(0, 2**12, (1, 4, 5), generator=g)
-        b = a.clone()
-        b.view(-1)[t] = (b.view(-1)[t] + 1 + seed) % 2**12
+        a, b = grids_differing_at(seed, t)
         ta = ip.tables(p.symbols(a), 4, 5)
         tb = ip.tables(p.symbols(b), 4, 5)
         assert torch.equal(ta[0][:, : t + 1], tb[0][:, : t + 1])  # group 0 at position t does not see token t
