@@ -25,6 +25,7 @@ def _run(stage: str, **kw) -> dict:
     last_eval = ["-"]
     t0 = time.time()
     last_log = [t0]
+    first_step: list[int] = []  # steps done in this process (a resumed run starts above 0)
     plain = not err_console.is_terminal  # no live bar in a log file: print a line every 30 s instead
     with Progress(*cols, console=err_console, transient=False, disable=plain) as bar:
         task = bar.add_task(stage, total=opts.steps, info="")
@@ -34,7 +35,9 @@ def _run(stage: str, **kw) -> dict:
                 last_eval[0] = f"{eval:.3f}"
                 err_console.print(f"step {step}: held-out {metric_name} {eval:.3f}", markup=False)
                 return
-            rate = step / max(1e-9, time.time() - t0)
+            if not first_step:
+                first_step.append(step - 1)
+            rate = (step - first_step[0]) / max(1e-9, time.time() - t0)
             info = f"loss {loss:.4f}  {metric_name} {metric:.3f}  eval {last_eval[0]}  {rate:.2f} step/s"
             bar.update(task, completed=step, info=info)
             if plain and (time.time() - last_log[0] > 30 or step == opts.steps):
