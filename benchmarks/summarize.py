@@ -1,0 +1,88 @@
+"""Write the measured numbers from benchmarks/results/ into benchmarks/README.md and the model card.
+
+    python benchmarks/summarize.py
+
+Run after speed.py, kodak.py, export_cost.py and run_bench.sh, whenever shipped weights change. It only
+copies numbers from the result files; nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RES = HERE / "results"
+CARD = HERE.parent / "bsqcodec" / "models" / "README.md"
+CODECS = ("jpeg", "webp", "avif", "jxl")
+
+
+def load(name: str) -> dict | None:
+    p = RES / name
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def kodak_line(preset: str, bench: dict) -> str:
+    k = load(f"kodak-{preset}.json")["summary"]
+    t = bench["totals"][preset]
+    m = t["matched"]
+    return (f"{k['bpp']:.4f} bpp, {k['mean_psnr']:.2f} dB mean RGB PSNR, MS-SSIM {t['mean_ms_ssim']:.4f}; "
+            f"{k['coded_bits_per_token']:.2f} bits per token after the prior against {k['raw_bits_per_token']} raw "
+            f"({100 * k['saving_vs_raw_tokens']:.1f}% fewer bits). At matched PSNR, image by image: JPEG needs "
+            f"{m['jpeg']['ratio']:.3f}x the bytes, WebP {m['webp']['ratio']:.3f}x, AVIF {m['avif']['ratio']:.3f}x, "
+            f"JPEG XL {m['jxl']['ratio']:.3f}x (`benchmarks/results/bench-kodak.json`).")
+
+
+def results_section(bench: dict) -> str:
+    rows = ["| preset | bytes (24 images) | bpp | PSNR (dB) | MS-SSIM | bits/token (raw) | JPEG | WebP | AVIF | JPEG XL | PNG |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for preset, t in bench["totals"].items():
+        k = load(f"kodak-{preset}.json")["summary"]
+        ratios = " | ".join(f"{t['matched'][c]['ratio']:.3f}x" if t["matched"].get(c, {}).get("ratio") else "-" for c in CODECS)
+        rows.append(f"| {preset} | {t['bsqc_bytes']} | {t['bpp']:.4f} | {t['mean_psnr']:.2f} | {t['mean_ms_ssim']:.4f} | "
+                    f"{k['coded_bits_per_token']:.2f} ({k['raw_bits_per_token']}) | {ratios} | {t['png_ratio']:.1f}x |")
+    unreached = sum(m["images_unreachable"] for t in bench["totals"].values() for m in t["matched"].values())
+    bd = ", ".join(f"{c} {v:+.1f}%" for c, v in bench["bd_rate_psnr"].items() if v is not None) or \
+        "not available (bsqc's curve needs at least four presets)"
+    out = [f"### {bench['dataset'].capitalize()}, matched PSNR (`results/bench-{bench['dataset']}.json`, `.csv`, `.png`)", "",
+           "Each baseline column is the total bytes of that codec's smallest files reaching bsqc's PSNR on each image, "
+           "divided by bsqc's total bytes over the same images (above 1: bsqc is smaller). "
+           f"Images where a baseline could not reach bsqc's PSNR: {unreached}.", "", *rows, "",
+           f"![rate-distortion](results/bench-{bench['dataset']}.png)", "", f"BD-rate (PSNR) of bsqc: {bd}.", ""]
+    ec = [load(f"export-cost-{p}.json") for p in bench["totals"]]
+    ec = [e for e in ec if e and e["model"] == bench["models"][e["preset"]]]
+    if ec:
+        out += ["### Cost of the integer export (`results/export-cost-*.json`)", "",
+                "Bits of the shipped integer prior against the float prior it was exported from, on all Kodak tokens "
+                "(target: under 1%): " + ", ".join(f"{e['preset']} {100 * e['relative_cost']:+.3f}%" for e in ec) + ".", ""]
+    sp = load("speed-default.json")
+    if sp:
+        out += [f"### Speed and memory (`results/speed-default.json`, model {sp['model'][:16]})", "",
+                f"{sp['image']} ({sp['width']}x{sp['height']}) with the default preset, {sp['machine']['cpus']}-core CPU, "
+                f"torch {sp['machine']['torch']}:", "", "| | result | target |", "|---|---|---|",
+                f"| encode | {sp['encode_seconds']:.2f} s | |",
+                f"| decode, 2 threads | {sp['decode_seconds_2_threads']:.2f} s | under 3 s |",
+                f"| decode, 1 thread | {sp['decode_seconds_1_threads']:.2f} s | |",
+                f"| pixels identical with 1 and 2 threads | {str(sp['pixels_identical_across_threads']).lower()} | true |",
+                f"| encode 8192x8192, peak memory | {sp['encode_8192x8192_peak_bytes'] / 1e9:.2f} GB | under 4 GB |",
+                f"| encode 8192x8192, time | {sp['encode_8192x8192_seconds']:.0f} s | |", ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    bench = load("bench-kodak.json")
+    readme = HERE / "README.md"
+    s = readme.read_text()
+    s = re.sub(r"(<!-- results:begin[^>]*-->\n).*?(<!-- results:end -->)", lambda m: m.group(1) + results_section(bench) + "\n" + m.group(2),
+               s, flags=re.S)
+    readme.write_text(s)
+    card = CARD.read_text()
+    for preset in bench["totals"]:
+        card = re.sub(rf"(<!-- kodak:{preset} -->).*?(<!-- /kodak -->)", lambda m: m.group(1) + kodak_line(preset, bench) + m.group(2),
+                      card, flags=re.S)
+    CARD.write_text(card)
+
+
+if __name__ == "__main__":
+    main()
