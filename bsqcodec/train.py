@@ -173,6 +173,7 @@ def train(opts: TrainOptions, progress=None) -> dict:
             signal.signal(s, h)
     if world > 1:
         dist.barrier()
+        dist.destroy_process_group()  # a clean teardown: gloo may abort at exit otherwise
     stopped = step < opts.steps
     return {"step": step, "config": cfg.to_dict(), "model": model.state_dict(), "interrupted": stopped}
 
