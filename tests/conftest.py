@@ -20,6 +20,14 @@ TINY = ModelConfig(
 )
 
 
+def smooth_image(rng, width: int, height: int):
+    """A small photo-like test image: random 8x6 colours upscaled (PIL.Image)."""
+    from PIL import Image
+
+    small = rng.integers(0, 256, (6, 8, 3), dtype="uint8")
+    return Image.fromarray(small).resize((width, height), Image.BICUBIC)
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> weights.Model:
     return weights.random_model(TINY, seed=0)

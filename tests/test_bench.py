@@ -15,10 +15,11 @@ from bsqcodec.metrics import psnr
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("imgs")
+    from conftest import smooth_image
+
     rng = np.random.default_rng(3)
     for i in range(3):
-        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((64 + 8 * i, 48), Image.BICUBIC).save(root / f"img{i}.png")
+        smooth_image(rng, 64 + 8 * i, 48).save(root / f"img{i}.png")
     (root / "notes.txt").write_text("not an image")
     return root
 

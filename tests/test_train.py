@@ -20,10 +20,11 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
+    from conftest import smooth_image
+
     rng = np.random.default_rng(0)
     for i in range(6):
-        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((80 + 8 * i, 64), Image.BILINEAR)
+        img = smooth_image(rng, 80 + 8 * i, 64)
         sub = root / ("a" if i % 2 else "b")
         sub.mkdir(exist_ok=True)
         img.save(sub / f"im{i}.{'png' if i % 3 else 'jpg'}")
