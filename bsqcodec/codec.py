@@ -57,21 +57,9 @@ def _pad(arr: np.ndarray, patch: int) -> np.ndarray:
 
 
 def image_to_tokens(model: weights.Model, arr: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (rows, cols) tokens; works in strips so memory stays bounded."""
-    tok = model.tokenizer
-    p = tok.cfg.patch
-    padded = _pad(arr, p)
-    halo = tok.cfg.halo
-    rows = padded.shape[0] // p
-    out = []
-    for r0 in range(0, rows, tok.STRIP):
-        r1 = min(rows, r0 + tok.STRIP)
-        a, b = max(0, r0 - halo), min(rows, r1 + halo)
-        x = torch.from_numpy(np.array(padded[a * p : b * p])).permute(2, 0, 1)[None].float().div(255)
-        with torch.no_grad():
-            lat = tok.encode_latent(x)[..., r0 - a : r1 - a, :]
-            out.append(tok.quant.codes_to_tokens(tok.quant(lat))[0])
-    return torch.cat(out, 0)
+    """(H, W, 3) uint8 -> (rows, cols) tokens, padding to the patch multiple by edge replication."""
+    padded = _pad(arr, model.tokenizer.cfg.patch)
+    return model.tokenizer.image_to_tokens(padded)
 
 
 def tokens_to_array(model: weights.Model, tokens: torch.Tensor, width: int, height: int) -> np.ndarray:

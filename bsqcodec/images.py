@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -62,15 +63,9 @@ def read(path: str | os.PathLike) -> tuple[np.ndarray, bytes | None, list[str]]:
         raise LimitError(f"{path}: image is too large") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, struct_error()) as e:
+    except (OSError, SyntaxError, ValueError, struct.error) as e:
         raise ImageError(f"{path}: cannot read image ({e})") from None
     return arr, (bytes(icc) if icc else None), notes
-
-
-def struct_error():
-    import struct
-
-    return struct.error
 
 
 def to_pil(arr: np.ndarray, icc: bytes | None = None) -> Image.Image:

@@ -353,12 +353,3 @@ def export(prior, calib_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         W, b = _fold_ln(prior.head_ln[j], prior.heads[j])
         _quant_linear(out, f"heads.{j}", W, b, 1 / LN_SCALE, torch.full((n,), 1 / EXP_STEP, dtype=torch.float64))
     return out
-
-
-def table_bits(tables: list[torch.Tensor], sym: torch.Tensor) -> float:
-    """Sum of -log2 p over symbols sym (..., G) under integer tables (list of (..., n))."""
-    tot = 0.0
-    for j, t in enumerate(tables):
-        p = t.gather(-1, sym[..., j : j + 1].to(t.device)).double()
-        tot -= (torch.log2(p) - torch.log2(t.sum(-1, keepdim=True).double())).sum().item()
-    return tot

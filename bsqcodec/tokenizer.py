@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,17 +130,22 @@ class Tokenizer(nn.Module):
     STRIP = 32  # latent rows per strip; fixed so that results never depend on how a caller batches
 
     @torch.no_grad()
-    def image_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(1, 3, H, W) float pixels (H, W multiples of patch) -> (h, w) int64 tokens."""
+    def image_to_tokens(self, pixels) -> torch.Tensor:
+        """(H, W, 3) uint8 pixels (numpy or torch; H, W multiples of patch) -> (h, w) int64 tokens.
+
+        Works in horizontal strips with a halo of context rows, so memory stays bounded for any
+        image height; only one strip is converted to float at a time.
+        """
         p, halo = self.cfg.patch, self.cfg.halo
-        h = x.shape[-2] // p
+        h = pixels.shape[0] // p
         out = []
         for r0 in range(0, h, self.STRIP):
             r1 = min(h, r0 + self.STRIP)
             a, b = max(0, r0 - halo), min(h, r1 + halo)
-            lat = self.encode_latent(x[..., a * p : b * p, :])
-            code = self.quant(lat[..., r0 - a : r1 - a, :])
-            out.append(self.quant.codes_to_tokens(code)[0])
+            strip = torch.as_tensor(np.array(pixels[a * p : b * p]))  # a copy of one strip, never the image
+            x = strip.permute(2, 0, 1)[None].float().div(255)
+            lat = self.encode_latent(x)[..., r0 - a : r1 - a, :]
+            out.append(self.quant.codes_to_tokens(self.quant(lat))[0])
         return torch.cat(out, 0)
 
     @torch.no_grad()

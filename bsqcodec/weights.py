@@ -107,7 +107,7 @@ def load(path: str | os.PathLike, device="cpu") -> Model:
 def _installed_cached(key: tuple) -> dict[str, tuple[str, bytes]]:
     out = {}
     for p in sorted(MODELS_DIR.glob("*.safetensors")):
-        m = load(p)
+        m = _load_cached(str(p))  # kept: preset() and find() reuse it instead of loading again
         out[m.name] = (str(p), m.sha256)
     return out
 

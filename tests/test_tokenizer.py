@@ -50,8 +50,9 @@ class TestTokenizer:
         cfg = TokenizerConfig(patch=4, channels=8, bits=10, enc_blocks=1, dec_blocks=1)
         tok = Tokenizer(cfg).eval()
         tok.STRIP = 3  # force several strips
-        x = torch.rand(1, 3, 40, 24)
-        toks = tok.image_to_tokens(x)
+        pixels = torch.randint(0, 256, (40, 24, 3), dtype=torch.uint8)
+        x = pixels.permute(2, 0, 1)[None].float().div(255)
+        toks = tok.image_to_tokens(pixels)
         assert toks.shape == (10, 6)
         with torch.no_grad():
             full = tok.quant.codes_to_tokens(tok.quant(tok.encode_latent(x)))[0]
