@@ -10,10 +10,13 @@ import numpy as np
 from PIL import Image
 
 from . import baselines, codec, images, weights
+from .config import LADDER
 from .errors import BsqError
 from .metrics import bd_rate, ms_ssim, psnr
 
 SCHEMA = "bsqcodec-bench-1"
+LADDER_NAMES = {c.name for c in LADDER}
+
 SWEEP = {
     "jpeg": [3, 5, 8, 10, 15, 20, 30, 40, 50, 60, 75, 90],
     "webp": [0, 5, 10, 20, 30, 40, 50, 60, 75, 90],
@@ -92,8 +95,11 @@ def _summarize(root, models, usable, per_image, curve_pts, sweep, notes) -> dict
             t["matched"][c.name] = {"bytes": cb, "bsqc_bytes": bb, "ratio": cb / bb if bb else None,
                                     "images_matched": len(ok), "images_unreachable": len(per_image) - len(ok)}
         totals[m.name] = t
+    # bsqc's curve is its quality ladder when two or more rungs ran; other presets stay single points
+    rungs = [m for m in models if m.name in LADDER_NAMES]
+    curve_models = rungs if len(rungs) >= 2 else models
     curves = {"bsqc": sorted(({"preset": m.name, "bpp": totals[m.name]["bpp"], "psnr": totals[m.name]["mean_psnr"]}
-                              for m in models), key=lambda d: d["bpp"])}
+                              for m in curve_models), key=lambda d: d["bpp"])}
     bd = {}
     if sweep:
         for c in usable:

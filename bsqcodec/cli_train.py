@@ -56,18 +56,26 @@ def _run(stage: str, **kw) -> dict:
 @guarded
 def train_tokenizer(
     data: Data, out: Out,
-    arch: Annotated[str, typer.Option(help="Architecture: seed or default.")] = "default",
+    arch: Annotated[str, typer.Option(help="Architecture: a preset name (seed, q1 ... q5) or a .json ModelConfig.")] = "default",
     eval_dir: Annotated[Optional[Path], typer.Option(help="Held-out images [default: 2% of --data].")] = None,
     steps: int = 20000, batch: int = 16, crop: int = 128, lr: float = 1e-3, seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where decoded crops are cached.")] = None,
     eval_every: int = 500, checkpoint_seconds: float = 300.0, threads: int = 0,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this tokenizer (checkpoint or model file); "
+                                                      "a different code length keeps its first bits.")] = None,
+    nested: Annotated[Optional[str], typer.Option(help="Nested BSQ: comma-separated bit budgets, e.g. 6,16,48; "
+                                                       "each sample decodes from one budget's first bits.")] = None,
 ) -> None:
     """Train the patch autoencoder (MSE)."""
+    try:
+        levels = tuple(sorted({int(b) for b in nested.split(",")})) if nested else ()
+    except ValueError:
+        raise typer.BadParameter("--nested takes comma-separated integers") from None
     _run("tokenizer", data=str(data), out=str(out), arch=arch, eval_dir=str(eval_dir) if eval_dir else None,
          steps=steps, batch=batch, crop=crop, lr=lr, seed=seed, resume=resume,
          cache_dir=str(cache_dir) if cache_dir else None, eval_every=eval_every,
-         checkpoint_seconds=checkpoint_seconds, threads=threads)
+         checkpoint_seconds=checkpoint_seconds, threads=threads, init=str(init) if init else None, nested=levels)
 
 
 @train_app.command("prior")
@@ -75,18 +83,19 @@ def train_tokenizer(
 def train_prior(
     data: Data, out: Out,
     tokenizer: Annotated[Path, typer.Option(help="Frozen tokenizer: a tokenizer checkpoint or a model file.")],
-    arch: Annotated[str, typer.Option(help="Architecture: seed or default.")] = "default",
+    arch: Annotated[str, typer.Option(help="Architecture: a preset name (seed, q1 ... q5) or a .json ModelConfig.")] = "default",
     eval_dir: Annotated[Optional[Path], typer.Option(help="Held-out images [default: 2% of --data].")] = None,
     steps: int = 20000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where decoded crops and tokens are cached.")] = None,
     eval_every: int = 500, checkpoint_seconds: float = 300.0, threads: int = 0, per_image: int = 16,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this prior checkpoint (tensors that fit).")] = None,
 ) -> None:
-    """Train the transformer prior on tokens of a frozen tokenizer."""
+    """Train the transformer prior on tokens of a frozen tokenizer (a wider nested one keeps its first bits)."""
     _run("prior", data=str(data), out=str(out), arch=arch, eval_dir=str(eval_dir) if eval_dir else None,
          steps=steps, batch=batch, lr=lr, seed=seed, resume=resume, tokenizer_ckpt=str(tokenizer),
          cache_dir=str(cache_dir) if cache_dir else None, eval_every=eval_every,
-         checkpoint_seconds=checkpoint_seconds, threads=threads, per_image=per_image)
+         checkpoint_seconds=checkpoint_seconds, threads=threads, per_image=per_image, init=str(init) if init else None)
 
 
 @train_app.command("export")

@@ -71,7 +71,8 @@ def tokens_to_array(model: weights.Model, tokens: torch.Tensor, width: int, heig
 def make_header(model: weights.Model, width: int, height: int, icc: bytes | None = None) -> Header:
     t, p = model.config.tokenizer, model.config.prior
     chunks = [(b"iCCP", icc)] if icc else []
-    h = Header(width, height, t.patch, t.bits, p.groups, p.tile_rows, p.tile_cols, model.name, model.sha256, chunks=chunks)
+    h = Header(width, height, t.patch, t.bits, p.groups, p.tile_rows, p.tile_cols, model.name, model.sha256,
+               minor=1 if t.bits > 32 else 0, chunks=chunks)  # the lowest version that can hold the file
     h.validate()
     return h
 

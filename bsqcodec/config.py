@@ -16,7 +16,7 @@ class TokenizerConfig:
     overlap: bool = True  # final transposed conv has kernel 2*patch (smooths patch seams)
 
     def __post_init__(self) -> None:
-        if not (1 <= self.patch <= 32 and 1 <= self.bits <= 32 and self.channels >= 1):
+        if not (1 <= self.patch <= 32 and 1 <= self.bits <= 48 and self.channels >= 1):
             raise ValueError(f"bad tokenizer config {self}")
 
     @property
@@ -77,4 +77,19 @@ SEED = ModelConfig(
     prior=PriorConfig(bits=10, groups=1, dim=128, layers=6, heads=4, tile_rows=16, tile_cols=16),
 )
 DEFAULT = ModelConfig(name="default", tokenizer=TokenizerConfig(), prior=PriorConfig())
-ARCHITECTURES = {c.name: c for c in (SEED, DEFAULT)}
+
+
+def _rung(name: str, bits: int, groups: int) -> ModelConfig:
+    return ModelConfig(name=name, tokenizer=TokenizerConfig(bits=bits), prior=PriorConfig(bits=bits, groups=groups))
+
+
+# The quality ladder (`bsqc encode -q 1..5`): one nested tokenizer (trained at 48 bits, every preset
+# keeps its first `bits`), one prior per rung. Groups of at most 8 bits keep decoding fast.
+LADDER = (
+    _rung("q1", 6, 1),
+    _rung("q2", 10, 2),
+    DEFAULT,  # q3
+    _rung("q4", 28, 4),
+    _rung("q5", 48, 6),
+)
+ARCHITECTURES = {c.name: c for c in (SEED, *LADDER)}

@@ -15,7 +15,7 @@ from .errors import ChecksumError, FormatError, LimitError, VersionError
 
 MAGIC = b"BSQC"
 MAJOR = 1
-MINOR = 0
+MINOR = 1  # 1.1 allows token bits 33..48; a file is written as 1.0 unless it needs that
 MAX_DIM = 16384  # width and height are 1..MAX_DIM
 MAX_NAME = 32
 MAX_CHUNKS = 64
@@ -39,7 +39,7 @@ class Header:
     preset: str
     model_hash: bytes  # 32 bytes, SHA-256 of the model's canonical weights
     colour: int = COLOUR_SRGB8
-    minor: int = MINOR
+    minor: int = 0
     chunks: list[tuple[bytes, bytes]] = field(default_factory=list)  # (4-byte type, data)
 
     @property
@@ -70,8 +70,10 @@ class Header:
             raise FormatError(f"unknown colour type {self.colour}")
         if not (1 <= self.patch <= 64):
             raise FormatError(f"bad patch size {self.patch}")
-        if not (1 <= self.bits <= 32) or self.groups < 1 or self.bits % self.groups or self.bits // self.groups > 12:
+        if not (1 <= self.bits <= 48) or self.groups < 1 or self.bits % self.groups or self.bits // self.groups > 12:
             raise FormatError(f"bad token geometry: {self.bits} bits in {self.groups} groups")
+        if self.bits > 32 and self.minor < 1:
+            raise FormatError(f"{self.bits}-bit tokens need format version 1.1")
         if not (1 <= self.tile_rows <= 1024 and 1 <= self.tile_cols <= 1024):
             raise FormatError(f"bad tile shape {self.tile_rows}x{self.tile_cols}")
         if not (1 <= len(self.preset) <= MAX_NAME) or not _NAME_RE.match(self.preset):

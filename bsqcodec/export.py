@@ -36,15 +36,19 @@ def export_run(run: str | Path, data_dir: str | Path, output: str | Path, name: 
                calib: int = 256, force: bool = False) -> weights.Model:
     run, output = Path(run), Path(output)
     check_output(output, force)
-    ts = weights.load_checkpoint(run / "tokenizer.ckpt")
     ps = weights.load_checkpoint(run / "prior.ckpt")
     cfg = ModelConfig.from_dict(ps["config"])
-    if ModelConfig.from_dict(ts["config"]).tokenizer != cfg.tokenizer:
+    # the run's own tokenizer, else the one the prior was trained on (a nested one is cut to size)
+    tpath = run / "tokenizer.ckpt" if (run / "tokenizer.ckpt").exists() else ps.get("tokenizer_ckpt")
+    if not tpath or not Path(tpath).exists():
+        raise BsqError(f"no tokenizer for {run}: neither {run / 'tokenizer.ckpt'} nor the prior's recorded tokenizer exists")
+    tok = weights.load_tokenizer_any(tpath)
+    if tok.cfg.bits > cfg.tokenizer.bits:
+        tok = tok.truncated(cfg.tokenizer.bits)
+    if tok.cfg != cfg.tokenizer:
         raise BsqError("tokenizer and prior checkpoints come from different architectures")
     if name:
         cfg = dataclasses.replace(cfg, name=name)
-    tok = Tokenizer(cfg.tokenizer)
-    tok.load_state_dict(ts["model"])
     tok.eval()
     prior = Prior(cfg.prior)
     prior.load_state_dict(ps["model"])

@@ -121,10 +121,33 @@ class Tokenizer(nn.Module):
             y = y[..., : code.shape[-2] * self.cfg.patch, : code.shape[-1] * self.cfg.patch]
         return y + 0.5
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training pass: (reconstruction, code)."""
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pass: (reconstruction, code).
+
+        keep: optional (B,) bit budgets for nested training; sample b then decodes from its first
+        keep[b] bits only (the rest read as 0), exactly what `truncated(keep[b])` computes.
+        """
         code = self.quant(self.encode_latent(x))
+        if keep is not None:
+            idx = torch.arange(self.cfg.bits, device=x.device)
+            code = code * (idx[None, :] < keep[:, None]).to(code.dtype)[:, :, None, None]
         return self.decode_code(code), code
+
+    def truncated(self, bits: int) -> "Tokenizer":
+        """The tokenizer that keeps only the first `bits` bits of each token (nested BSQ).
+
+        The code enters the decoder as +-1 entries (code * sqrt(L)), so slicing the projections
+        gives the same reconstruction as decoding with the later bits set to 0.
+        """
+        if bits == self.cfg.bits:
+            return self
+        if not 1 <= bits < self.cfg.bits:
+            raise ValueError(f"cannot truncate a {self.cfg.bits}-bit tokenizer to {bits} bits")
+        import dataclasses
+
+        small = Tokenizer(dataclasses.replace(self.cfg, bits=bits))
+        small.load_state_dict(resize_bits(self.state_dict(), bits))
+        return small.train(self.training)
 
     # ---- inference in horizontal strips, so memory stays bounded for any image height ----
     STRIP = 32  # latent rows per strip; fixed so that results never depend on how a caller batches
@@ -175,6 +198,28 @@ class Tokenizer(nn.Module):
                 with ThreadPoolExecutor(workers) as pool:
                     out = list(pool.map(lambda r0: self._decode_strip(tokens, r0), starts))
         return torch.cat(out, 0)
+
+
+def resize_bits(state: dict, bits: int) -> dict:
+    """A tokenizer state dict with the code length changed to `bits`.
+
+    Shrinking keeps the first bits; growing keeps the old ones and adds new projections whose
+    decoder columns start at zero, so the wider tokenizer starts out reconstructing exactly as
+    the narrow one did.
+    """
+    out = dict(state)
+    w, b, d = state["to_code.weight"], state["to_code.bias"], state["from_code.weight"]
+    old = w.shape[0]
+    if bits <= old:
+        out["to_code.weight"], out["to_code.bias"] = w[:bits].clone(), b[:bits].clone()
+        out["from_code.weight"] = d[:, :bits].clone()
+        return out
+    g = torch.Generator().manual_seed(bits)
+    extra = torch.randn((bits - old, *w.shape[1:]), generator=g, dtype=w.dtype) * w.std()
+    out["to_code.weight"] = torch.cat([w, extra])
+    out["to_code.bias"] = torch.cat([b, torch.zeros(bits - old, dtype=b.dtype)])
+    out["from_code.weight"] = torch.cat([d, torch.zeros((d.shape[0], bits - old, *d.shape[2:]), dtype=d.dtype)], 1)
+    return out
 
 
 class single_threaded_kernels:

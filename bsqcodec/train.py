@@ -44,6 +44,8 @@ class TrainOptions:
     cache_dir: str | None = None
     tokenizer_ckpt: str | None = None  # prior stage: the frozen tokenizer
     threads: int = 0
+    init: str | None = None  # start from these weights (a checkpoint or model file); see _init_from
+    nested: tuple[int, ...] = ()  # tokenizer stage: each sample keeps one of these bit budgets
     log: list = field(default_factory=list)
 
 
@@ -130,6 +132,10 @@ def train(opts: TrainOptions, progress=None) -> dict:
         rng.bit_generator.state = state["rng"][rank] if rank < len(state["rng"]) else rng.bit_generator.state
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
+    elif opts.init:
+        _init_from(model, opts.stage, opts.init)
+    if opts.nested and (opts.stage != "tokenizer" or max(opts.nested) > cfg.tokenizer.bits or min(opts.nested) < 1):
+        raise BsqError(f"--nested takes bit budgets from 1 to {cfg.tokenizer.bits} (tokenizer stage only)")
     train_arr, eval_arr = _dataset(opts, cfg, device)
     ddp = model
     if world > 1:
@@ -144,7 +150,7 @@ def train(opts: TrainOptions, progress=None) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, opts)
             idx = rng.integers(0, len(train_arr), opts.batch)
-            loss, metric = _loss(opts.stage, ddp, train_arr, idx, rng, device)
+            loss, metric = _loss(opts.stage, ddp, train_arr, idx, rng, device, opts.nested)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -225,15 +231,56 @@ def _dataset(opts: TrainOptions, cfg: ModelConfig, device):
     ev = data_mod.crop_cache(eval_files, crop, 2, opts.seed + 1, opts.cache_dir) if eval_files else None
     if opts.stage == "prior":
         tok = _frozen_tokenizer(opts, cfg, device)
-        tr = _tokenize_crops(tok, tr, cfg, device, opts.cache_dir, opts.tokenizer_ckpt, "train")
-        ev = _tokenize_crops(tok, ev, cfg, device, opts.cache_dir, opts.tokenizer_ckpt, "eval") if ev is not None else None
+        # tokens of a nested tokenizer are computed (and cached) at its full width once, then cut
+        # to this prior's bits: the first bits of a BSQ code are the signs of the first projections
+        shift = tok.cfg.bits - cfg.tokenizer.bits
+        tr = _tokenize_crops(tok, tr, cfg, device, opts.cache_dir, opts.tokenizer_ckpt, "train") >> shift
+        ev = _tokenize_crops(tok, ev, cfg, device, opts.cache_dir, opts.tokenizer_ckpt, "eval") >> shift if ev is not None else None
     return tr, ev
+
+
+def _init_from(model: torch.nn.Module, stage: str, path: str) -> None:
+    """Copy weights from another run: every tensor whose name and shape match.
+
+    A tokenizer with a different code length is resized first (nested BSQ: its first bits are
+    kept); prior tensors that do not match (other group sizes) keep their fresh initialisation.
+    """
+    if path.endswith(".safetensors"):
+        from .weights import load
+
+        m = load(path)
+        if stage != "tokenizer":
+            raise BsqError("--init for the prior takes a prior checkpoint (model files hold the integer prior)")
+        src = m.tokenizer.state_dict()
+    else:
+        st = load_checkpoint(path)
+        if st.get("stage") != stage:
+            raise BsqError(f"--init {path} is a {st.get('stage')} checkpoint, not a {stage} one")
+        src = st["model"]
+    if stage == "tokenizer":
+        from .tokenizer import resize_bits
+
+        src = resize_bits(src, model.cfg.bits)
+    own = model.state_dict()
+    for k, v in src.items():
+        if k not in own:
+            continue
+        if own[k].shape == v.shape:
+            own[k] = v.clone()
+        elif own[k].dim() == v.dim() and own[k].shape[1:] == v.shape[1:]:  # e.g. more or fewer groups
+            n = min(own[k].shape[0], v.shape[0])
+            own[k][:n] = v[:n]
+    model.load_state_dict(own)
 
 
 def _frozen_tokenizer(opts: TrainOptions, cfg: ModelConfig, device) -> Tokenizer:
     if not opts.tokenizer_ckpt:
         raise BsqError("the prior stage needs --tokenizer CHECKPOINT (a tokenizer run's checkpoint or model file)")
     tok = load_tokenizer_any(opts.tokenizer_ckpt)
+    if tok.cfg.bits > cfg.tokenizer.bits:  # a nested tokenizer: the prior sees its first bits
+        if tok.truncated(cfg.tokenizer.bits).cfg != cfg.tokenizer:
+            raise BsqError("the tokenizer checkpoint does not match the architecture's tokenizer")
+        return tok.to(device).eval()
     if tok.cfg != cfg.tokenizer:
         raise BsqError("the tokenizer checkpoint does not match the architecture's tokenizer")
     return tok.to(device).eval()
@@ -243,7 +290,8 @@ def _frozen_tokenizer(opts: TrainOptions, cfg: ModelConfig, device) -> Tokenizer
 def _tokenize_crops(tok, arr, cfg, device, cache_dir, key_src, name):
     import hashlib
 
-    key = hashlib.sha256(repr((key_src, arr.shape, int(arr[:64].sum()), name)).encode()).hexdigest()[:16]
+    st = os.stat(key_src)  # the same checkpoint path may hold a later step
+    key = hashlib.sha256(repr((key_src, st.st_size, st.st_mtime_ns, arr.shape, int(arr[:64].sum()), name)).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"tokens-{key}.npy" if cache_dir else None
     if path is not None and path.exists():
         return np.load(path)
@@ -275,10 +323,13 @@ def _prior_batch(arr, idx, rng, cfg_prior, device):
     return toks[:, y : y + r, x : x + c].to(device)
 
 
-def _loss(stage, model, arr, idx, rng, device):
+def _loss(stage, model, arr, idx, rng, device, nested=()):
     if stage == "tokenizer":
         x = data_mod.batch_from(arr, idx, rng).to(device)
-        y, _ = model(x)
+        keep = None
+        if nested:
+            keep = torch.from_numpy(np.asarray(nested)[rng.integers(0, len(nested), len(idx))]).to(device)
+        y, _ = model(x, keep)
         loss = F.mse_loss(y, x)
         return loss, 10 * math.log10(1 / max(loss.item(), 1e-10))
     m = model.module if hasattr(model, "module") else model

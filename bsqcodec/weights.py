@@ -1,7 +1,9 @@
 """Frozen models: save, load and hash them; the registry of presets shipped in the package.
 
-A model file is a safetensors file: `tokenizer.*` float16 tensors (computed in float32), `prior.*` integer tensors of the
-exported integer prior, and the config as JSON metadata. Its identity is the SHA-256 of a canonical
+A model file is a safetensors file: `tokenizer.*` tensors (computed in float32), `prior.*` integer tensors of the
+exported integer prior, and the config as JSON metadata. Tokenizer weights of two or more dims are
+stored as int8 with a float32 scale per output channel (`NAME` and `NAME.scale`); the rest, and every
+tensor of files written before that, as float16. Its identity is the SHA-256 of a canonical
 serialization of config and tensors, so re-saving the same weights gives the same hash.
 """
 
@@ -53,9 +55,41 @@ def canonical_hash(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> byt
     return h.digest()
 
 
-def build(config: ModelConfig, tokenizer_state: dict, prior_tensors: dict, device="cpu") -> Model:
-    # the tokenizer ships in float16 (half the bytes); it computes in float32 after loading
-    tensors = {f"tokenizer.{k}": v.detach().half().cpu().contiguous() for k, v in tokenizer_state.items()}
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one float32 scale per slice along dim 0."""
+    w = w.detach().float().cpu()
+    scale = w.reshape(w.shape[0], -1).abs().amax(1).clamp_min(1e-12) / 127
+    q = torch.round(w / scale.view(-1, *[1] * (w.dim() - 1))).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def _tokenizer_tensors(state: dict, int8: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        if int8 and v.dim() >= 2:
+            out[f"tokenizer.{k}"], out[f"tokenizer.{k}.scale"] = quantize_weight(v)
+        else:
+            out[f"tokenizer.{k}"] = v.detach().half().cpu().contiguous()
+    return out
+
+
+def _tokenizer_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    pre = "tokenizer."
+    out = {}
+    for k, v in tensors.items():
+        if not k.startswith(pre) or k.endswith(".scale"):
+            continue
+        scale = tensors.get(k + ".scale")
+        if scale is not None:
+            out[k[len(pre):]] = v.float() * scale.float().view(-1, *[1] * (v.dim() - 1))
+        else:
+            out[k[len(pre):]] = v.float()
+    return out
+
+
+def build(config: ModelConfig, tokenizer_state: dict, prior_tensors: dict, device="cpu", int8: bool = True) -> Model:
+    # the tokenizer ships as int8 weights (a quarter of the bytes); it computes in float32 after loading
+    tensors = _tokenizer_tensors(tokenizer_state, int8)
     tensors.update({f"prior.{k}": v.detach().cpu().contiguous() for k, v in prior_tensors.items()})
     return from_tensors(config, tensors, device)
 
@@ -64,7 +98,7 @@ def from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], device="
     if config.tokenizer.bits != config.prior.bits:
         raise ModelError("tokenizer and prior disagree on bits per token")
     tok = Tokenizer(config.tokenizer)
-    tstate = {k[len("tokenizer."):]: v.float() for k, v in tensors.items() if k.startswith("tokenizer.")}
+    tstate = _tokenizer_state(tensors)
     try:
         tok.load_state_dict(tstate, strict=True)
         prior = IntPrior(config.prior, {k[len("prior."):]: v for k, v in tensors.items() if k.startswith("prior.")}, device)
@@ -85,6 +119,10 @@ def save(model: Model, path: str | os.PathLike) -> None:
 
 
 def load(path: str | os.PathLike, device="cpu") -> Model:
+    return from_tensors(*_read(path), device)
+
+
+def _read(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -100,15 +138,15 @@ def load(path: str | os.PathLike, device="cpu") -> Model:
         config = ModelConfig.from_dict(json.loads(meta["config"]))
     except (KeyError, TypeError, ValueError) as e:
         raise ModelError(f"{path} has a bad config: {e}") from None
-    return from_tensors(config, tensors, device)
+    return config, tensors
 
 
 @lru_cache(maxsize=None)
 def _installed_cached(key: tuple) -> dict[str, tuple[str, bytes]]:
     out = {}
     for p in sorted(MODELS_DIR.glob("*.safetensors")):
-        m = _load_cached(str(p))  # kept: preset() and find() reuse it instead of loading again
-        out[m.name] = (str(p), m.sha256)
+        config, tensors = _read(p)  # name and hash only; a model is built when it is used
+        out[config.name] = (str(p), canonical_hash(config, tensors))
     return out
 
 
@@ -128,6 +166,11 @@ def _load_cached(path: str) -> Model:
 
 
 def preset(name: str) -> Model:
+    """An installed preset by name; q1 ... q5 also name the rungs of the quality ladder."""
+    from .config import LADDER
+
+    if name.startswith("q") and name[1:].isdigit() and 1 <= int(name[1:]) <= len(LADDER):
+        name = LADDER[int(name[1:]) - 1].name
     inst = installed()
     if name not in inst:
         known = ", ".join(sorted(inst)) or "none"

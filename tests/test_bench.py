@@ -73,7 +73,7 @@ def test_cli_bench(folder, tiny_model, tmp_path):
     weights.save(tiny_model, mf)
     out = tmp_path / "r.json"
     r = CliRunner().invoke(app, ["bench", str(folder), "--model", str(mf), "--json", str(out), "--csv", str(tmp_path / "r.csv"),
-                                 "--plot", str(tmp_path / "r.png"), "--limit", "2", "--sweep", "-q"])
+                                 "--plot", str(tmp_path / "r.png"), "--limit", "2", "--sweep", "--quiet"])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert res["schema"] == bench.SCHEMA and res["images"] == 2

@@ -61,15 +61,15 @@ class TestEncodeDecode:
 
     def test_output_format_follows_extension(self, photo, model_file, tmp_path):
         bsq = tmp_path / "x.bsq"
-        assert run("encode", photo, "-o", bsq, "--model", model_file, "-q").exit_code == 0
+        assert run("encode", photo, "-o", bsq, "--model", model_file, "--quiet").exit_code == 0
         for ext, fmt in ((".jpg", "JPEG"), (".webp", "WEBP"), (".png", "PNG")):
             out = tmp_path / f"x{ext}"
-            r = run("decode", bsq, "-o", out, "--model", model_file, "--batch-tiles", "2", "-q")
+            r = run("decode", bsq, "-o", out, "--model", model_file, "--batch-tiles", "2", "--quiet")
             assert r.exit_code == 0, r.output
             assert Image.open(out).format == fmt
 
     def test_info(self, photo, model_file):
-        run("encode", photo, "--model", model_file, "-q")
+        run("encode", photo, "--model", model_file, "--quiet")
         r = run("info", photo.with_suffix(".bsq"), "--json")
         assert r.exit_code == 0, r.output
         d = json.loads(r.stdout)
@@ -101,7 +101,7 @@ class TestEncodeDecode:
     def test_alpha_warning(self, tmp_path, model_file):
         a = np.zeros((5, 5, 4), np.uint8)
         Image.fromarray(a, "RGBA").save(tmp_path / "t.png")
-        r = run("encode", tmp_path / "t.png", "--model", model_file, "-q")
+        r = run("encode", tmp_path / "t.png", "--model", model_file, "--quiet")
         assert r.exit_code == 0 and "flattened" in r.output
 
 
@@ -118,10 +118,10 @@ class TestErrors:
         photo.with_suffix(".bsq").write_bytes(b"keep")
         assert "--force" in one_error_line(run("encode", photo, "--model", model_file))
         assert photo.with_suffix(".bsq").read_bytes() == b"keep"
-        assert run("encode", photo, "--model", model_file, "--force", "-q").exit_code == 0
+        assert run("encode", photo, "--model", model_file, "--force", "--quiet").exit_code == 0
 
     def test_invalid_corrupt_and_truncated(self, photo, model_file, tmp_path):
-        run("encode", photo, "--model", model_file, "-q")
+        run("encode", photo, "--model", model_file, "--quiet")
         data = photo.with_suffix(".bsq").read_bytes()
         bad = tmp_path / "bad.bsq"
         for blob in (data[: len(data) // 2], data[:-1], data[:5] + bytes([data[5] ^ 1]) + data[6:], b"", b"BSQC"):
@@ -132,14 +132,14 @@ class TestErrors:
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
     def test_invalid_unknown_version(self, photo, model_file, tmp_path):
-        run("encode", photo, "--model", model_file, "-q")
+        run("encode", photo, "--model", model_file, "--quiet")
         data = bytearray(photo.with_suffix(".bsq").read_bytes())
         data[4] = 9
         (tmp_path / "v.bsq").write_bytes(bytes(data))
         assert "version" in one_error_line(run("info", tmp_path / "v.bsq"))
 
     def test_invalid_unknown_model(self, photo, model_file, tmp_path):
-        run("encode", photo, "--model", model_file, "-q")
+        run("encode", photo, "--model", model_file, "--quiet")
         line = one_error_line(run("decode", photo.with_suffix(".bsq"), "-o", tmp_path / "o.png"))
         assert "'tiny'" in line and "not installed" in line
 

@@ -55,12 +55,12 @@ class TestGenerate:
 def test_cli_generate_and_complete(tiny_model, tmp_path):
     mf = tmp_path / "m.safetensors"
     weights.save(tiny_model, mf)
-    r = CliRunner().invoke(app, ["generate", "-n", "3", "-o", str(tmp_path / "s_%02d.png"), "--model", str(mf), "--size", "20x12", "-q"])
+    r = CliRunner().invoke(app, ["generate", "-n", "3", "-o", str(tmp_path / "s_%02d.png"), "--model", str(mf), "--size", "20x12", "--quiet"])
     assert r.exit_code == 0, r.output
     assert [Image.open(tmp_path / f"s_{i:02d}.png").size for i in range(3)] == [(20, 12)] * 3
-    r = CliRunner().invoke(app, ["generate", "-n", "3", "-o", str(tmp_path / "grid.png"), "--model", str(mf), "-q"])
+    r = CliRunner().invoke(app, ["generate", "-n", "3", "-o", str(tmp_path / "grid.png"), "--model", str(mf), "--quiet"])
     assert r.exit_code == 0, r.output
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "in.png")
-    r = CliRunner().invoke(app, ["complete", str(tmp_path / "in.png"), "-o", str(tmp_path / "c.png"), "-n", "2", "--model", str(mf), "-q"])
+    r = CliRunner().invoke(app, ["complete", str(tmp_path / "in.png"), "-o", str(tmp_path / "c.png"), "-n", "2", "--model", str(mf), "--quiet"])
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "c.png").size == (16 * 3 + 8, 16)
