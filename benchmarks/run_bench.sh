@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# bsqc bench on a folder (Kodak: ../shared/data/kodak) with every installed preset; results in benchmarks/results/.
+# bsqc bench on a folder (Kodak: ../shared/data/kodak) with the installed quality ladder (q1 ... q5),
+# plus any extra presets named as arguments; results in benchmarks/results/.
 set -euo pipefail
-dir="${1:?usage: run_bench.sh FOLDER}"
+dir="${1:?usage: run_bench.sh FOLDER [PRESET ...]}"
+shift
 here="$(cd "$(dirname "$0")" && pwd)"
 name="$(basename "$dir")"
 args=()
-for p in $(bsqc presets --json | python -c 'import json,sys; print(" ".join(r["preset"] for r in json.load(sys.stdin)["presets"]))'); do
+for p in q1 q2 q3 q4 q5 "$@"; do
   args+=(--preset "$p")
 done
 mkdir -p "$here/results"

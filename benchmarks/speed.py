@@ -1,6 +1,7 @@
 """Speed and memory benchmark of the shipped model; writes benchmarks/results/speed.json.
 
-    python benchmarks/speed.py [IMAGE]          # IMAGE: a 768x512 photo, e.g. ../shared/data/kodak/kodim01.png
+    python benchmarks/speed.py [IMAGE] [--preset NAME] [--no-big]
+    # IMAGE: a 768x512 photo, e.g. ../shared/data/kodak/kodim01.png; --no-big skips the 8192x8192 encode
 
 Measures, on this machine: encode and decode seconds of the photo (decode best of 3, with 1 and with
 all threads, checking that the pixels are identical), and the peak resident memory of a separate
@@ -55,8 +56,14 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--big-child":
         big_encode_child(sys.argv[2])
         return
-    image_path = sys.argv[1] if len(sys.argv) > 1 else None
-    preset = os.environ.get("BSQ_PRESET", "default")
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("image", nargs="?")
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--no-big", action="store_true", help="skip the 8192x8192 encode (minutes)")
+    args = ap.parse_args()
+    image_path, preset = args.image, args.preset
     model = weights.preset(preset)
     arr = photo(image_path)
     t0 = time.perf_counter()
@@ -74,8 +81,10 @@ def main() -> None:
         results[f"decode_seconds_{threads}_threads"] = min(times)
         outs[threads] = np.asarray(img)
     same = all(np.array_equal(outs[1], o) for o in outs.values())
-    child = subprocess.run([sys.executable, __file__, "--big-child", preset], capture_output=True, text=True, check=True)
-    big = json.loads(child.stdout.strip().splitlines()[-1])
+    big = {"seconds": None, "peak_bytes": None}
+    if not args.no_big:
+        child = subprocess.run([sys.executable, __file__, "--big-child", preset], capture_output=True, text=True, check=True)
+        big = json.loads(child.stdout.strip().splitlines()[-1])
     res = {
         "preset": preset, "model": model.hash_hex, "image": Path(image_path).name if image_path else "synthetic 768x512",
         "width": arr.shape[1], "height": arr.shape[0], "bytes": len(enc.data),

@@ -64,18 +64,21 @@ def train_tokenizer(
     eval_every: int = 500, checkpoint_seconds: float = 300.0, threads: int = 0,
     init: Annotated[Optional[Path], typer.Option(help="Start from this tokenizer (checkpoint or model file); "
                                                       "a different code length keeps its first bits.")] = None,
-    nested: Annotated[Optional[str], typer.Option(help="Nested BSQ: comma-separated bit budgets, e.g. 6,16,48; "
-                                                       "each sample decodes from one budget's first bits.")] = None,
+    nested: Annotated[Optional[str], typer.Option(help="Nested BSQ: comma-separated bit budgets, e.g. 6,16,48,48; "
+                                                       "each sample decodes from the first bits of one budget, "
+                                                       "drawn uniformly from the list (repeat one to weigh it more).")] = None,
+    code_lr_mult: Annotated[float, typer.Option(help="Learning-rate factor for the BSQ projections.")] = 1.0,
 ) -> None:
     """Train the patch autoencoder (MSE)."""
     try:
-        levels = tuple(sorted({int(b) for b in nested.split(",")})) if nested else ()
+        levels = tuple(sorted(int(b) for b in nested.split(","))) if nested else ()
     except ValueError:
         raise typer.BadParameter("--nested takes comma-separated integers") from None
     _run("tokenizer", data=str(data), out=str(out), arch=arch, eval_dir=str(eval_dir) if eval_dir else None,
          steps=steps, batch=batch, crop=crop, lr=lr, seed=seed, resume=resume,
          cache_dir=str(cache_dir) if cache_dir else None, eval_every=eval_every,
-         checkpoint_seconds=checkpoint_seconds, threads=threads, init=str(init) if init else None, nested=levels)
+         checkpoint_seconds=checkpoint_seconds, threads=threads, init=str(init) if init else None, nested=levels,
+         code_lr_mult=code_lr_mult)
 
 
 @train_app.command("prior")

@@ -206,11 +206,14 @@ class IntPrior:
         """Integer attention: q (B, nh, T, hs); K, V (B, nh, pos+T, hs) -> (B, nh, T, hs)."""
         T = q.shape[-2]
         dots = _exact_dots(q, K)  # (B, nh, T, pos+T)
-        if T > 1:
+        mask = None
+        if T > 1:  # teacher forcing: later keys are masked out, so that it matches the one-by-one path
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=self.device).tril(pos)
-            dots = dots.masked_fill(~mask, -CLAMP_GAP)
+            dots = dots.masked_fill(~mask, -math.inf)  # never the maximum: each row keeps its diagonal
         gap = (dots.amax(-1, keepdim=True) - dots).clamp(max=CLAMP_GAP)
         idx = _requant(gap, L["att_scale"], 0.5).clamp(max=ATT_LEN).long()
+        if mask is not None:  # weight exactly 0 (the table's last entry), whatever the scale
+            idx = idx.masked_fill(~mask, ATT_LEN)
         B, nh = idx.shape[:2]
         digits = self.att_digits[:, idx].permute(1, 2, 3, 0, 4).reshape(B, nh, 3 * T, -1)  # rows (T, digit)
         # V's last column is 1, so the product also sums the weights; exact: 15 * 2047 * 512 < 2^24

@@ -45,7 +45,8 @@ class TrainOptions:
     tokenizer_ckpt: str | None = None  # prior stage: the frozen tokenizer
     threads: int = 0
     init: str | None = None  # start from these weights (a checkpoint or model file); see _init_from
-    nested: tuple[int, ...] = ()  # tokenizer stage: each sample keeps one of these bit budgets
+    nested: tuple[int, ...] = ()  # tokenizer stage: each sample keeps one of these bit budgets (repeats weigh more)
+    code_lr_mult: float = 1.0  # tokenizer stage: learning-rate factor of the BSQ projections (to_code, from_code)
     log: list = field(default_factory=list)
 
 
@@ -123,7 +124,7 @@ def train(opts: TrainOptions, progress=None) -> dict:
     torch.manual_seed(opts.seed)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     model = build_model(opts.stage, cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW(_param_groups(model, opts), lr=opts.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng = np.random.default_rng([opts.seed, rank])
     step = 0
     if state is not None:
@@ -148,7 +149,7 @@ def train(opts: TrainOptions, progress=None) -> dict:
     try:
         while step < opts.steps:
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, opts)
+                g["lr"] = lr_at(step, opts) * g.get("lr_mult", 1.0)
             idx = rng.integers(0, len(train_arr), opts.batch)
             loss, metric = _loss(opts.stage, ddp, train_arr, idx, rng, device, opts.nested)
             opt.zero_grad(set_to_none=True)
@@ -237,6 +238,15 @@ def _dataset(opts: TrainOptions, cfg: ModelConfig, device):
         tr = _tokenize_crops(tok, tr, cfg, device, opts.cache_dir, opts.tokenizer_ckpt, "train") >> shift
         ev = _tokenize_crops(tok, ev, cfg, device, opts.cache_dir, opts.tokenizer_ckpt, "eval") >> shift if ev is not None else None
     return tr, ev
+
+
+def _param_groups(model: torch.nn.Module, opts: TrainOptions) -> list[dict]:
+    """One group, or two when the BSQ projections learn at their own rate (new bits grow from zero)."""
+    if opts.stage != "tokenizer" or opts.code_lr_mult == 1.0:
+        return [{"params": list(model.parameters()), "lr_mult": 1.0}]
+    code = [p for n, p in model.named_parameters() if n.startswith(("to_code.", "from_code."))]
+    rest = [p for n, p in model.named_parameters() if not n.startswith(("to_code.", "from_code."))]
+    return [{"params": rest, "lr_mult": 1.0}, {"params": code, "lr_mult": opts.code_lr_mult}]
 
 
 def _init_from(model: torch.nn.Module, stage: str, path: str) -> None:

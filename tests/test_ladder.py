@@ -78,11 +78,13 @@ def test_nested_training_then_narrow_prior_and_export(tmp_path):
     base = train(TrainOptions(stage="tokenizer", out=str(tmp_path / "base"), arch=str(arch_n), **common))
     run = tmp_path / "nested"
     train(TrainOptions(stage="tokenizer", out=str(run), arch=str(arch_w), init=str(tmp_path / "base" / "tokenizer.ckpt"),
-                       nested=(6, 12, 16), steps=0, **{k: v for k, v in common.items() if k != "steps"}))
+                       nested=(6, 12, 16, 16), code_lr_mult=10.0, steps=0, **{k: v for k, v in common.items() if k != "steps"}))
     st = weights.load_checkpoint(run / "tokenizer.ckpt")
     assert torch.equal(st["model"]["to_code.weight"][:12], base["model"]["to_code.weight"])  # --init kept the bits
-    train(TrainOptions(stage="tokenizer", out=str(run), arch=str(arch_w), nested=(6, 12, 16), resume=True,
-                       **{**common, "steps": 3}))
+    train(TrainOptions(stage="tokenizer", out=str(run), arch=str(arch_w), nested=(6, 12, 16, 16), code_lr_mult=10.0,
+                       resume=True, **{**common, "steps": 3}))
+    groups = weights.load_checkpoint(run / "tokenizer.ckpt")["opt"]["param_groups"]
+    assert [g["lr_mult"] for g in groups] == [1.0, 10.0]
     prun = tmp_path / "prior12"
     train(TrainOptions(stage="prior", out=str(prun), arch=str(arch_n), tokenizer_ckpt=str(run / "tokenizer.ckpt"),
                        **common))

@@ -88,6 +88,16 @@ class TestIntegerExactness:
         for a, b in zip(*results):
             assert torch.equal(a, b)
 
+    @pytest.mark.parametrize("att_scale", [1e-6, 1e-9])
+    def test_masked_keys_get_no_weight_at_any_attention_scale(self, att_scale):
+        # a barely trained prior has a tiny attention scale; teacher forcing must still ignore later keys
+        p, ip = make(3)
+        for L in ip.layers:
+            L["att_scale"] = att_scale
+        sym = p.symbols(torch.randint(0, 4096, (2, 4, 5), generator=torch.Generator().manual_seed(1)))
+        for a, b in zip(ip.tables(sym, 4, 5), kv_tables(ip, sym, 4, 5)):
+            assert torch.equal(a, b)
+
     def test_tables_are_positive_integers(self):
         p, ip = make(0)
         tabs = ip.tables(p.symbols(torch.randint(0, 4096, (2, 4, 5))), 4, 5)
