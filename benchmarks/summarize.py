@@ -75,8 +75,32 @@ def results_section(bench: dict) -> str:
     return "\n".join(out)
 
 
+def ladder_table(bench: dict) -> str:
+    """The README's quality table: one row per rung that the bench ran."""
+    from bsqcodec.config import LADDER
+
+    rows = ["| `-q` | preset | token bits (groups) | Kodak bpp | Kodak PSNR (dB) | MS-SSIM | decode 768x512, 2 cores |",
+            "|---|---|---|---|---|---|---|"]
+    for q, cfg in enumerate(LADDER, 1):
+        t = bench["totals"].get(cfg.name)
+        if t is None:
+            continue
+        sp = load(f"speed-{cfg.name}.json")
+        dec = f"{sp['decode_seconds_2_threads']:.2f} s" if sp and sp["model"] == bench["models"][cfg.name] else "-"
+        rows.append(f"| {q} | {cfg.name} | {cfg.tokenizer.bits} ({cfg.prior.groups}) | {t['bpp']:.3f} | {t['mean_psnr']:.2f} | "
+                    f"{t['mean_ms_ssim']:.4f} | {dec} |")
+    bd = ", ".join(f"{c.upper()} {v:+.1f}%" for c, v in bench["bd_rate_psnr"].items() if v is not None)
+    return "\n".join(rows) + (f"\n\nBD-rate (PSNR) of the ladder on Kodak: {bd} (negative: fewer bits than that codec; "
+                               "[benchmarks/README.md](benchmarks/README.md))." if bd else "")
+
+
 def main() -> None:
     bench = load("bench-kodak.json")
+    top = HERE.parent / "README.md"
+    s = top.read_text()
+    s = re.sub(r"(<!-- ladder:begin -->\n).*?(<!-- ladder:end -->)", lambda m: m.group(1) + ladder_table(bench) + "\n" + m.group(2),
+               s, flags=re.S)
+    top.write_text(s)
     readme = HERE / "README.md"
     s = readme.read_text()
     s = re.sub(r"(<!-- results:begin[^>]*-->\n).*?(<!-- results:end -->)", lambda m: m.group(1) + results_section(bench) + "\n" + m.group(2),

@@ -83,13 +83,15 @@ def _rung(name: str, bits: int, groups: int) -> ModelConfig:
     return ModelConfig(name=name, tokenizer=TokenizerConfig(bits=bits), prior=PriorConfig(bits=bits, groups=groups))
 
 
-# The quality ladder (`bsqc encode -q 1..5`): one nested tokenizer (trained at 48 bits, every preset
+# The quality ladder (`bsqc encode -q 1..5`): one nested tokenizer (trained as NESTED, every rung
 # keeps its first `bits`), one prior per rung. Groups of at most 8 bits keep decoding fast.
 LADDER = (
     _rung("q1", 6, 1),
     _rung("q2", 10, 2),
     DEFAULT,  # q3
-    _rung("q4", 28, 4),
-    _rung("q5", 48, 6),
+    _rung("q4", 24, 3),
+    _rung("q5", 28, 4),
 )
-ARCHITECTURES = {c.name: c for c in (SEED, *LADDER)}
+# the architecture the ladder's tokenizer is trained in: 48 bits, of which the rungs use a prefix
+NESTED = _rung("nested", 48, 6)
+ARCHITECTURES = {c.name: c for c in (SEED, *LADDER, NESTED)}
