@@ -43,7 +43,9 @@ def results_section(bench: dict) -> str:
         rows.append(f"| {preset} | {t['bsqc_bytes']} | {t['bpp']:.4f} | {t['mean_psnr']:.2f} | {t['mean_ms_ssim']:.4f} | "
                     f"{k['coded_bits_per_token']:.2f} ({k['raw_bits_per_token']}) | {ratios} | {t['png_ratio']:.1f}x |")
     unreached = sum(m["images_unreachable"] for t in bench["totals"].values() for m in t["matched"].values())
-    bd = ", ".join(f"{c} {v:+.1f}%" for c, v in bench["bd_rate_psnr"].items() if v is not None) or \
+    rng = bench.get("bd_rate_psnr_range_db", {})
+    bd = ", ".join(f"{c.upper()} {v:+.1f}% (over {rng[c][0]:.2f}-{rng[c][1]:.2f} dB)" if c in rng else f"{c} {v:+.1f}%"
+                   for c, v in bench["bd_rate_psnr"].items() if v is not None) or \
         "not available (bsqc's curve needs at least four presets)"
     out = [f"### {bench['dataset'].capitalize()}, matched PSNR (`results/bench-{bench['dataset']}.json`, `.csv`, `.png`)", "",
            "Each baseline column is the total bytes of that codec's smallest files reaching bsqc's PSNR on each image, "
@@ -56,6 +58,13 @@ def results_section(bench: dict) -> str:
         out += ["### Cost of the integer export (`results/export-cost-*.json`)", "",
                 "Bits of the shipped integer prior against the float prior it was exported from, on all Kodak tokens "
                 "(target: under 1%): " + ", ".join(f"{e['preset']} {100 * e['relative_cost']:+.3f}%" for e in ec) + ".", ""]
+    nb = load("nested-bits-ladder.json")
+    if nb:
+        out += ["### Tokenizer alone, by kept bits (`results/nested-bits-ladder.json`)", "",
+                f"The ladder's nested tokenizer ({nb['tokenizer_bits']} bits trained; {nb['dataset']}, {nb['images']} images, "
+                "no entropy coding): mean RGB PSNR when every token keeps its first k bits.", "",
+                "| kept bits | raw bpp | PSNR (dB) |", "|---|---|---|",
+                *[f"| {r['bits']} | {r['raw_bpp']:.3f} | {r['mean_psnr']:.2f} |" for r in nb["levels"]], ""]
     speeds = [load(f"speed-{p}.json") for p in bench["totals"]]
     speeds = [sp for sp in speeds if sp and sp["model"] == bench["models"][sp["preset"]]]
     if speeds:

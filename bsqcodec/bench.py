@@ -100,11 +100,14 @@ def _summarize(root, models, usable, per_image, curve_pts, sweep, notes) -> dict
     curve_models = rungs if len(rungs) >= 2 else models
     curves = {"bsqc": sorted(({"preset": m.name, "bpp": totals[m.name]["bpp"], "psnr": totals[m.name]["mean_psnr"]}
                               for m in curve_models), key=lambda d: d["bpp"])}
-    bd = {}
+    bd, bd_range = {}, {}
     if sweep:
         for c in usable:
             curves[c.name] = [{"quality": q, "bpp": float(np.mean([v[0] for v in pts])), "psnr": float(np.mean([v[1] for v in pts]))}
                               for q, pts in sorted(curve_pts[c.name].items())]
+            pa, pb = [d["psnr"] for d in curves[c.name]], [d["psnr"] for d in curves["bsqc"]]
+            if pa and pb:
+                bd_range[c.name] = [max(min(pa), min(pb)), min(max(pa), max(pb))]
             try:
                 bd[c.name] = bd_rate([d["bpp"] for d in curves[c.name]], [d["psnr"] for d in curves[c.name]],
                                      [d["bpp"] for d in curves["bsqc"]], [d["psnr"] for d in curves["bsqc"]])
@@ -113,7 +116,8 @@ def _summarize(root, models, usable, per_image, curve_pts, sweep, notes) -> dict
                 notes.append(f"BD-rate against {c.name}: {e}")
     return {"schema": SCHEMA, "dataset": Path(root).name, "images": len(per_image), "presets": [m.name for m in models],
             "models": {m.name: m.hash_hex for m in models}, "baselines": [c.name for c in usable], "notes": notes,
-            "totals": totals, "curves": curves, "bd_rate_psnr": bd, "per_image": per_image}
+            "totals": totals, "curves": curves, "bd_rate_psnr": bd,
+            "bd_rate_psnr_range_db": bd_range, "per_image": per_image}
 
 
 def write_csv(res: dict, path: Path) -> None:
@@ -155,7 +159,10 @@ def plot(res: dict, path: Path) -> None:
     ax.set_xlabel("bits per pixel")
     ax.set_ylabel("RGB PSNR (dB)")
     ax.set_title(f"Rate-distortion on {res['dataset']} ({res['images']} images)")
-    ax.set_xlim(0, max(1.0, 1.1 * max(p["bpp"] for p in b)))
+    xmax = max(0.6, 2 * max(p["bpp"] for p in b))
+    ax.set_xlim(0, xmax)
+    inside = [p["psnr"] for pts in res["curves"].values() for p in pts if p["bpp"] <= xmax]
+    ax.set_ylim(min(inside) - 0.5, max(inside) + 0.5)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -187,17 +187,21 @@ def info(
 def presets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the models installed with bsqcodec."""
     rows = []
-    for name, (path, h) in sorted(weights.installed().items()):
+    rung = {c.name: q for q, c in enumerate(LADDER, 1)}
+    inst = weights.installed()
+    for name in sorted(inst, key=lambda n: (rung.get(n, len(LADDER) + 1), n)):  # the ladder first, in order
+        path, h = inst[name]
         m = weights.preset(name)
         t = m.config.tokenizer
-        rows.append({"preset": name, "model": h.hex(), "patch": t.patch, "token_bits": t.bits,
+        rows.append({"preset": name, "quality": rung.get(name), "model": h.hex(), "patch": t.patch, "token_bits": t.bits,
                      "raw_bpp": t.bits / t.patch**2, "file": Path(path).name})
     if as_json:
         _emit_json({"presets": rows})
         return
-    t = Table("preset", "patch", "bits/token", "raw bpp", "model")
+    t = Table("-q", "preset", "patch", "bits/token", "raw bpp", "model")
     for r in rows:
-        t.add_row(r["preset"], str(r["patch"]), str(r["token_bits"]), f"{r['raw_bpp']:.4f}", r["model"][:16])
+        t.add_row(str(r["quality"] or "-"), r["preset"], str(r["patch"]), str(r["token_bits"]), f"{r['raw_bpp']:.4f}",
+                  r["model"][:16])
     out_console.print(t)
 
 

@@ -27,6 +27,7 @@ def write_atomic(path: Path, data: bytes, force: bool) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a finished output gets the usual mode
         if not force and path.exists():
             raise OutputExistsError(f"{path} exists (use --force to overwrite)")
         os.replace(tmp, path)
@@ -36,6 +37,12 @@ def write_atomic(path: Path, data: bytes, force: bool) -> None:
         except OSError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_bytes(path: Path, limit: int = 1 << 32) -> bytes:

@@ -167,3 +167,15 @@ def test_installed_entry_point(photo, model_file, tmp_path):
     assert json.loads(r.stdout)["bytes"] == (tmp_path / "a.bsq").stat().st_size
     r = subprocess.run(cmd + ["decode", str(tmp_path / "nothing.bsq")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    import os
+
+    from bsqcodec.fileio import write_atomic
+
+    out = tmp_path / "x.bsq"
+    write_atomic(out, b"data", False)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
