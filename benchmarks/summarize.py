@@ -34,6 +34,17 @@ def kodak_line(preset: str, bench: dict) -> str:
             f"JPEG XL {m['jxl']['ratio']:.3f}x (`benchmarks/results/bench-kodak.json`).")
 
 
+def _why(bench: dict, codec: str) -> str:
+    """Why a BD-rate is missing, from the bench notes, with the two curves' PSNR ranges."""
+    note = next((n.split(": ", 1)[1] for n in bench["notes"] if n.startswith(f"BD-rate against {codec}:")), "no result")
+    ours = [p["psnr"] for p in bench["curves"]["bsqc"]]
+    theirs = [p["psnr"] for p in bench["curves"].get(codec, [])]
+    if ours and theirs:
+        note += (f": {codec.upper()} spans {min(theirs):.2f}-{max(theirs):.2f} dB over its quality sweep, "
+                 f"bsqc {min(ours):.2f}-{max(ours):.2f} dB")
+    return note
+
+
 def results_section(bench: dict) -> str:
     rows = ["| preset | bytes (24 images) | bpp | PSNR (dB) | MS-SSIM | bits/token (raw) | JPEG | WebP | AVIF | JPEG XL | PNG |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -44,8 +55,9 @@ def results_section(bench: dict) -> str:
                     f"{k['coded_bits_per_token']:.2f} ({k['raw_bits_per_token']}) | {ratios} | {t['png_ratio']:.1f}x |")
     unreached = sum(m["images_unreachable"] for t in bench["totals"].values() for m in t["matched"].values())
     rng = bench.get("bd_rate_psnr_range_db", {})
-    bd = ", ".join(f"{c.upper()} {v:+.1f}% (over {rng[c][0]:.2f}-{rng[c][1]:.2f} dB)" if c in rng else f"{c} {v:+.1f}%"
-                   for c, v in bench["bd_rate_psnr"].items() if v is not None) or \
+    bd = ", ".join(f"{c.upper()} undefined ({_why(bench, c)})" if v is None else
+                   f"{c.upper()} {v:+.1f}% (over {rng[c][0]:.2f}-{rng[c][1]:.2f} dB)" if c in rng else f"{c} {v:+.1f}%"
+                   for c, v in bench["bd_rate_psnr"].items()) or \
         "not available (bsqc's curve needs at least four presets)"
     out = [f"### {bench['dataset'].capitalize()}, matched PSNR (`results/bench-{bench['dataset']}.json`, `.csv`, `.png`)", "",
            "Each baseline column is the total bytes of that codec's smallest files reaching bsqc's PSNR on each image, "
@@ -98,7 +110,8 @@ def ladder_table(bench: dict) -> str:
         dec = f"{sp['decode_seconds_2_threads']:.2f} s" if sp and sp["model"] == bench["models"][cfg.name] else "-"
         rows.append(f"| {q} | {cfg.name} | {cfg.tokenizer.bits} ({cfg.prior.groups}) | {t['bpp']:.3f} | {t['mean_psnr']:.2f} | "
                     f"{t['mean_ms_ssim']:.4f} | {dec} |")
-    bd = ", ".join(f"{c.upper()} {v:+.1f}%" for c, v in bench["bd_rate_psnr"].items() if v is not None)
+    bd = ", ".join(f"{c.upper()} {v:+.1f}%" if v is not None else f"{c.upper()} undefined ({_why(bench, c)})"
+                   for c, v in bench["bd_rate_psnr"].items())
     return "\n".join(rows) + (f"\n\nBD-rate (PSNR) of the ladder on Kodak: {bd} (negative: fewer bits than that codec; "
                                "[benchmarks/README.md](benchmarks/README.md))." if bd else "")
 

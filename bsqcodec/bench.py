@@ -146,7 +146,8 @@ def plot(res: dict, path: Path) -> None:
         if name == "bsqc" or not pts:
             continue
         bd = res.get("bd_rate_psnr", {}).get(name)
-        label = name.upper() + (f" (BD-rate of bsqc: {bd:+.1f}%)" if bd is not None else "")
+        label = name.upper() + (f" (BD-rate of bsqc: {bd:+.1f}%)" if bd is not None else
+                                " (BD-rate of bsqc: undefined, no overlap)" if name in res.get("bd_rate_psnr", {}) else "")
         ax.plot([p["bpp"] for p in pts], [p["psnr"] for p in pts], "o-", ms=3, label=label)
     b = res["curves"]["bsqc"]
     ax.plot([p["bpp"] for p in b], [p["psnr"] for p in b], "s-", color="black", lw=2, ms=6, label="bsqc")
