@@ -256,12 +256,11 @@ def _init_from(model: torch.nn.Module, stage: str, path: str) -> None:
     kept); prior tensors that do not match (other group sizes) keep their fresh initialisation.
     """
     if path.endswith(".safetensors"):
-        from .weights import load
-
-        m = load(path)
         if stage != "tokenizer":
             raise BsqError("--init for the prior takes a prior checkpoint (model files hold the integer prior)")
-        src = m.tokenizer.state_dict()
+        from .weights import load
+
+        src = load(path).tokenizer.state_dict()
     else:
         st = load_checkpoint(path)
         if st.get("stage") != stage:
@@ -287,11 +286,9 @@ def _frozen_tokenizer(opts: TrainOptions, cfg: ModelConfig, device) -> Tokenizer
     if not opts.tokenizer_ckpt:
         raise BsqError("the prior stage needs --tokenizer CHECKPOINT (a tokenizer run's checkpoint or model file)")
     tok = load_tokenizer_any(opts.tokenizer_ckpt)
-    if tok.cfg.bits > cfg.tokenizer.bits:  # a nested tokenizer: the prior sees its first bits
-        if tok.truncated(cfg.tokenizer.bits).cfg != cfg.tokenizer:
-            raise BsqError("the tokenizer checkpoint does not match the architecture's tokenizer")
-        return tok.to(device).eval()
-    if tok.cfg != cfg.tokenizer:
+    # a wider (nested) tokenizer is kept whole: its tokens are cut to the prior's first bits later
+    narrow = tok.truncated(cfg.tokenizer.bits) if tok.cfg.bits > cfg.tokenizer.bits else tok
+    if narrow.cfg != cfg.tokenizer:
         raise BsqError("the tokenizer checkpoint does not match the architecture's tokenizer")
     return tok.to(device).eval()
 

@@ -63,10 +63,10 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.contiguous()
 
 
-def _tokenizer_tensors(state: dict, int8: bool) -> dict[str, torch.Tensor]:
+def _tokenizer_tensors(state: dict) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in state.items():
-        if int8 and v.dim() >= 2:
+        if v.dim() >= 2:
             out[f"tokenizer.{k}"], out[f"tokenizer.{k}.scale"] = quantize_weight(v)
         else:
             out[f"tokenizer.{k}"] = v.detach().half().cpu().contiguous()
@@ -87,9 +87,9 @@ def _tokenizer_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def build(config: ModelConfig, tokenizer_state: dict, prior_tensors: dict, device="cpu", int8: bool = True) -> Model:
-    # the tokenizer ships as int8 weights (a quarter of the bytes); it computes in float32 after loading
-    tensors = _tokenizer_tensors(tokenizer_state, int8)
+def build(config: ModelConfig, tokenizer_state: dict, prior_tensors: dict, device="cpu") -> Model:
+    # the tokenizer ships as int8 weights (half the bytes of float16); it computes in float32 after loading
+    tensors = _tokenizer_tensors(tokenizer_state)
     tensors.update({f"prior.{k}": v.detach().cpu().contiguous() for k, v in prior_tensors.items()})
     return from_tensors(config, tensors, device)
 
