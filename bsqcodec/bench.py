@@ -12,7 +12,7 @@ from PIL import Image
 from . import baselines, codec, images, weights
 from .config import LADDER
 from .errors import BsqError
-from .metrics import bd_rate, ms_ssim, psnr
+from .metrics import bd_rate, ms_ssim, overlap, psnr
 
 SCHEMA = "bsqcodec-bench-1"
 LADDER_NAMES = {c.name for c in LADDER}
@@ -107,7 +107,7 @@ def _summarize(root, models, usable, per_image, curve_pts, sweep, notes) -> dict
                               for q, pts in sorted(curve_pts[c.name].items())]
             pa, pb = [d["psnr"] for d in curves[c.name]], [d["psnr"] for d in curves["bsqc"]]
             if pa and pb:
-                bd_range[c.name] = [max(min(pa), min(pb)), min(max(pa), max(pb))]
+                bd_range[c.name] = list(overlap(pa, pb))
             try:
                 bd[c.name] = bd_rate([d["bpp"] for d in curves[c.name]], [d["psnr"] for d in curves[c.name]],
                                      [d["bpp"] for d in curves["bsqc"]], [d["psnr"] for d in curves["bsqc"]])

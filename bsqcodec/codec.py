@@ -72,7 +72,7 @@ def make_header(model: weights.Model, width: int, height: int, icc: bytes | None
     t, p = model.config.tokenizer, model.config.prior
     chunks = [(b"iCCP", icc)] if icc else []
     h = Header(width, height, t.patch, t.bits, p.groups, p.tile_rows, p.tile_cols, model.name, model.sha256,
-               minor=1 if t.bits > 32 else 0, chunks=chunks)  # the lowest version that can hold the file
+               minor=container.lowest_minor(t.bits), chunks=chunks)
     h.validate()
     return h
 

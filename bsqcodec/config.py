@@ -19,6 +19,10 @@ class TokenizerConfig:
         if not (1 <= self.patch <= 32 and 1 <= self.bits <= 48 and self.channels >= 1):
             raise ValueError(f"bad tokenizer config {self}")
 
+    def has_prefix(self, other: "TokenizerConfig") -> bool:
+        """True when `other` is this tokenizer cut to its first other.bits bits (nested BSQ)."""
+        return other.bits <= self.bits and dataclasses.replace(self, bits=other.bits) == other
+
     @property
     def halo(self) -> int:
         """Latent rows/cols of context one output position depends on (for strip processing)."""

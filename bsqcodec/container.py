@@ -15,7 +15,8 @@ from .errors import ChecksumError, FormatError, LimitError, VersionError
 
 MAGIC = b"BSQC"
 MAJOR = 1
-MINOR = 1  # 1.1 allows token bits 33..48; a file is written as 1.0 unless it needs that
+MINOR = 1  # the newest minor version this module reads and writes
+MAX_BITS_V1_0 = 32  # 1.1 widened token bits to 48
 MAX_DIM = 16384  # width and height are 1..MAX_DIM
 MAX_NAME = 32
 MAX_CHUNKS = 64
@@ -25,6 +26,11 @@ COLOUR_SRGB8 = 0
 
 _FIXED = struct.Struct("<4sBBHIIBBBBHHB")  # magic .. name length; 25 bytes
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+def lowest_minor(bits: int) -> int:
+    """The lowest minor version that can hold tokens of `bits` bits (writers use it)."""
+    return 1 if bits > MAX_BITS_V1_0 else 0
 
 
 @dataclass
@@ -72,7 +78,7 @@ class Header:
             raise FormatError(f"bad patch size {self.patch}")
         if not (1 <= self.bits <= 48) or self.groups < 1 or self.bits % self.groups or self.bits // self.groups > 12:
             raise FormatError(f"bad token geometry: {self.bits} bits in {self.groups} groups")
-        if self.bits > 32 and self.minor < 1:
+        if self.bits > MAX_BITS_V1_0 and self.minor < 1:
             raise FormatError(f"{self.bits}-bit tokens need format version 1.1")
         if not (1 <= self.tile_rows <= 1024 and 1 <= self.tile_cols <= 1024):
             raise FormatError(f"bad tile shape {self.tile_rows}x{self.tile_cols}")

@@ -43,10 +43,9 @@ def export_run(run: str | Path, data_dir: str | Path, output: str | Path, name: 
     if not tpath or not Path(tpath).exists():
         raise BsqError(f"no tokenizer for {run}: neither {run / 'tokenizer.ckpt'} nor the prior's recorded tokenizer exists")
     tok = weights.load_tokenizer_any(tpath)
-    if tok.cfg.bits > cfg.tokenizer.bits:
-        tok = tok.truncated(cfg.tokenizer.bits)
-    if tok.cfg != cfg.tokenizer:
+    if not tok.cfg.has_prefix(cfg.tokenizer):
         raise BsqError("tokenizer and prior checkpoints come from different architectures")
+    tok = tok.truncated(cfg.tokenizer.bits)
     if name:
         cfg = dataclasses.replace(cfg, name=name)
     tok.eval()

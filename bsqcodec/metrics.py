@@ -80,6 +80,11 @@ def ms_ssim(a, b, data_range: float = 255.0) -> float:
     return float(torch.prod(v ** w.view(-1, 1, 1), 0).mean())
 
 
+def overlap(a, b) -> tuple[float, float]:
+    """(lo, hi) of the range two curves share along one axis; empty when hi <= lo."""
+    return float(max(np.min(a), np.min(b))), float(min(np.max(a), np.max(b)))
+
+
 def bd_rate(rate_a, psnr_a, rate_b, psnr_b) -> float:
     """Bjontegaard delta rate (%) of curve b against anchor a (VCEG-M33: cubic fit of log rate).
 
@@ -89,7 +94,7 @@ def bd_rate(rate_a, psnr_a, rate_b, psnr_b) -> float:
     ra, pa, rb, pb = (np.asarray(v, dtype=np.float64) for v in (rate_a, psnr_a, rate_b, psnr_b))
     if min(len(ra), len(rb)) < 4:
         raise ValueError("BD-rate needs at least 4 points per curve")
-    lo, hi = max(pa.min(), pb.min()), min(pa.max(), pb.max())
+    lo, hi = overlap(pa, pb)
     if hi <= lo:
         raise ValueError("the curves do not overlap in quality")
     fa = np.polyint(np.polyfit(pa, np.log10(ra), 3))
@@ -102,7 +107,7 @@ def bd_psnr(rate_a, psnr_a, rate_b, psnr_b) -> float:
     """Bjontegaard delta PSNR (dB) of curve b against anchor a over the overlapping rate range."""
     la, lb = np.log10(np.asarray(rate_a, float)), np.log10(np.asarray(rate_b, float))
     pa, pb = np.asarray(psnr_a, float), np.asarray(psnr_b, float)
-    lo, hi = max(la.min(), lb.min()), min(la.max(), lb.max())
+    lo, hi = overlap(la, lb)
     if hi <= lo:
         raise ValueError("the curves do not overlap in rate")
     fa, fb = np.polyint(np.polyfit(la, pa, 3)), np.polyint(np.polyfit(lb, pb, 3))
