@@ -68,6 +68,8 @@ def train_tokenizer(
                                                        "each sample decodes from the first bits of one budget, "
                                                        "drawn uniformly from the list (repeat one to weigh it more).")] = None,
     code_lr_mult: Annotated[float, typer.Option(help="Learning-rate factor for the BSQ projections.")] = 1.0,
+    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast for the forward pass (about 1.8x faster on CPUs "
+                                            "with bf16 dot products; weights stay float32).")] = False,
 ) -> None:
     """Train the patch autoencoder (MSE)."""
     try:
@@ -78,7 +80,7 @@ def train_tokenizer(
          steps=steps, batch=batch, crop=crop, lr=lr, seed=seed, resume=resume,
          cache_dir=str(cache_dir) if cache_dir else None, eval_every=eval_every,
          checkpoint_seconds=checkpoint_seconds, threads=threads, init=str(init) if init else None, nested=levels,
-         code_lr_mult=code_lr_mult)
+         code_lr_mult=code_lr_mult, bf16=bf16)
 
 
 @train_app.command("prior")

@@ -17,7 +17,7 @@ from .container import Header
 from .errors import FormatError
 from .metrics import psnr  # noqa: F401  (re-exported: codec.psnr)
 from .autoregress import run_tiles
-from .tokenizer import join_groups, split_groups
+from .tokenizer import join_groups, single_threaded_kernels, split_groups
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -136,7 +136,12 @@ def _check_geometry(header: Header, model: weights.Model) -> None:
 
 def decode_streams(model: weights.Model, header: Header, streams: list[bytes], batch_tiles: int = DEFAULT_BATCH_TILES,
                    progress: Progress | None = None) -> torch.Tensor:
-    """Streams -> token grid, running the integer prior token by token with a KV cache."""
+    """Streams -> token grid, running the integer prior token by token with a KV cache.
+
+    A step of the prior is a few hundred small operations. Shared between threads, each of them
+    waits for every thread to be scheduled, which on a busy machine made decoding up to 17x
+    slower; so the prior runs on one thread (measured in benchmarks/decode_load.py).
+    """
     _check_geometry(header, model)
     ip = model.prior
     gr, gc = header.grid
@@ -145,24 +150,25 @@ def decode_streams(model: weights.Model, header: Header, streams: list[bytes], b
     batch_tiles = max(1, min(MAX_BATCH_TILES, int(batch_tiles)))
     total = sum((rs.stop - rs.start) * (cs.stop - cs.start) for rs, cs in slices)
     done = 0
-    for k in range(0, len(slices), batch_tiles):
-        idxs = list(range(k, min(len(slices), k + batch_tiles)))
-        shapes = [(slices[i][0].stop - slices[i][0].start, slices[i][1].stop - slices[i][1].start) for i in idxs]
-        decs = [entropy.Decoder(streams[i]) for i in idxs]
+    with single_threaded_kernels():
+        for k in range(0, len(slices), batch_tiles):
+            idxs = list(range(k, min(len(slices), k + batch_tiles)))
+            shapes = [(slices[i][0].stop - slices[i][0].start, slices[i][1].stop - slices[i][1].start) for i in idxs]
+            decs = [entropy.Decoder(streams[i]) for i in idxs]
 
-        def choose(b, t, j, earlier, table, decs=decs):
-            return decs[b].decode_row(table)
+            def choose(b, t, j, earlier, table, decs=decs):
+                return decs[b].decode_row(table)
 
-        def on_step(t, n_active, T=max(r * c for r, c in shapes)):
-            nonlocal done
-            done += n_active
-            if progress and (t % 16 == 15 or t == T - 1):
-                progress("decode", done, total)
+            def on_step(t, n_active, T=max(r * c for r, c in shapes)):
+                nonlocal done
+                done += n_active
+                if progress and (t % 16 == 15 or t == T - 1):
+                    progress("decode", done, total)
 
-        out = run_tiles(ip, shapes, choose, on_step)
-        for b, i in enumerate(idxs):
-            r, c = shapes[b]
-            tokens[slices[i]] = join_groups(out[b, : r * c], header.bits).reshape(r, c)
+            out = run_tiles(ip, shapes, choose, on_step)
+            for b, i in enumerate(idxs):
+                r, c = shapes[b]
+                tokens[slices[i]] = join_groups(out[b, : r * c], header.bits).reshape(r, c)
     return tokens
 
 

@@ -41,6 +41,7 @@ MAX_IN = 4096  # widest linear input (the float64 product stays far below 2^53)
 LN_EPS = float(round(1e-5 * 4**FRAC))  # LayerNorm epsilon in squared residual units (part of the format)
 CLAMP_GAP = float(2**30)
 MULT_BITS = 23  # multipliers M < 2^23, so |acc * M| < 2^53 for |acc| < 2^30
+_INT_MM = hasattr(torch, "_int_mm")  # exact int8 products on the CPU (a speed path; float64 otherwise)
 
 
 def exp_table(one: int, length: int) -> torch.Tensor:
@@ -105,6 +106,10 @@ class IntLinear:
         if w.shape[1] > MAX_IN:
             raise ValueError("linear layer too wide for exact products")
         self.wt = w.t().contiguous().to(device=device, dtype=torch.float64)  # int8 values, (in, out)
+        # on the CPU, int8 x int8 -> int32 products (oneDNN) are several times faster than float64 ones
+        self.w8 = None
+        if _INT_MM and self.wt.device.type == "cpu":  # a fresh (in, out) array: _int_mm misreads odd strides
+            self.w8 = torch.empty(w.shape[1], w.shape[0], dtype=torch.int8).copy_(w.t())
         m = t[f"{name}.m"].to(device=device, dtype=torch.float64)
         if float(m.abs().max()) >= 2**MULT_BITS:
             raise ValueError("multiplier out of range")
@@ -114,10 +119,20 @@ class IntLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: float64 integers with |x| <= QMAX, shape (..., in).
 
-        The product is exact in float64 whatever the summation order: every partial sum is an
-        integer below QMAX * 127 * MAX_IN < 2^29.
+        The product is exact whatever the summation order. In float64: every partial sum is an
+        integer below QMAX * 127 * MAX_IN < 2^30. In int32: x is split into base-64 digits
+        (x = 64 hi + lo, |hi| <= 32, 0 <= lo < 64), each an int8, and |digit * w| summed over
+        MAX_IN inputs stays below 64 * 127 * 4096 < 2^31; the digits are recombined in float64.
         """
-        return _requant(torch.matmul(x, self.wt), self.scale, self.offset)
+        if self.w8 is None:
+            return _requant(torch.matmul(x, self.wt), self.scale, self.offset)
+        lead = x.shape[:-1]
+        xi = x.reshape(-1, x.shape[-1]).long()
+        n = xi.shape[0]
+        digits = torch.cat([xi >> 6, xi & 63]).to(torch.int8)  # arithmetic shift: floor(x / 64)
+        r = torch._int_mm(digits, self.w8).double()
+        acc = r[:n] * 64 + r[n:]
+        return _requant(acc, self.scale, self.offset).view(*lead, -1)
 
 
 def _exact_dots(q: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
@@ -166,6 +181,7 @@ class IntPrior:
             raise ValueError("bad attention exp table")
         # base-16 digits of the attention weights, most significant first, and a 1 for their sum
         self.att_digits = torch.stack([(att // 16**i) % 16 for i in (2, 1, 0)]).to(device=dev, dtype=torch.float32)
+        self.att_digits_t = self.att_digits.t().contiguous()  # (ATT_LEN + 1, 3): one gather per step
         out = t["out_exp_table"].long()
         if out.shape != (OUT_LEN + 1,) or int(out.max()) > OUT_ONE or int(out.min()) < 0:
             raise ValueError("bad output exp table")
@@ -205,6 +221,8 @@ class IntPrior:
     def _attend(self, q, K, V, L, pos: int) -> torch.Tensor:
         """Integer attention: q (B, nh, T, hs); K, V (B, nh, pos+T, hs) -> (B, nh, T, hs)."""
         T = q.shape[-2]
+        if T == 1:
+            return self._attend_one(q, K, V, L)
         dots = _exact_dots(q, K)  # (B, nh, T, pos+T)
         mask = None
         if T > 1:  # teacher forcing: later keys are masked out, so that it matches the one-by-one path
@@ -221,6 +239,25 @@ class IntPrior:
         r = (r[..., 0, :] * 16 + r[..., 1, :]) * 16 + r[..., 2, :]
         pv, wsum = r[..., :-1], r[..., -1:]
         return torch.floor((2 * pv + wsum) / (2 * wsum))  # rounded weighted mean, at v's scale
+
+    def _attend_one(self, q, K, V, L) -> torch.Tensor:
+        """_attend for one query position: the same integers with fewer operations.
+
+        The float32 cache is read once per product (the cache's size sets the speed of decoding):
+        q's two base-64 digits share one product with K, the weights' three base-16 digits one
+        with V, all exact below 2^24 as in _attend; nothing is masked, since every cached key is
+        earlier.
+        """
+        hi, lo = _split64(q)
+        r = torch.matmul(torch.cat([hi, lo], -2), K.transpose(-1, -2)).double()  # (B, nh, 2, keys)
+        dots = r[..., :1, :] * 64 + r[..., 1:, :]
+        gap = (dots.amax(-1, keepdim=True) - dots).clamp(max=CLAMP_GAP)
+        idx = _requant(gap, L["att_scale"], 0.5).clamp(max=ATT_LEN).long()  # (B, nh, 1, keys)
+        digits = self.att_digits_t[idx[..., 0, :]].transpose(-1, -2)  # (B, nh, 3, keys)
+        r = torch.matmul(digits, V).double()  # V's last column is 1: r[..., -1] sums the weights
+        r = (r[..., 0:1, :] * 16 + r[..., 1:2, :]) * 16 + r[..., 2:3, :]
+        pv, wsum = r[..., :-1], r[..., -1:]
+        return torch.floor((2 * pv + wsum) / (2 * wsum))
 
     def hidden(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
         """Residual integers x (B, T, D) of positions pos..pos+T-1 -> outputs (B, T, D); fills the cache."""

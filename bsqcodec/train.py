@@ -47,6 +47,7 @@ class TrainOptions:
     init: str | None = None  # start from these weights (a checkpoint or model file); see _init_from
     nested: tuple[int, ...] = ()  # tokenizer stage: each sample keeps one of these bit budgets (repeats weigh more)
     code_lr_mult: float = 1.0  # tokenizer stage: learning-rate factor of the BSQ projections (to_code, from_code)
+    bf16: bool = False  # forward pass under bfloat16 autocast (weights and optimizer stay float32)
     log: list = field(default_factory=list)
 
 
@@ -151,7 +152,8 @@ def train(opts: TrainOptions, progress=None) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, opts) * g.get("lr_mult", 1.0)
             idx = rng.integers(0, len(train_arr), opts.batch)
-            loss, metric = _loss(opts.stage, ddp, train_arr, idx, rng, device, opts.nested)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.bf16):
+                loss, metric = _loss(opts.stage, ddp, train_arr, idx, rng, device, opts.nested)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -121,3 +121,24 @@ class TestIntegerExactness:
         n = int_layernorm(x) / 256
         ref = torch.nn.functional.layer_norm(x / 1024, (x.shape[-1],)).clamp(-2047 / 256, 2047 / 256)
         assert (n - ref).abs().max() < 0.01
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1, 7, 192, 4096]), st.booleans())
+def test_int8_products_equal_float64_ones(seed, width, extreme):
+    """The CPU's int8 path of IntLinear computes exactly the float64 path's integers, extremes included."""
+    from bsqcodec.intprior import QMAX, IntLinear
+
+    g = torch.Generator().manual_seed(seed)
+    if extreme:  # every product at its largest magnitude, all of one sign: the worst partial sums
+        w = torch.full((5, width), -127 if seed % 2 else 127, dtype=torch.int8)
+        x = torch.full((3, width), float(-QMAX if seed % 3 else QMAX), dtype=torch.float64)
+    else:
+        w = torch.randint(-127, 128, (5, width), generator=g, dtype=torch.int8)
+        x = torch.randint(-QMAX, QMAX + 1, (3, width), generator=g).double()
+    t = {"l.w": w, "l.m": torch.randint(1, 2**23, (5,), generator=g), "l.s": torch.tensor(40), "l.b": torch.randint(-99, 99, (5,))}
+    lin = IntLinear(t, "l", "cpu")
+    if lin.w8 is None:
+        pytest.skip("this torch has no int8 matrix product")
+    ref = torch.floor(torch.matmul(x, lin.wt) * lin.scale + lin.offset)
+    assert torch.equal(lin(x), ref)
+    assert torch.equal(lin(x[None]), ref[None])
