@@ -3,10 +3,14 @@
     >>> import bsqcodec
     >>> data = bsqcodec.encode(image)          # PIL image or (H, W, 3) uint8 array -> bytes
     >>> image = bsqcodec.decode(data)          # bytes -> PIL.Image.Image
+    >>> Image.open("photo.bsq")                # importing bsqcodec registers a Pillow plugin
 """
 
+from . import pillow_plugin as _pillow_plugin
 from .codec import decode, encode
 from .errors import BsqError
+
+_pillow_plugin.register()
 
 __version__ = "0.1.0"
 __all__ = ["encode", "decode", "BsqError", "__version__"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import time
 from pathlib import Path
 
@@ -120,20 +121,23 @@ def _summarize(root, models, usable, per_image, curve_pts, sweep, notes) -> dict
             "bd_rate_psnr_range_db": bd_range, "per_image": per_image}
 
 
-def write_csv(res: dict, path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow(["image", "preset", "codec", "quality", "bytes", "bpp", "psnr", "ms_ssim"])
-        for r in res["per_image"]:
-            for preset, b in r["bsqc"].items():
-                wr.writerow([r["image"], preset, "bsqc", "", b["bytes"], b["bpp"], b["psnr"], b["ms_ssim"]])
-                for c, m in r["matched"][preset].items():
-                    if m:
-                        wr.writerow([r["image"], preset, c, m["quality"], m["bytes"], m["bpp"], m["psnr"], m["ms_ssim"]])
-            wr.writerow([r["image"], "", "png", "", r["png_bytes"], r["png_bytes"] * 8 / (r["width"] * r["height"]), "inf", 1.0])
+def csv_bytes(res: dict) -> bytes:
+    """Per-image rows as CSV."""
+    f = io.StringIO(newline="")
+    wr = csv.writer(f)
+    wr.writerow(["image", "preset", "codec", "quality", "bytes", "bpp", "psnr", "ms_ssim"])
+    for r in res["per_image"]:
+        for preset, b in r["bsqc"].items():
+            wr.writerow([r["image"], preset, "bsqc", "", b["bytes"], b["bpp"], b["psnr"], b["ms_ssim"]])
+            for c, m in r["matched"][preset].items():
+                if m:
+                    wr.writerow([r["image"], preset, c, m["quality"], m["bytes"], m["bpp"], m["psnr"], m["ms_ssim"]])
+        wr.writerow([r["image"], "", "png", "", r["png_bytes"], r["png_bytes"] * 8 / (r["width"] * r["height"]), "inf", 1.0])
+    return f.getvalue().encode()
 
 
-def plot(res: dict, path: Path) -> None:
+def plot_png(res: dict) -> bytes:
+    """Rate-distortion curves as a PNG."""
     try:
         import matplotlib
 
@@ -167,5 +171,7 @@ def plot(res: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    return buf.getvalue()

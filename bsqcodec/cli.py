@@ -2,151 +2,234 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from . import codec, container, images, weights
+from .cli_common import err_console, error_line, fail, guarded, new_app, out_console
+from .cli_train import train_app
 from .config import LADDER
 from .errors import BsqError
 from .fileio import check_output, read_bytes, write_atomic
 from .progress import LazyProgress
 
-app = typer.Typer(
-    help="bsqc: a learned image codec (patch tokenizer + binary spherical quantization + transformer prior).",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-)
-train_app = typer.Typer(help="Train a tokenizer and a prior, then freeze them into a model file.", no_args_is_help=True)
+app = new_app("bsqc: a learned image codec (patch tokenizer + binary spherical quantization + transformer prior).")
 app.add_typer(train_app, name="train")
 
-out_console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def _fail(msg: str) -> None:
-    err_console.print(f"bsqc: error: {msg}", markup=False)
-    raise typer.Exit(1)
-
-
-def guarded(fn):
-    """Turn every BsqError (and anything unexpected) into one line on stderr and exit code 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except BsqError as e:
-            _fail(str(e))
-        except KeyboardInterrupt:
-            err_console.print("bsqc: interrupted", markup=False)
-            raise typer.Exit(130) from None
-        except MemoryError:
-            _fail("out of memory")
-        except Exception as e:  # a bug, not the user's fault: still one line, unless debugging
-            if os.environ.get("BSQC_DEBUG"):
-                raise
-            _fail(f"internal error: {type(e).__name__}: {e}")
-
-    return wrapper
+STDIO = Path("-")  # as an input: standard input; as an output: standard output
 
 
 def _models(model_file: Optional[Path]) -> list[weights.Model]:
     return [weights.load(model_file)] if model_file else []
 
 
-def _emit_json(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
+def _emit_json(obj: dict, to_stderr: bool = False) -> None:
+    (sys.stderr if to_stderr else sys.stdout).write(json.dumps(obj) + "\n")
+
+
+def _jobs(inputs: list[Path], output: Optional[Path], out_dir: Optional[Path], suffix: str) -> list[tuple[Path, Path]]:
+    """(input, output) pairs: -o for one input, --out-dir DIR/NAME, or the input's name with `suffix`."""
+    if output is not None and out_dir is not None:
+        raise BsqError("give -o/--output or --out-dir, not both")
+    if output is not None and len(inputs) > 1:
+        raise BsqError("-o/--output names one output; with several inputs use --out-dir")
+    if STDIO in inputs and len(inputs) > 1:
+        raise BsqError("standard input (-) can only be the one input")
+    if out_dir is not None and not out_dir.is_dir():
+        raise BsqError(f"{out_dir}: no such directory")
+    jobs = []
+    for src in inputs:
+        if output is not None:
+            dst = output
+        elif src == STDIO:
+            if out_dir is not None:
+                raise BsqError("name the output of standard input with -o")
+            dst = STDIO
+        else:
+            dst = (out_dir / src.name if out_dir is not None else src).with_suffix(suffix)
+        jobs.append((src, dst))
+    seen: dict[Path, Path] = {}
+    for src, dst in jobs:
+        if dst != STDIO and dst in seen:
+            raise BsqError(f"{seen[dst]} and {src} would both be written to {dst}")
+        seen[dst] = src
+    if any(dst == STDIO for _, dst in jobs) and sys.stdout.isatty():
+        raise BsqError("refusing to write binary data to a terminal: redirect standard output or give -o FILE")
+    return jobs
+
+
+def _check_outputs(jobs: list[tuple[Path, Path]], force: bool) -> None:
+    if len(jobs) == 1 and jobs[0][1] != STDIO:  # one file: fail before any work (several: per file)
+        check_output(jobs[0][1], force)
+
+
+def _write(dst: Path, data: bytes, force: bool) -> None:
+    if dst == STDIO:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        write_atomic(dst, data, force)
+
+
+def _stdin_bytes() -> bytes:
+    data = sys.stdin.buffer.read()
+    if not data:
+        raise BsqError("standard input is empty")
+    return data
+
+
+def _run_batch(jobs, work, as_json: bool, quiet: bool, verb: str, summary) -> None:
+    """Run work(src, dst, progress) -> result dict for each job; one line per failure, exit 1 if any failed.
+
+    One job reports as before (a tile progress bar, its own line or JSON object); several show one
+    progress bar over the files, one JSON object per file with --json, and a summary line.
+    """
+    to_stderr = any(dst == STDIO for _, dst in jobs)  # standard output carries the data then
+    results, failed = [], 0
+    t0 = time.perf_counter()
+    with LazyProgress(err_console, enabled=not quiet) as prog:
+        for k, (src, dst) in enumerate(jobs):
+            try:
+                res = work(src, dst, prog if len(jobs) == 1 else None)
+            except (BsqError, MemoryError) as e:
+                if len(jobs) == 1:
+                    raise
+                msg = error_line(e)
+                err_console.print(f"bsqc: error: {msg if str(src) in msg else f'{src}: {msg}'}", markup=False)
+                failed += 1
+                continue
+            finally:
+                if len(jobs) > 1:
+                    prog(f"{verb} {len(jobs)} files", k + 1, len(jobs))
+            results.append(res)
+            if as_json:
+                _emit_json(res, to_stderr)
+            elif not quiet and len(jobs) == 1:
+                (err_console if to_stderr else out_console).print(summary(res), markup=False)
+    if len(jobs) > 1 and not as_json and not quiet:
+        tot = sum(r["bytes"] for r in results)
+        out_console.print(f"{verb}d {len(results)} of {len(jobs)} files ({tot} bytes"
+                          f"{f', {failed} failed' if failed else ''}) in {time.perf_counter() - t0:.2f} s", markup=False)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
 @guarded
 def encode(
-    input: Annotated[Path, typer.Argument(help="Image to compress (anything Pillow reads).")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output .bsq file [default: INPUT with suffix .bsq].")] = None,
-    quality: Annotated[Optional[int], typer.Option("--quality", "-q", min=1, max=len(LADDER),
+    inputs: Annotated[list[Path], typer.Argument(metavar="IMAGE...", show_default=False,
+                                                 help="Images to compress (anything Pillow reads); - reads standard input.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", show_default=False,
+                                                   help="Output .bsq file (one input only); - writes standard output. "
+                                                        "Default: the input's name with the suffix .bsq (standard output for -).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", show_default=False, help="Write each output into this folder, named after its input.")] = None,
+    quality: Annotated[Optional[int], typer.Option("--quality", "-q", min=1, max=len(LADDER), show_default=False,
                                                    help="Quality 1 (smallest files) to 5 (best); 3 is the default preset.")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Installed preset to use instead of -q (see `bsqc presets`) [default: default].")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", help="Use this model file instead of a preset.")] = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUTPUT if it exists.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results.")] = False,
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", show_default=False, help="Installed preset to use instead of -q (see `bsqc presets`). Default: default.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", show_default=False, help="Use this model file instead of a preset.")] = None,
+    target_size: Annotated[Optional[int], typer.Option("--target-size", min=1, show_default=False, help="Use the best quality whose file has at most this many bytes.")] = None,
+    target_psnr: Annotated[Optional[float], typer.Option("--target-psnr", show_default=False, help="Use the smallest quality whose decoded image reaches this PSNR (dB).")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite outputs that exist.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file with the results.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar, no summary.")] = False,
 ) -> None:
-    """Compress an image into a .bsq file.
+    """Compress images into .bsq files.
 
-    Pick the size/quality trade-off with -q 1..5 (on Kodak photos about 0.06 to 0.27 bits per pixel).
+    Pick the size/quality trade-off with -q 1..5 (on Kodak photos about 0.06 to 0.27 bits per pixel),
+    or let --target-size / --target-psnr pick it. Several inputs share one model load; a failing input
+    is reported and the others are still compressed (exit code 1 at the end).
     """
-    t0 = time.perf_counter()
-    if sum(x is not None for x in (quality, preset, model)) > 1:
-        raise BsqError("choose one of -q/--quality, --preset and --model")
+    if sum(x is not None for x in (quality, preset, model, target_size, target_psnr)) > 1:
+        raise BsqError("choose one of -q/--quality, --preset, --model, --target-size and --target-psnr")
     if quality is not None:
         preset = LADDER[quality - 1].name
-    out = output or input.with_suffix(".bsq")
-    check_output(out, force)
-    arr, icc, notes = images.read(input)
-    for n in notes:
-        err_console.print(f"bsqc: warning: {input}: {n}", markup=False)
-    m = weights.load(model) if model else weights.preset(preset or "default")
-    with LazyProgress(err_console, enabled=not quiet) as prog:
-        enc = codec.encode_array(arr, m, icc, prog)
-        recon = codec.tokens_to_array(m, enc.tokens, arr.shape[1], arr.shape[0])
-    write_atomic(out, enc.data, force)
-    h, w = arr.shape[:2]
-    res = {
-        "input": str(input), "output": str(out), "width": w, "height": h, "preset": m.name, "model": m.hash_hex,
-        "bytes": len(enc.data), "bpp": len(enc.data) * 8 / (w * h), "tokens": int(enc.tokens.numel()),
-        "token_bits": m.config.tokenizer.bits, "tiles": enc.header.tiles,
-        "payload_bytes": len(enc.data) - container.header_size(enc.data) - 4,
-        "estimated_bits": enc.estimated_bits, "psnr": codec.psnr(arr, recon), "seconds": time.perf_counter() - t0,
-    }
-    if as_json:
-        _emit_json(res)
-    elif not quiet:
-        out_console.print(
-            f"{input} -> {out}: {res['bytes']} bytes, {res['bpp']:.4f} bpp, PSNR {res['psnr']:.2f} dB, "
-            f"{res['seconds']:.2f} s", markup=False)
+    jobs = _jobs(inputs, output, out_dir, ".bsq")
+    _check_outputs(jobs, force)
+    m = None
+    if target_size is None and target_psnr is None:
+        m = weights.load(model) if model else weights.preset(preset or "default")
+    need_psnr = as_json or (not quiet and len(jobs) == 1)  # shown in --json and in the one-file summary
+
+    def work(src: Path, dst: Path, prog) -> dict:
+        t0 = time.perf_counter()
+        if dst != STDIO:
+            check_output(dst, force)
+        arr, icc, notes = images.read_data(_stdin_bytes()) if src == STDIO else images.read(src)
+        for n in notes:
+            err_console.print(f"bsqc: warning: {src}: {n}", markup=False)
+        if m is None:
+            enc, used = codec.encode_to_target(arr, icc, target_size=target_size, target_psnr=target_psnr, progress=prog)
+        else:
+            enc, used = codec.encode_array(arr, m, icc, prog), m
+        _write(dst, enc.data, force)
+        h, w = arr.shape[:2]
+        res = {
+            "input": str(src), "output": str(dst), "width": w, "height": h, "preset": used.name, "model": used.hash_hex,
+            "bytes": len(enc.data), "bpp": len(enc.data) * 8 / (w * h), "tokens": int(enc.tokens.numel()),
+            "token_bits": used.config.tokenizer.bits, "tiles": enc.header.tiles,
+            "payload_bytes": len(enc.data) - container.header_size(enc.data) - 4, "estimated_bits": enc.estimated_bits,
+        }
+        if need_psnr:  # a second pass over the pixels: only when it is shown
+            res["psnr"] = codec.psnr(arr, codec.tokens_to_array(used, enc.tokens, w, h))
+        res["seconds"] = time.perf_counter() - t0
+        return res
+
+    def summary(res: dict) -> str:
+        return (f"{res['input']} -> {res['output']}: {res['bytes']} bytes, {res['bpp']:.4f} bpp, "
+                f"preset {res['preset']}, PSNR {res['psnr']:.2f} dB, {res['seconds']:.2f} s")
+
+    _run_batch(jobs, work, as_json, quiet, "encode", summary)
 
 
 @app.command()
 @guarded
 def decode(
-    input: Annotated[Path, typer.Argument(help="A .bsq file.")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output image; its extension picks the format [default: INPUT with suffix .png].")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", help="Model file, for files made with a model that is not installed.")] = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUTPUT if it exists.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results.")] = False,
+    inputs: Annotated[list[Path], typer.Argument(metavar="FILE.bsq...", show_default=False, help=".bsq files; - reads standard input.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", show_default=False,
+                                                   help="Output image (one input only); its extension picks the format; - writes "
+                                                        "standard output. Default: the input's name with the suffix of --format.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", show_default=False, help="Write each output into this folder, named after its input.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Image format for standard output and default names (png, jpg, webp, ...).")] = "png",
+    model: Annotated[Optional[Path], typer.Option("--model", show_default=False, help="Model file, for files made with a model that is not installed.")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite outputs that exist.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file with the results.")] = False,
     batch_tiles: Annotated[int, typer.Option("--batch-tiles", min=1, max=codec.MAX_BATCH_TILES, help="Tiles decoded together (speed and memory only; the pixels never change).")] = codec.DEFAULT_BATCH_TILES,
-    threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads (0 = torch's default; the pixels never change).")] = 0,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads for the pixel decoder (0 = torch's default; the pixels never change).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar, no summary.")] = False,
 ) -> None:
-    """Decompress a .bsq file into an image."""
-    t0 = time.perf_counter()
+    """Decompress .bsq files into images."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    out = output or input.with_suffix(".png")
-    check_output(out, force)
-    data = read_bytes(input)
-    with LazyProgress(err_console, enabled=not quiet) as prog:
-        header, _, arr = codec.decode_detailed(data, _models(model), batch_tiles, prog)
-    img = images.to_pil(arr, header.chunk(b"iCCP"))
-    write_atomic(out, images.encode_image(img, out), force)
-    res = {"input": str(input), "output": str(out), "width": header.width, "height": header.height,
-           "preset": header.preset, "bytes": len(data), "seconds": time.perf_counter() - t0}
-    if as_json:
-        _emit_json(res)
-    elif not quiet:
-        out_console.print(f"{input} -> {out}: {header.width}x{header.height}, {res['seconds']:.2f} s", markup=False)
+    suffix = "." + fmt.lower().lstrip(".")
+    if images.format_for(suffix) is None:
+        raise BsqError(f"--format {fmt}: not an image format Pillow writes (use png, jpg, webp, ...)")
+    jobs = _jobs(inputs, output, out_dir, suffix)
+    _check_outputs(jobs, force)
+    models = _models(model)
+
+    def work(src: Path, dst: Path, prog) -> dict:
+        t0 = time.perf_counter()
+        if dst != STDIO:
+            check_output(dst, force)
+        data = _stdin_bytes() if src == STDIO else read_bytes(src)
+        header, _, arr = codec.decode_detailed(data, models, batch_tiles, prog)
+        img = images.to_pil(arr, header.chunk(b"iCCP"))
+        _write(dst, images.encode_image(img, dst if dst != STDIO else Path("stdout" + suffix)), force)
+        return {"input": str(src), "output": str(dst), "width": header.width, "height": header.height,
+                "preset": header.preset, "bytes": len(data), "seconds": time.perf_counter() - t0}
+
+    def summary(res: dict) -> str:
+        return f"{res['input']} -> {res['output']}: {res['width']}x{res['height']}, {res['seconds']:.2f} s"
+
+    _run_batch(jobs, work, as_json, quiet, "decode", summary)
 
 
 def info_dict(data: bytes) -> dict:
@@ -216,10 +299,15 @@ def bench(
     plot_out: Annotated[Optional[Path], typer.Option("--plot", help="Write rate-distortion curves as a PNG.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N images.")] = None,
     sweep: Annotated[Optional[bool], typer.Option("--sweep/--no-sweep", help="Sweep baseline qualities for RD curves and BD-rate [default: with several presets or --plot].")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite --json/--csv/--plot files that exist.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Compare bsqc with PNG, JPEG, WebP, AVIF and JPEG XL at matched PSNR, image by image."""
     from . import bench as bench_mod
+
+    for out in (json_out, csv_out, plot_out):  # before the long run, not after it
+        if out is not None:
+            check_output(out, force)
 
     if not preset and not model:  # the whole installed quality ladder: one rate-distortion curve
         inst = weights.installed()
@@ -256,11 +344,11 @@ def bench(
         out_console.print("BD-rate (PSNR) of bsqc against: " + ", ".join(
             f"{c} {v:+.1f}%" if v is not None else f"{c} n/a" for c, v in res["bd_rate_psnr"].items()), markup=False)
     if json_out:
-        write_atomic(json_out, (json.dumps(res, indent=1) + "\n").encode(), True)
+        write_atomic(json_out, (json.dumps(res, indent=1) + "\n").encode(), force)
     if csv_out:
-        bench_mod.write_csv(res, csv_out)
+        write_atomic(csv_out, bench_mod.csv_bytes(res), force)
     if plot_out:
-        bench_mod.plot(res, plot_out)
+        write_atomic(plot_out, bench_mod.plot_png(res), force)
 
 
 def _write_images(out: Path, imgs: list, force: bool, columns: int | None = None) -> list[Path]:
@@ -353,5 +441,3 @@ def complete(
 def main() -> None:
     app()
 
-
-from . import cli_train  # noqa: E402,F401  (registers the train commands on train_app)

@@ -1,4 +1,4 @@
-"""`bsqc train ...`: the training commands (registered on the main app by cli.main)."""
+"""`bsqc train ...`: the training commands (cli.py adds train_app to the main app)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .cli import err_console, guarded, out_console, train_app
+from .cli_common import err_console, guarded, new_app, out_console
+
+train_app = new_app("Train a tokenizer and a prior, then freeze them into a model file.")
 
 Data = Annotated[Path, typer.Option("--data", help="Folder of training images (.png/.jpg, searched recursively).")]
 Out = Annotated[Path, typer.Option("--out", help="Run folder: checkpoints are written here.")]

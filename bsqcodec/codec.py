@@ -5,6 +5,7 @@ The only module that composes tokenizer, integer prior, entropy coder and contai
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,8 +14,9 @@ import torch
 from PIL import Image
 
 from . import container, entropy, images, weights
+from .config import LADDER
 from .container import Header
-from .errors import FormatError
+from .errors import FormatError, TargetError
 from .metrics import psnr  # noqa: F401  (re-exported: codec.psnr)
 from .autoregress import run_tiles
 from .tokenizer import join_groups, single_threaded_kernels, split_groups
@@ -116,14 +118,64 @@ def encode_array(arr: np.ndarray, model: weights.Model | str | None = None, icc:
     return Encoded(container.pack(header, streams), tokens, est, header)
 
 
+def ladder_models() -> list[weights.Model]:
+    """The installed presets of the quality ladder, from -q 1 (smallest files) up."""
+    inst = weights.installed()
+    return [weights.preset(c.name) for c in LADDER if c.name in inst]
+
+
+def encode_to_target(arr: np.ndarray, icc: bytes | None = None, *, target_size: int | None = None,
+                     target_psnr: float | None = None, models: list[weights.Model] | None = None,
+                     progress: Progress | None = None) -> tuple[Encoded, weights.Model]:
+    """Encode with the rung a target picks, from `models` (the installed ladder by default, smallest first).
+
+    target_size: the best rung whose whole file has at most this many bytes (rungs tried from the top).
+    target_psnr: the smallest rung whose decoded image reaches this PSNR (rungs tried from the bottom;
+    only the chosen one runs the prior).
+    """
+    if (target_size is None) == (target_psnr is None):
+        raise ValueError("give exactly one of target_size and target_psnr")
+    models = models if models is not None else ladder_models()
+    if not models:
+        raise TargetError("no quality ladder is installed")
+    if target_size is not None:
+        smallest = None
+        for m in reversed(models):
+            enc = encode_array(arr, m, icc, progress)
+            if len(enc.data) <= target_size:
+                return enc, m
+            smallest = len(enc.data)
+        raise TargetError(f"no quality fits in {target_size} bytes: the smallest file, "
+                          f"with preset {models[0].name}, is {smallest} bytes")
+    best = -math.inf
+    for m in models:
+        tokens = image_to_tokens(m, arr)
+        q = psnr(arr, tokens_to_array(m, tokens, arr.shape[1], arr.shape[0]))
+        if q >= target_psnr:
+            return encode_array(arr, m, icc, progress), m
+        best = max(best, q)
+    raise TargetError(f"no quality reaches {target_psnr:g} dB PSNR: the best, preset {models[-1].name}, "
+                      f"gives {best:.2f} dB")
+
+
 def encode(image: Image.Image | np.ndarray, model: weights.Model | str | None = None,
-           progress: Progress | None = None) -> bytes:
-    """An image (PIL or (H, W, 3) uint8 array) -> the bytes of a .bsq file."""
+           progress: Progress | None = None, *, target_size: int | None = None,
+           target_psnr: float | None = None) -> bytes:
+    """An image (PIL or (H, W, 3) uint8 array) -> the bytes of a .bsq file.
+
+    model: a Model, a preset name, or None for the default preset. target_size (bytes) or
+    target_psnr (dB) instead picks a rung of the quality ladder (see encode_to_target).
+    """
     icc = None
     if isinstance(image, Image.Image):
         icc = image.info.get("icc_profile")
         image, _ = images.to_rgb(image)
-    return encode_array(np.asarray(image, dtype=np.uint8), model, icc, progress).data
+    arr = np.asarray(image, dtype=np.uint8)
+    if target_size is not None or target_psnr is not None:
+        if model is not None:
+            raise ValueError("a target picks the model: give no model with it")
+        return encode_to_target(arr, icc, target_size=target_size, target_psnr=target_psnr, progress=progress)[0].data
+    return encode_array(arr, model, icc, progress).data
 
 
 def _check_geometry(header: Header, model: weights.Model) -> None:

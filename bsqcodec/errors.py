@@ -35,3 +35,7 @@ class LimitError(BsqError):
 
 class OutputExistsError(BsqError):
     """The output file exists and --force was not given."""
+
+
+class TargetError(BsqError):
+    """No rung of the quality ladder meets a --target-size or --target-psnr."""

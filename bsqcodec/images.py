@@ -49,10 +49,19 @@ def read(path: str | os.PathLike) -> tuple[np.ndarray, bytes | None, list[str]]:
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
         raise ImageError(f"{path} is a directory")
+    return _read(path, str(path))
+
+
+def read_data(data: bytes, name: str = "<stdin>") -> tuple[np.ndarray, bytes | None, list[str]]:
+    """read() for the bytes of an image file (standard input); the same pixels as from the file."""
+    return _read(io.BytesIO(data), name)
+
+
+def _read(source, path: str) -> tuple[np.ndarray, bytes | None, list[str]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 w, h = img.size
                 if not (1 <= w <= MAX_DIM and 1 <= h <= MAX_DIM):
                     raise LimitError(f"{path}: image is {w}x{h}; width and height must be 1..{MAX_DIM}")
@@ -75,10 +84,16 @@ def to_pil(arr: np.ndarray, icc: bytes | None = None) -> Image.Image:
     return img
 
 
+def format_for(suffix: str) -> str | None:
+    """The Pillow format that writes files with this suffix (".png" -> "PNG"), or None."""
+    fmt = Image.registered_extensions().get(suffix.lower())
+    return fmt if fmt in Image.SAVE else None
+
+
 def encode_image(img: Image.Image, path: str | os.PathLike) -> bytes:
     """The bytes of img saved in the format named by path's extension."""
     buf = io.BytesIO()
-    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    fmt = format_for(Path(path).suffix)
     if fmt is None:
         raise ImageError(f"{path}: unknown image format (use .png, .jpg, .webp, ...)")
     kw = {}

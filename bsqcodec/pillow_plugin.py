@@ -1,0 +1,74 @@
+"""Pillow plugin: `import bsqcodec` lets every Pillow program read and write .bsq files.
+
+    Image.open("photo.bsq")                       # header read now, pixels decoded on load()
+    im.save("photo.bsq", quality=3)               # quality 1..5 = the rung (-q), or preset= / model=
+
+Opening reads the header (size, preset, model; checksums verified) and exposes its fields in
+`im.info` (with the ICC profile as `icc_profile`); the prior runs only when the pixels are needed.
+"""
+
+from __future__ import annotations
+
+from PIL import Image, ImageFile
+
+from . import codec, container
+from .config import LADDER
+
+FORMAT = "BSQ"
+
+
+def _accept(prefix: bytes) -> bool:
+    return prefix[:4] == container.MAGIC
+
+
+class BsqImageFile(ImageFile.ImageFile):
+    format = FORMAT
+    format_description = "bsqcodec learned image"
+
+    def _open(self) -> None:
+        data = self.fp.read()
+        header, _ = container.unpack(data)
+        self._size = (header.width, header.height)
+        self._mode = "RGB"
+        self.info.update({"bsq_version": f"{container.MAJOR}.{header.minor}", "bsq_preset": header.preset,
+                          "bsq_model": header.model_hash.hex(), "bsq_token_bits": header.bits,
+                          "bsq_tiles": header.tiles})
+        icc = header.chunk(b"iCCP")
+        if icc:
+            self.info["icc_profile"] = icc
+        self.tile = [ImageFile._Tile("bsq", (0, 0) + self._size, 0, None)]
+
+
+class _BsqDecoder(ImageFile.PyDecoder):
+    _pulls_fd = True
+
+    def decode(self, buffer):
+        self.fd.seek(0)
+        _, _, arr = codec.decode_detailed(self.fd.read())
+        self.set_as_raw(arr.tobytes())
+        return -1, 0
+
+
+def _save(im: Image.Image, fp, filename) -> None:
+    info = im.encoderinfo
+    quality, preset, model = info.get("quality"), info.get("preset"), info.get("model")
+    if sum(x is not None for x in (quality, preset, model)) > 1:
+        raise ValueError("give at most one of quality, preset and model")
+    if quality is not None:
+        if not 1 <= int(quality) <= len(LADDER):
+            raise ValueError(f"quality must be 1..{len(LADDER)}")
+        preset = LADDER[int(quality) - 1].name
+    icc = info.get("icc_profile", im.info.get("icc_profile"))
+    if icc:
+        im = im.copy()
+        im.info["icc_profile"] = icc
+    fp.write(codec.encode(im, model or preset, target_size=info.get("target_size"),
+                          target_psnr=info.get("target_psnr")))
+
+
+def register() -> None:
+    Image.register_open(FORMAT, BsqImageFile, _accept)
+    Image.register_save(FORMAT, _save)
+    Image.register_extension(FORMAT, ".bsq")
+    Image.register_mime(FORMAT, "image/x-bsq")
+    Image.register_decoder("bsq", _BsqDecoder)
