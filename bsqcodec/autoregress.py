@@ -20,6 +20,11 @@ Choose = Callable[[int, int, int, np.ndarray, np.ndarray], int]
 def run_tiles(ip: IntPrior, shapes: list[tuple[int, int]], choose: Choose,
               on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Symbols (B, T, G) of B tiles of the given (rows, cols) shapes, chosen symbol by symbol."""
+    with torch.inference_mode():  # no autograd bookkeeping: each of the many small operations is cheaper
+        return _run(ip, shapes, choose, on_step)
+
+
+def _run(ip: IntPrior, shapes, choose, on_step) -> torch.Tensor:
     G = ip.cfg.groups
     lens = [r * c for r, c in shapes]
     B, T = len(shapes), max(lens)

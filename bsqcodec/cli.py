@@ -200,14 +200,16 @@ def decode(
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite outputs that exist.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file with the results.")] = False,
     batch_tiles: Annotated[int, typer.Option("--batch-tiles", min=1, max=codec.MAX_BATCH_TILES, help="Tiles decoded together (speed and memory only; the pixels never change).")] = codec.DEFAULT_BATCH_TILES,
-    threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads for the pixel decoder (0 = torch's default; the pixels never change).")] = 0,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="CPU cores to use: worker processes for the prior, threads for the pixels (0 = all available; the pixels never change).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar, no summary.")] = False,
 ) -> None:
     """Decompress .bsq files into images."""
-    if threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(threads)
+    from .workers import available_cpus
+
+    threads = threads or available_cpus()
+    torch.set_num_threads(threads)
     suffix = "." + fmt.lower().lstrip(".")
     if images.format_for(suffix) is None:
         raise BsqError(f"--format {fmt}: not an image format Pillow writes (use png, jpg, webp, ...)")
@@ -220,7 +222,7 @@ def decode(
         if dst != STDIO:
             check_output(dst, force)
         data = _stdin_bytes() if src == STDIO else read_bytes(src)
-        header, _, arr = codec.decode_detailed(data, models, batch_tiles, prog)
+        header, _, arr = codec.decode_detailed(data, models, batch_tiles, prog, workers=threads)
         img = images.to_pil(arr, header.chunk(b"iCCP"))
         _write(dst, images.encode_image(img, dst if dst != STDIO else Path("stdout" + suffix)), force)
         return {"input": str(src), "output": str(dst), "width": header.width, "height": header.height,

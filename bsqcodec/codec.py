@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from . import container, entropy, images, weights
+from . import workers as workers_mod
 from .config import LADDER
 from .container import Header
 from .errors import FormatError, TargetError
@@ -187,54 +188,70 @@ def _check_geometry(header: Header, model: weights.Model) -> None:
 
 
 def decode_streams(model: weights.Model, header: Header, streams: list[bytes], batch_tiles: int = DEFAULT_BATCH_TILES,
-                   progress: Progress | None = None) -> torch.Tensor:
+                   progress: Progress | None = None, workers: int = 1) -> torch.Tensor:
     """Streams -> token grid, running the integer prior token by token with a KV cache.
 
-    A step of the prior is a few hundred small operations. Shared between threads, each of them
+    A step of the prior is hundreds of small operations. Shared between threads, each of them
     waits for every thread to be scheduled, which on a busy machine made decoding up to 17x
-    slower; so the prior runs on one thread (measured in benchmarks/decode_load.py).
+    slower; so the prior runs single-threaded, and `workers` > 1 splits the tiles between that
+    many processes (forked, on Linux). The tokens are the same for any split and any batching.
     """
     _check_geometry(header, model)
-    ip = model.prior
     gr, gc = header.grid
-    tokens = torch.zeros(gr, gc, dtype=torch.int64)
     slices = tile_slices(header)
     batch_tiles = max(1, min(MAX_BATCH_TILES, int(batch_tiles)))
+    n_shares = max(1, min(int(workers), len(slices)))
+    shares = [list(range(w, len(slices), n_shares)) for w in range(n_shares)]
     total = sum((rs.stop - rs.start) * (cs.stop - cs.start) for rs, cs in slices)
     done = 0
-    with single_threaded_kernels():
-        for k in range(0, len(slices), batch_tiles):
-            idxs = list(range(k, min(len(slices), k + batch_tiles)))
-            shapes = [(slices[i][0].stop - slices[i][0].start, slices[i][1].stop - slices[i][1].start) for i in idxs]
-            decs = [entropy.Decoder(streams[i]) for i in idxs]
+
+    def on_step(t, n_active):  # only the first share (this process) reports; the others keep pace
+        nonlocal done
+        done += n_active
+        if progress and t % 16 == 15:
+            progress("decode", min(total, done * n_shares), total)
+
+    def decode_share(idxs: list[int], report: bool) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        for k in range(0, len(idxs), batch_tiles):
+            part = idxs[k : k + batch_tiles]
+            shapes = [(slices[i][0].stop - slices[i][0].start, slices[i][1].stop - slices[i][1].start) for i in part]
+            decs = [entropy.Decoder(streams[i]) for i in part]
 
             def choose(b, t, j, earlier, table, decs=decs):
                 return decs[b].decode_row(table)
 
-            def on_step(t, n_active, T=max(r * c for r, c in shapes)):
-                nonlocal done
-                done += n_active
-                if progress and (t % 16 == 15 or t == T - 1):
-                    progress("decode", done, total)
+            sym = run_tiles(model.prior, shapes, choose, on_step if report else None)
+            for b, (r, c) in enumerate(shapes):
+                out.append(join_groups(sym[b, : r * c], header.bits).reshape(r, c).numpy())
+        return out
 
-            out = run_tiles(ip, shapes, choose, on_step)
-            for b, i in enumerate(idxs):
-                r, c = shapes[b]
-                tokens[slices[i]] = join_groups(out[b, : r * c], header.bits).reshape(r, c)
+    with single_threaded_kernels():
+        results = workers_mod.run_shares(lambda sh: decode_share(sh, sh is shares[0]), shares)
+    tokens = torch.zeros(gr, gc, dtype=torch.int64)
+    for idxs, res in zip(shares, results):
+        for i, tk in zip(idxs, res):
+            tokens[slices[i]] = torch.from_numpy(tk)
+    if progress:
+        progress("decode", total, total)
     return tokens
 
 
 def decode_detailed(data: bytes, models: list[weights.Model] | None = None, batch_tiles: int = DEFAULT_BATCH_TILES,
-                    progress: Progress | None = None) -> tuple[Header, torch.Tensor, np.ndarray]:
+                    progress: Progress | None = None, workers: int = 1) -> tuple[Header, torch.Tensor, np.ndarray]:
     header, streams = container.unpack(data)
     model = weights.find(header.model_hash, header.preset, models)
-    tokens = decode_streams(model, header, streams, batch_tiles, progress)
+    tokens = decode_streams(model, header, streams, batch_tiles, progress, workers)
     arr = tokens_to_array(model, tokens, header.width, header.height)
     return header, tokens, arr
 
 
 def decode(data: bytes, models: list[weights.Model] | None = None, batch_tiles: int = DEFAULT_BATCH_TILES,
-           progress: Progress | None = None) -> Image.Image:
-    """The bytes of a .bsq file -> a PIL RGB image (with its ICC profile, if the file has one)."""
-    header, _, arr = decode_detailed(data, models, batch_tiles, progress)
+           progress: Progress | None = None, workers: int = 1) -> Image.Image:
+    """The bytes of a .bsq file -> a PIL RGB image (with its ICC profile, if the file has one).
+
+    workers > 1 decodes the tiles in that many forked processes (Linux; elsewhere in this one):
+    faster on a multi-core machine, the same pixels.
+    """
+    header, _, arr = decode_detailed(data, models, batch_tiles, progress, workers)
     return images.to_pil(arr, header.chunk(b"iCCP"))

@@ -94,6 +94,11 @@ def int_layernorm(x: torch.Tensor) -> torch.Tensor:
     return n.clamp(-QMAX, QMAX)
 
 
+def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """table[idx] for an int64 index tensor: rows of table (1-D: entries), by index_select (cheaper)."""
+    return table.index_select(0, idx.reshape(-1)).view(*idx.shape, *table.shape[1:])
+
+
 def _split64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Integers |x| <= QMAX -> (hi, lo) with x = 64 * hi + lo, |hi| <= 32, 0 <= lo < 64."""
     hi = torch.floor(x / 64)
@@ -127,12 +132,13 @@ class IntLinear:
         if self.w8 is None:
             return _requant(torch.matmul(x, self.wt), self.scale, self.offset)
         lead = x.shape[:-1]
-        xi = x.reshape(-1, x.shape[-1]).long()
+        xi = x.reshape(-1, x.shape[-1]).to(torch.int16)
         n = xi.shape[0]
         digits = torch.cat([xi >> 6, xi & 63]).to(torch.int8)  # arithmetic shift: floor(x / 64)
-        r = torch._int_mm(digits, self.w8).double()
-        acc = r[:n] * 64 + r[n:]
-        return _requant(acc, self.scale, self.offset).view(*lead, -1)
+        r = torch._int_mm(digits, self.w8)
+        acc = torch.add(r[n:], r[:n], alpha=64).double()  # |acc| < 2047 * 127 * 4096 < 2^31: exact in int32
+        # _requant in one operation: acc * scale is exact, so a fused multiply-add rounds just as the sum does
+        return torch.floor(torch.addcmul(self.offset, acc, self.scale)).view(*lead, -1)
 
 
 def _exact_dots(q: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
@@ -253,7 +259,7 @@ class IntPrior:
         dots = r[..., :1, :] * 64 + r[..., 1:, :]
         gap = (dots.amax(-1, keepdim=True) - dots).clamp(max=CLAMP_GAP)
         idx = _requant(gap, L["att_scale"], 0.5).clamp(max=ATT_LEN).long()  # (B, nh, 1, keys)
-        digits = self.att_digits_t[idx[..., 0, :]].transpose(-1, -2)  # (B, nh, 3, keys)
+        digits = _lookup(self.att_digits_t, idx[..., 0, :]).transpose(-1, -2)  # (B, nh, 3, keys)
         r = torch.matmul(digits, V).double()  # V's last column is 1: r[..., -1] sums the weights
         r = (r[..., 0:1, :] * 16 + r[..., 1:2, :]) * 16 + r[..., 2:3, :]
         pv, wsum = r[..., :-1], r[..., -1:]
@@ -274,7 +280,7 @@ class IntPrior:
             o = self._attend(q, K, V, L, pos).transpose(1, 2).reshape(B, T, C)
             x = (x + L["proj"](o)).clamp(-RES_MAX, RES_MAX)
             h = L["fc1"](int_layernorm(x)).clamp(-QMAX, QMAX)
-            g = L["gelu"][(h + QMAX).long()]
+            g = _lookup(L["gelu"], (h + QMAX).long())
             x = (x + L["fc2"](g)).clamp(-RES_MAX, RES_MAX)
         return x
 
@@ -285,7 +291,7 @@ class IntPrior:
             z = z + self.cond_emb[earlier[..., k] + k * self.n]
         logits = self.heads[j](int_layernorm(z))  # logits at scale 1/EXP_STEP
         gap = (logits.amax(-1, keepdim=True) - logits).clamp(max=OUT_LEN)
-        return self.out_exp[gap.long()].clamp(min=1)
+        return _lookup(self.out_exp, gap.long()).clamp(min=1)
 
     # -- whole tiles ------------------------------------------------------------------------
     def new_cache(self, B: int, T: int) -> KVCache:

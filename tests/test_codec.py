@@ -21,11 +21,11 @@ def random_image(seed: int, h: int, w: int) -> np.ndarray:
 
 
 class TestCodec:
-    @given(st.integers(1, 100), st.integers(1, 70), st.integers(0, 2**31), st.integers(1, 7))
-    def test_lossless_on_tokens(self, tiny_model, w, h, seed, batch_tiles):
+    @given(st.integers(1, 100), st.integers(1, 70), st.integers(0, 2**31), st.integers(1, 7), st.integers(1, 3))
+    def test_lossless_on_tokens(self, tiny_model, w, h, seed, batch_tiles, workers):
         arr = random_image(seed, h, w)
         enc = codec.encode_array(arr, tiny_model)
-        header, tokens, out = codec.decode_detailed(enc.data, [tiny_model], batch_tiles=batch_tiles)
+        header, tokens, out = codec.decode_detailed(enc.data, [tiny_model], batch_tiles=batch_tiles, workers=workers)
         assert torch.equal(tokens, enc.tokens)
         assert out.shape == arr.shape
         assert np.array_equal(out, codec.tokens_to_array(tiny_model, enc.tokens, w, h))
@@ -44,6 +44,17 @@ class TestCodec:
             torch.set_num_threads(n)
             outs.append(codec.decode_detailed(enc.data, [tiny_model], batch_tiles=n * 3)[2])
         assert np.array_equal(*outs)
+
+    def test_a_corrupt_stream_in_a_worker_process_is_one_error(self, tiny_model):
+        from bsqcodec.errors import BsqError
+
+        enc = codec.encode_array(random_image(4, 40, 60), tiny_model)
+        header, streams = container.unpack(enc.data)
+        streams[-1] = streams[-1] + b"x"  # not whole 32-bit words; the last tile goes to the last worker
+        bad = container.pack(header, streams)
+        for workers in (1, 3):
+            with pytest.raises(BsqError):
+                codec.decode_detailed(bad, [tiny_model], workers=workers)
 
     def test_python_api(self, tiny_model):
         img = Image.fromarray(random_image(3, 30, 40))

@@ -1,0 +1,83 @@
+"""Whole-process decode time, idle and beside busy processes; writes results/decode-load-PRESET.json.
+
+    python benchmarks/decode_load.py ../shared/data/kodak/kodim01.png [--preset default] [--runs 5] [--busy 2]
+
+What a user waits for: `bsqc decode FILE -o OUT.png` as a fresh process, net of importing torch, numpy,
+Pillow, constriction, typer and rich (the import time is measured the same way and subtracted; best of
+RUNS each). Then the same decode RUNS times while BUSY other CPU-bound processes run (pure Python
+loops, as another encoder, a build or `xargs -P` would be): the slowest of them against the idle best.
+Targets (issue 13): net idle decode under 1.0 s on 2 cores; slowest under load at most 3x the idle time.
+Run it on an otherwise idle machine (pause training first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+IMPORTS = "import torch, numpy, PIL, constriction, typer, rich"
+
+
+def _bsqc() -> list[str]:
+    exe = shutil.which("bsqc")
+    return [exe] if exe else [sys.executable, "-c", "from bsqcodec.cli import main; main()"]
+
+
+def _timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("image")
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--busy", type=int, default=2)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        bsq, out = Path(tmp) / "a.bsq", Path(tmp) / "a.png"
+        subprocess.run(_bsqc() + ["encode", args.image, "-o", str(bsq), "-p", args.preset, "--quiet"], check=True)
+        decode = _bsqc() + ["decode", str(bsq), "-o", str(out), "--force", "--quiet"]
+        imports = [_timed([sys.executable, "-c", IMPORTS]) for _ in range(args.runs)]
+        idle = [_timed(decode) for _ in range(args.runs)]
+        procs = [mp.Process(target=_spin, daemon=True) for _ in range(args.busy)]
+        for p in procs:
+            p.start()
+        try:
+            time.sleep(0.5)
+            loaded = [_timed(decode) for _ in range(args.runs)]
+        finally:
+            for p in procs:
+                p.terminate()
+                p.join()
+    res = {
+        "image": os.path.basename(args.image), "preset": args.preset, "runs": args.runs, "busy_processes": args.busy,
+        "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "import_seconds": imports, "decode_seconds_idle": idle, "decode_seconds_busy": loaded,
+        "net_idle_best": min(idle) - min(imports), "whole_idle_best": min(idle),
+        "busy_slowest": max(loaded), "busy_slowest_over_idle_best": max(loaded) / min(idle),
+    }
+    path = HERE / "results" / f"decode-load-{args.preset}.json"
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
