@@ -135,6 +135,7 @@ def encode(
     model: Annotated[Optional[Path], typer.Option("--model", show_default=False, help="Use this model file instead of a preset.")] = None,
     target_size: Annotated[Optional[int], typer.Option("--target-size", min=1, show_default=False, help="Use the best quality whose file has at most this many bytes.")] = None,
     target_psnr: Annotated[Optional[float], typer.Option("--target-psnr", show_default=False, help="Use the smallest quality whose decoded image reaches this PSNR (dB).")] = None,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse images of more pixels than this, before reading them.")] = container.DEFAULT_MAX_PIXELS,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite outputs that exist.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file with the results.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar, no summary.")] = False,
@@ -160,7 +161,8 @@ def encode(
         t0 = time.perf_counter()
         if dst != STDIO:
             check_output(dst, force)
-        arr, icc, notes = images.read_data(_stdin_bytes()) if src == STDIO else images.read(src)
+        arr, icc, notes = (images.read_data(_stdin_bytes(), max_pixels=max_pixels) if src == STDIO
+                           else images.read(src, max_pixels))
         for n in notes:
             err_console.print(f"bsqc: warning: {src}: {n}", markup=False)
         if m is None:
@@ -201,6 +203,7 @@ def decode(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file with the results.")] = False,
     batch_tiles: Annotated[int, typer.Option("--batch-tiles", min=1, max=codec.MAX_BATCH_TILES, help="Tiles decoded together (speed and memory only; the pixels never change).")] = codec.DEFAULT_BATCH_TILES,
     threads: Annotated[int, typer.Option("--threads", min=0, help="CPU cores to use: worker processes for the prior, threads for the pixels (0 = all available; the pixels never change).")] = 0,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse files of more pixels than this, before decoding them.")] = container.DEFAULT_MAX_PIXELS,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar, no summary.")] = False,
 ) -> None:
     """Decompress .bsq files into images."""
@@ -222,7 +225,7 @@ def decode(
         if dst != STDIO:
             check_output(dst, force)
         data = _stdin_bytes() if src == STDIO else read_bytes(src)
-        header, _, arr = codec.decode_detailed(data, models, batch_tiles, prog, workers=threads)
+        header, _, arr = codec.decode_detailed(data, models, batch_tiles, prog, workers=threads, max_pixels=max_pixels)
         img = images.to_pil(arr, header.chunk(b"iCCP"))
         _write(dst, images.encode_image(img, dst if dst != STDIO else Path("stdout" + suffix)), force)
         return {"input": str(src), "output": str(dst), "width": header.width, "height": header.height,
@@ -430,9 +433,8 @@ def complete(
 
     m = weights.load(model) if model else weights.preset(preset)
     check_output(output, force)
-    arr, _, _ = images.read(input)
-    if arr.shape[0] * arr.shape[1] > 2048 * 2048:
-        raise BsqError("complete works on images up to 2048x2048 pixels")
+    arr, _, _ = images.read(input, max_pixels=2048 * 2048)  # refused before its pixels are read
+    container.check_pixels(arr.shape[1] * (n + 1), arr.shape[0], None, f"the image and {n} completions")
     with LazyProgress(err_console, enabled=not quiet) as prog:
         _, _, imgs = comp(m, arr, keep, n, seed, temperature, top_k, top_p, prog)
     _write_images(output, [arr] + imgs, force, columns=n + 1)

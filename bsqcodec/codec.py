@@ -71,11 +71,15 @@ def tokens_to_array(model: weights.Model, tokens: torch.Tensor, width: int, heig
     return px[:height, :width].numpy()
 
 
-def make_header(model: weights.Model, width: int, height: int, icc: bytes | None = None) -> Header:
+def make_header(model: weights.Model, width: int, height: int, icc: bytes | None = None,
+                tokens: torch.Tensor | None = None) -> Header:
+    """The header of a file; with `tokens`, it carries their checksum (tCRC) for the decoder to verify."""
     t, p = model.config.tokenizer, model.config.prior
     chunks = [(b"iCCP", icc)] if icc else []
+    if tokens is not None:
+        chunks.append((container.TOKEN_CRC, container.token_crc(tokens.numpy())))
     h = Header(width, height, t.patch, t.bits, p.groups, p.tile_rows, p.tile_cols, model.name, model.sha256,
-               minor=container.lowest_minor(t.bits), chunks=chunks)
+               minor=container.lowest_minor(t.bits, tokens is not None), chunks=chunks)
     h.validate()
     return h
 
@@ -113,8 +117,8 @@ def encode_array(arr: np.ndarray, model: weights.Model | str | None = None, icc:
                  progress: Progress | None = None) -> Encoded:
     model = _model(model)
     h, w = arr.shape[:2]
-    header = make_header(model, w, h, icc)
     tokens = image_to_tokens(model, arr)
+    header = make_header(model, w, h, icc, tokens)
     streams, est = encode_tokens(model, header, tokens, progress)
     return Encoded(container.pack(header, streams), tokens, est, header)
 
@@ -161,7 +165,7 @@ def encode_to_target(arr: np.ndarray, icc: bytes | None = None, *, target_size: 
 
 def encode(image: Image.Image | np.ndarray, model: weights.Model | str | None = None,
            progress: Progress | None = None, *, target_size: int | None = None,
-           target_psnr: float | None = None) -> bytes:
+           target_psnr: float | None = None, max_pixels: int | None = None) -> bytes:
     """An image (PIL or (H, W, 3) uint8 array) -> the bytes of a .bsq file.
 
     model: a Model, a preset name, or None for the default preset. target_size (bytes) or
@@ -169,9 +173,11 @@ def encode(image: Image.Image | np.ndarray, model: weights.Model | str | None = 
     """
     icc = None
     if isinstance(image, Image.Image):
+        container.check_pixels(*image.size, max_pixels)  # before converting its pixels
         icc = image.info.get("icc_profile")
         image, _ = images.to_rgb(image)
     arr = np.asarray(image, dtype=np.uint8)
+    container.check_pixels(arr.shape[1], arr.shape[0], max_pixels)
     if target_size is not None or target_psnr is not None:
         if model is not None:
             raise ValueError("a target picks the model: give no model with it")
@@ -205,24 +211,33 @@ def decode_streams(model: weights.Model, header: Header, streams: list[bytes], b
     total = sum((rs.stop - rs.start) * (cs.stop - cs.start) for rs, cs in slices)
     done = 0
 
-    def on_step(t, n_active):  # only the first share (this process) reports; the others keep pace
-        nonlocal done
-        done += n_active
-        if progress and t % 16 == 15:
-            progress("decode", min(total, done * n_shares), total)
-
     def decode_share(idxs: list[int], report: bool) -> list[np.ndarray]:
+        nonlocal done
         out: list[np.ndarray] = []
         for k in range(0, len(idxs), batch_tiles):
             part = idxs[k : k + batch_tiles]
             shapes = [(slices[i][0].stop - slices[i][0].start, slices[i][1].stop - slices[i][1].start) for i in part]
-            decs = [entropy.Decoder(streams[i]) for i in part]
+            decs = [_tile_decoder(streams[i], i) for i in part]
 
-            def choose(b, t, j, earlier, table, decs=decs):
-                return decs[b].decode_row(table)
+            def choose(b, t, j, earlier, table, decs=decs, part=part):
+                try:
+                    return decs[b].decode_row(table)
+                except FormatError as e:
+                    raise FormatError(f"tile {part[b]}: {e}") from None
 
-            sym = run_tiles(model.prior, shapes, choose, on_step if report else None)
+            def on_step(t, n_active, decs=decs, part=part):
+                nonlocal done
+                if t % 16 == 15:  # a stream that is too short is caught within 16 steps, not at the end
+                    for i, d in zip(part, decs):
+                        _verified(d.check, i)
+                if report:  # only the first share (this process) reports; the others keep pace
+                    done += n_active
+                    if progress and t % 16 == 15:
+                        progress("decode", min(total, done * n_shares), total)
+
+            sym = run_tiles(model.prior, shapes, choose, on_step)
             for b, (r, c) in enumerate(shapes):
+                _verified(decs[b].finish, part[b])
                 out.append(join_groups(sym[b, : r * c], header.bits).reshape(r, c).numpy())
         return out
 
@@ -237,21 +252,39 @@ def decode_streams(model: weights.Model, header: Header, streams: list[bytes], b
     return tokens
 
 
+def _tile_decoder(stream: bytes, tile: int) -> entropy.Decoder:
+    return _verified(lambda: entropy.Decoder(stream), tile)
+
+
+def _verified(fn, tile: int):
+    """fn(), with a FormatError from a tile's stream naming that tile."""
+    try:
+        return fn()
+    except FormatError as e:
+        raise FormatError(f"tile {tile}: {e}") from None
+
+
 def decode_detailed(data: bytes, models: list[weights.Model] | None = None, batch_tiles: int = DEFAULT_BATCH_TILES,
-                    progress: Progress | None = None, workers: int = 1) -> tuple[Header, torch.Tensor, np.ndarray]:
+                    progress: Progress | None = None, workers: int = 1,
+                    max_pixels: int | None = None) -> tuple[Header, torch.Tensor, np.ndarray]:
     header, streams = container.unpack(data)
+    container.check_pixels(header.width, header.height, max_pixels, "the file's image")  # before any work
     model = weights.find(header.model_hash, header.preset, models)
     tokens = decode_streams(model, header, streams, batch_tiles, progress, workers)
+    crc = header.chunk(container.TOKEN_CRC)
+    if crc is not None and crc != container.token_crc(tokens.numpy()):
+        raise FormatError("the decoded tokens do not match the file's token checksum (tCRC): a stream was altered")
     arr = tokens_to_array(model, tokens, header.width, header.height)
     return header, tokens, arr
 
 
 def decode(data: bytes, models: list[weights.Model] | None = None, batch_tiles: int = DEFAULT_BATCH_TILES,
-           progress: Progress | None = None, workers: int = 1) -> Image.Image:
+           progress: Progress | None = None, workers: int = 1, max_pixels: int | None = None) -> Image.Image:
     """The bytes of a .bsq file -> a PIL RGB image (with its ICC profile, if the file has one).
 
     workers > 1 decodes the tiles in that many forked processes (Linux; elsewhere in this one):
-    faster on a multi-core machine, the same pixels.
+    faster on a multi-core machine, the same pixels. Files of more than max_pixels pixels
+    (default container.DEFAULT_MAX_PIXELS) are refused before any decoding.
     """
-    header, _, arr = decode_detailed(data, models, batch_tiles, progress, workers)
+    header, _, arr = decode_detailed(data, models, batch_tiles, progress, workers, max_pixels)
     return images.to_pil(arr, header.chunk(b"iCCP"))

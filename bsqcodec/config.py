@@ -6,6 +6,14 @@ import dataclasses
 from dataclasses import dataclass
 
 
+def _check_ints(cfg, **bounds: tuple[int, int]) -> None:
+    """ValueError unless every named field is an int within its bounds (configs come from files)."""
+    for name, (lo, hi) in bounds.items():
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"{name} must be an integer from {lo} to {hi}, not {v!r}")
+
+
 @dataclass(frozen=True)
 class TokenizerConfig:
     patch: int = 8  # pixels per patch side; the token grid is (H/patch, W/patch)
@@ -16,8 +24,9 @@ class TokenizerConfig:
     overlap: bool = True  # final transposed conv has kernel 2*patch (smooths patch seams)
 
     def __post_init__(self) -> None:
-        if not (1 <= self.patch <= 32 and 1 <= self.bits <= 48 and self.channels >= 1):
-            raise ValueError(f"bad tokenizer config {self}")
+        _check_ints(self, patch=(1, 32), channels=(1, 2048), bits=(1, 48), enc_blocks=(0, 32), dec_blocks=(0, 32))
+        if not isinstance(self.overlap, bool):
+            raise ValueError("overlap must be true or false")
 
     def has_prefix(self, other: "TokenizerConfig") -> bool:
         """True when `other` is this tokenizer cut to its first other.bits bits (nested BSQ)."""
@@ -41,6 +50,8 @@ class PriorConfig:
     tile_cols: int = 16
 
     def __post_init__(self) -> None:
+        _check_ints(self, bits=(1, 48), groups=(1, 48), dim=(1, 4096), layers=(1, 64), heads=(1, 4096),
+                    mlp_ratio=(1, 16), tile_rows=(1, 512), tile_cols=(1, 512))
         if self.bits % self.groups or self.bits // self.groups > 12:
             raise ValueError("bits must split into groups of at most 12 bits")
         if self.dim % self.heads or self.dim // self.heads > 128:

@@ -15,9 +15,19 @@ from .errors import ChecksumError, FormatError, LimitError, VersionError
 
 MAGIC = b"BSQC"
 MAJOR = 1
-MINOR = 1  # the newest minor version this module reads and writes
+MINOR = 2  # the newest minor version this module reads and writes
+TOKEN_CRC = b"tCRC"  # 1.2: CRC-32 of the decoded tokens (section 5 of formats/bsq.md)
 MAX_BITS_V1_0 = 32  # 1.1 widened token bits to 48
 MAX_DIM = 16384  # width and height are 1..MAX_DIM
+DEFAULT_MAX_PIXELS = 89_478_485  # the pixel budget of encode and decode unless raised (Pillow's own default)
+
+
+def check_pixels(width: int, height: int, max_pixels: int | None, what: str = "the image") -> None:
+    """LimitError if width x height is over the pixel budget (None: DEFAULT_MAX_PIXELS)."""
+    budget = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+    if width * height > budget:
+        raise LimitError(f"{what} is {width}x{height} = {width * height} pixels, over the budget of {budget} "
+                         "(raise it with --max-pixels)")
 MAX_NAME = 32
 MAX_CHUNKS = 64
 MAX_CHUNK_BYTES = 1 << 24
@@ -28,9 +38,19 @@ _FIXED = struct.Struct("<4sBBHIIBBBBHHB")  # magic .. name length; 25 bytes
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
-def lowest_minor(bits: int) -> int:
-    """The lowest minor version that can hold tokens of `bits` bits (writers use it)."""
+def lowest_minor(bits: int, token_crc: bool = False) -> int:
+    """The lowest minor version that can hold tokens of `bits` bits, and a tCRC chunk (writers use it)."""
+    if token_crc:
+        return 2
     return 1 if bits > MAX_BITS_V1_0 else 0
+
+
+def token_crc(tokens) -> bytes:
+    """The tCRC chunk's content: CRC-32 of the token grid in raster order, each token a little-endian u64."""
+    import numpy as np
+
+    grid = np.ascontiguousarray(np.asarray(tokens, dtype="<u8"))
+    return struct.pack("<I", zlib.crc32(grid.tobytes()))
 
 
 @dataclass
@@ -95,6 +115,9 @@ class Header:
                 raise FormatError(f"bad chunk type {t!r}")
             if len(d) > MAX_CHUNK_BYTES:
                 raise LimitError("chunk too large")
+        crcs = [d for t, d in self.chunks if t == TOKEN_CRC]
+        if len(crcs) > 1 or any(len(d) != 4 for d in crcs):
+            raise FormatError("bad tCRC chunk (one chunk of 4 bytes)")
 
 
 def pack(header: Header, streams: list[bytes]) -> bytes:

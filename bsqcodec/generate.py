@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import codec, weights
+from . import codec, container, weights
 from .autoregress import run_tiles
 from .errors import BsqError
 from .tokenizer import join_groups, split_groups
@@ -81,11 +81,14 @@ def sample_tokens(model: weights.Model, rows: int, cols: int, sampler: Sampler |
         if progress and t % 16 == 15:
             progress("sample", done, total)
 
-    out = run_tiles(model.prior, shapes, choose, on_step)
     tokens = torch.zeros(count, rows, cols, dtype=torch.int64)
-    for b, (r, c) in enumerate(shapes):
-        rs, cs = slices[b % n_tiles]
-        tokens[b // n_tiles, rs, cs] = join_groups(out[b, : r * c], cfg.bits).reshape(r, c)
+    for k in range(0, len(shapes), codec.DEFAULT_BATCH_TILES):  # bounded memory: a batch of tiles at a time
+        part = range(k, min(len(shapes), k + codec.DEFAULT_BATCH_TILES))
+        out = run_tiles(model.prior, [shapes[b] for b in part], lambda i, t, j, e, tab: choose(part[i], t, j, e, tab), on_step)
+        for i, b in enumerate(part):
+            r, c = shapes[b]
+            rs, cs = slices[b % n_tiles]
+            tokens[b // n_tiles, rs, cs] = join_groups(out[i, : r * c], cfg.bits).reshape(r, c)
     if progress:
         progress("sample", total, total)
     return tokens if isinstance(sampler, list) or count > 1 else tokens[0]
@@ -93,7 +96,8 @@ def sample_tokens(model: weights.Model, rows: int, cols: int, sampler: Sampler |
 
 def generate(model: weights.Model, n: int, width: int, height: int, seed: int = 0, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, progress=None) -> list[np.ndarray]:
-    """n sampled images of width x height pixels, (H, W, 3) uint8 each."""
+    """n sampled images of width x height pixels, (H, W, 3) uint8 each (all of them within the pixel budget)."""
+    container.check_pixels(width, height * n, None, f"{n} images of {width}x{height}")
     p = model.config.tokenizer.patch
     rows, cols = -(-height // p), -(-width // p)
     samplers = [Sampler(seed * 1_000_003 + i, temperature, top_k, top_p) for i in range(n)]

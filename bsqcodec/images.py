@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .container import MAX_DIM
+from .container import DEFAULT_MAX_PIXELS, MAX_DIM, check_pixels
 from .errors import ImageError, LimitError
-
-Image.MAX_IMAGE_PIXELS = MAX_DIM * MAX_DIM
 
 
 def to_rgb(img: Image.Image) -> tuple[np.ndarray, list[str]]:
@@ -42,38 +40,47 @@ def to_rgb(img: Image.Image) -> tuple[np.ndarray, list[str]]:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy(), notes
 
 
-def read(path: str | os.PathLike) -> tuple[np.ndarray, bytes | None, list[str]]:
-    """An image file -> (RGB array, ICC profile or None, warnings). Errors are ImageError/LimitError."""
+def read(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[np.ndarray, bytes | None, list[str]]:
+    """An image file -> (RGB array, ICC profile or None, warnings). Errors are ImageError/LimitError.
+
+    The size is checked against the pixel budget (container.check_pixels) before any pixel is decoded.
+    """
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
         raise ImageError(f"{path} is a directory")
-    return _read(path, str(path))
+    return _read(path, str(path), max_pixels)
 
 
-def read_data(data: bytes, name: str = "<stdin>") -> tuple[np.ndarray, bytes | None, list[str]]:
+def read_data(data: bytes, name: str = "<stdin>", max_pixels: int | None = None) -> tuple[np.ndarray, bytes | None, list[str]]:
     """read() for the bytes of an image file (standard input); the same pixels as from the file."""
-    return _read(io.BytesIO(data), name)
+    return _read(io.BytesIO(data), name, max_pixels)
 
 
-def _read(source, path: str) -> tuple[np.ndarray, bytes | None, list[str]]:
+def _read(source, path: str, max_pixels: int | None) -> tuple[np.ndarray, bytes | None, list[str]]:
+    old_limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's own check, at our budget, for the time of this call (it warns above the budget)
+            Image.MAX_IMAGE_PIXELS = max(1, min(MAX_DIM * MAX_DIM, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels))
             with Image.open(source) as img:
                 w, h = img.size
                 if not (1 <= w <= MAX_DIM and 1 <= h <= MAX_DIM):
                     raise LimitError(f"{path}: image is {w}x{h}; width and height must be 1..{MAX_DIM}")
+                check_pixels(w, h, max_pixels, path)
                 img.load()
                 icc = img.info.get("icc_profile")
                 arr, notes = to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise LimitError(f"{path}: image is too large") from None
+        raise LimitError(f"{path}: image is too large for the pixel budget (raise it with --max-pixels)") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError, struct.error) as e:
         raise ImageError(f"{path}: cannot read image ({e})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old_limit
     return arr, (bytes(icc) if icc else None), notes
 
 

@@ -168,10 +168,65 @@ class KVCache:
         return self.k[layer, :, :, : pos + T], self.v[layer, :, :, : pos + T]
 
 
+def expected_tensors(cfg: PriorConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype, float, float]]:
+    """Every tensor of an exported prior: name -> (shape, dtype, least value, greatest value).
+
+    IntPrior accepts exactly these: the bounds are the ones its exactness arguments rely on
+    (shifts s >= 2 keep acc * M / 2^s + b + 1/2 below 2^52, so the rounding is exact).
+    """
+    D, n, G = cfg.dim, 2**cfg.group_bits, cfg.groups
+    H = cfg.mlp_ratio * D
+    i64, i8 = torch.int64, torch.int8
+    emb = (-RES_MAX, RES_MAX)
+    out = {
+        "tok_emb": ((G * n, D), i64, *emb), "start": ((D,), i64, *emb), "row_emb": ((cfg.tile_rows, D), i64, *emb),
+        "col_emb": ((cfg.tile_cols, D), i64, *emb), "cond_emb": ((max(1, (G - 1) * n), D), i64, *emb),
+        "att_exp_table": ((ATT_LEN + 1,), i64, 0, ATT_ONE), "out_exp_table": ((OUT_LEN + 1,), i64, 0, OUT_ONE),
+    }
+
+    def linear(name: str, n_out: int, n_in: int) -> None:
+        out[f"{name}.w"] = ((n_out, n_in), i8, -127, 127)
+        out[f"{name}.m"] = ((n_out,), i64, 1, 2**MULT_BITS - 1)
+        out[f"{name}.s"] = ((), i64, 2, 60)
+        out[f"{name}.b"] = ((n_out,), i64, -(2**31), 2**31)
+
+    for i in range(cfg.layers):
+        p = f"blocks.{i}."
+        linear(p + "qkv", 3 * D, D)
+        linear(p + "proj", D, D)
+        linear(p + "fc1", H, D)
+        linear(p + "fc2", D, H)
+        out[p + "gelu_table"] = ((2 * QMAX + 1,), i64, -QMAX, QMAX)
+        out[p + "att_m"] = ((), i64, 1, 2**22 - 1)
+        out[p + "att_s"] = ((), i64, 2, 60)
+    for j in range(G):
+        linear(f"heads.{j}", n, D)
+    return out
+
+
+def validate(cfg: PriorConfig, t: dict[str, torch.Tensor]) -> None:
+    """ValueError naming the first tensor that is missing, extra, or of the wrong shape, dtype or range."""
+    if cfg.dim * cfg.mlp_ratio > MAX_IN:
+        raise ValueError(f"the MLP is wider than {MAX_IN}, too wide for exact products")
+    want = expected_tensors(cfg)
+    extra = sorted(set(t) - set(want))
+    if extra:
+        raise ValueError(f"unexpected tensor {extra[0]!r}")
+    for name, (shape, dtype, lo, hi) in want.items():
+        if name not in t:
+            raise ValueError(f"missing tensor {name!r}")
+        v = t[name]
+        if tuple(v.shape) != shape or v.dtype != dtype:
+            raise ValueError(f"tensor {name!r} is {v.dtype} {tuple(v.shape)}, not {dtype} {shape}")
+        if v.numel() and (int(v.min()) < lo or int(v.max()) > hi):
+            raise ValueError(f"tensor {name!r} has values outside {lo}..{hi}")
+
+
 class IntPrior:
     """The prior's integer-exact inference path; built from exported integer tensors."""
 
     def __init__(self, cfg: PriorConfig, t: dict[str, torch.Tensor], device="cpu") -> None:
+        validate(cfg, t)
         self.cfg = cfg
         self.device = torch.device(device)
         dev = self.device

@@ -97,13 +97,16 @@ def build(config: ModelConfig, tokenizer_state: dict, prior_tensors: dict, devic
 def from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], device="cpu") -> Model:
     if config.tokenizer.bits != config.prior.bits:
         raise ModelError("tokenizer and prior disagree on bits per token")
+    for k, v in tensors.items():
+        if k.startswith("tokenizer.") and not torch.isfinite(v.float()).all():
+            raise ModelError(f"bad model file: tensor {k!r} is not finite")
     tok = Tokenizer(config.tokenizer)
     tstate = _tokenizer_state(tensors)
     try:
         tok.load_state_dict(tstate, strict=True)
         prior = IntPrior(config.prior, {k[len("prior."):]: v for k, v in tensors.items() if k.startswith("prior.")}, device)
-    except (RuntimeError, KeyError) as e:
-        raise ModelError(f"model tensors do not match its config: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ModelError(f"bad model file: its tensors do not match its config: {str(e).splitlines()[0]}") from None
     tok.eval()
     return Model(config, tok, prior, tensors, canonical_hash(config, tensors))
 
@@ -136,24 +139,36 @@ def _read(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]
         raise ModelError(f"{path} is not a bsqcodec model file")
     try:
         config = ModelConfig.from_dict(json.loads(meta["config"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelError(f"{path} has a bad config: {e}") from None
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:
+        raise ModelError(f"bad model file {path}: bad config ({e})") from None
     return config, tensors
 
 
 @lru_cache(maxsize=None)
-def _installed_cached(key: tuple) -> dict[str, tuple[str, bytes]]:
-    out = {}
+def _installed_cached(key: tuple) -> tuple[dict[str, tuple[str, bytes]], dict[str, str]]:
+    out, broken = {}, {}
     for p in sorted(MODELS_DIR.glob("*.safetensors")):
-        config, tensors = _read(p)  # name and hash only; a model is built when it is used
+        try:
+            config, tensors = _read(p)  # name and hash only; a model is built when it is used
+        except ModelError as e:  # a broken file affects only the files that need it
+            broken[p.stem] = str(e)
+            continue
         out[config.name] = (str(p), canonical_hash(config, tensors))
-    return out
+    return out, broken
+
+
+def _installed_files() -> tuple:
+    return tuple((p.name, p.stat().st_mtime_ns) for p in sorted(MODELS_DIR.glob("*.safetensors")))
 
 
 def installed() -> dict[str, tuple[str, bytes]]:
-    """Preset name -> (file, hash) of every model shipped in the package."""
-    files = tuple((p.name, p.stat().st_mtime_ns) for p in sorted(MODELS_DIR.glob("*.safetensors")))
-    return _installed_cached(files)
+    """Preset name -> (file, hash) of every readable model shipped in the package."""
+    return _installed_cached(_installed_files())[0]
+
+
+def broken() -> dict[str, str]:
+    """File stem -> error of every installed model file that cannot be read."""
+    return _installed_cached(_installed_files())[1]
 
 
 _loaded: dict[str, Model] = {}
@@ -173,6 +188,8 @@ def preset(name: str) -> Model:
         name = LADDER[int(name[1:]) - 1].name
     inst = installed()
     if name not in inst:
+        if name in broken():
+            raise ModelError(f"installed preset {name!r} is broken: {broken()[name]}")
         known = ", ".join(sorted(inst)) or "none"
         raise ModelNotFoundError(f"unknown preset {name!r} (installed: {known})")
     return _load_cached(inst[name][0])
@@ -186,6 +203,8 @@ def find(model_hash: bytes, name: str, extra: list[Model] | None = None) -> Mode
     for pname, (path, h) in installed().items():
         if h == model_hash:
             return _load_cached(path)
+    if name in broken():
+        raise ModelError(f"the file needs preset {name!r}, whose installed file is broken: {broken()[name]}")
     raise ModelNotFoundError(
         f"model {name!r} ({model_hash.hex()[:16]}...) is not installed; pass the model file with --model"
     )
@@ -193,10 +212,12 @@ def find(model_hash: bytes, name: str, extra: list[Model] | None = None) -> Mode
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """A training checkpoint: {step, config, model, ...}."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ModelError(f"cannot read checkpoint {path}: {e}") from None
+    import pickle
+
+    try:  # weights_only: tensors, numbers, strings, lists and dicts; never code from the file
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raise ModelError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def load_tokenizer_any(path: str | os.PathLike) -> Tokenizer:
