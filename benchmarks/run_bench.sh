@@ -12,4 +12,4 @@ for p in q1 q2 q3 q4 q5 "$@"; do
 done
 mkdir -p "$here/results"
 bsqc bench "$dir" "${args[@]}" --sweep --json "$here/results/bench-$name.json" --csv "$here/results/bench-$name.csv" \
-  --plot "$here/results/bench-$name.png"
+  --plot "$here/results/bench-$name.png" --force

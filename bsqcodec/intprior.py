@@ -27,6 +27,11 @@ import torch
 
 from .config import PriorConfig
 
+# The arithmetic below is the versioned definition in formats/intprior.md. Any change to a constant, a
+# rounding or an operation's order that alters a table is a new version: model files name the version
+# they were exported for ("intprior" metadata) and a model of another version is refused.
+VERSION = "1"
+
 FRAC = 10
 RES_MAX = 2**20  # |x| <= 2^20 keeps sum((x - mean)^2) below 2^53 for dim <= 1024
 LN_SCALE = 256
@@ -220,6 +225,8 @@ def validate(cfg: PriorConfig, t: dict[str, torch.Tensor]) -> None:
             raise ValueError(f"tensor {name!r} is {v.dtype} {tuple(v.shape)}, not {dtype} {shape}")
         if v.numel() and (int(v.min()) < lo or int(v.max()) > hi):
             raise ValueError(f"tensor {name!r} has values outside {lo}..{hi}")
+    if int(t["att_exp_table"][0]) < 1:  # the largest dot's weight: attention never divides by 0
+        raise ValueError("tensor 'att_exp_table' must start with a positive weight")
 
 
 class IntPrior:

@@ -20,6 +20,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import ModelError, ModelNotFoundError
+from .intprior import VERSION as INTPRIOR_VERSION
 from .intprior import IntPrior
 from .tokenizer import Tokenizer
 
@@ -117,7 +118,8 @@ def save(model: Model, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(model.tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(model.config.to_dict())})
+    save_file(model.tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(model.config.to_dict()),
+                                                 "intprior": INTPRIOR_VERSION})
     os.replace(tmp, path)
 
 
@@ -137,6 +139,10 @@ def _read(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]
         raise ModelError(f"cannot read model file {path}: {e}") from None
     if meta.get("format") != FORMAT:
         raise ModelError(f"{path} is not a bsqcodec model file")
+    version = meta.get("intprior", "1")  # files from before the key existed are version 1
+    if version != INTPRIOR_VERSION:
+        raise ModelError(f"{path} needs integer prior arithmetic version {version}; this bsqcodec "
+                         f"implements version {INTPRIOR_VERSION} (formats/intprior.md)")
     try:
         config = ModelConfig.from_dict(json.loads(meta["config"]))
     except (KeyError, TypeError, ValueError, ArithmeticError) as e:

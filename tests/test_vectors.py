@@ -68,3 +68,46 @@ def test_vector_decodes_to_recorded_tokens(vector_model, name):
 def test_vector_model_hash_is_stable(vector_model):
     h, _ = container.unpack((VEC / "v1-1x1.bsq").read_bytes())
     assert h.model_hash == vector_model.sha256
+
+
+# ---- one vector per shipped preset: any change that alters how a shipped model decodes fails here ----
+PRESET_VEC = VEC / "presets"
+REGEN_PRESETS = os.environ.get("BSQ_REGENERATE_PRESET_VECTORS") == "1"  # only when a preset is added or retrained
+
+
+def _preset_image() -> np.ndarray:
+    """136x72 pixels: with 8x8 patches two tiles of a 16x16-token tiling, one of them an edge tile."""
+    rng = np.random.default_rng(11)
+    small = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(small).resize((136, 72), Image.BICUBIC)).astype(int)
+    return np.clip(smooth + _image(136, 72) // 4 - 32, 0, 255).astype(np.uint8)
+
+
+def _installed_presets() -> list[str]:
+    return sorted(weights.installed())
+
+
+if REGEN_PRESETS:
+    PRESET_VEC.mkdir(parents=True, exist_ok=True)
+    for _name in _installed_presets():
+        _enc = codec.encode_array(_preset_image(), weights.preset(_name))
+        (PRESET_VEC / f"{_name}.bsq").write_bytes(_enc.data)
+        (PRESET_VEC / f"{_name}.tokens.json").write_text(
+            json.dumps({"grid": list(_enc.tokens.shape), "tokens": _enc.tokens.reshape(-1).tolist()}) + "\n")
+
+
+def test_every_shipped_preset_has_a_vector_and_every_vector_a_preset():
+    have = sorted(p.name[: -len(".bsq")] for p in PRESET_VEC.glob("*.bsq"))
+    assert have == _installed_presets()
+
+
+@pytest.mark.parametrize("name", _installed_presets())
+def test_preset_vector_decodes_to_recorded_tokens_and_bytes(name):
+    data = (PRESET_VEC / f"{name}.bsq").read_bytes()
+    expected = json.loads((PRESET_VEC / f"{name}.tokens.json").read_text())
+    want = torch.tensor(expected["tokens"]).reshape(expected["grid"])
+    header, tokens, arr = codec.decode_detailed(data)  # the installed model, found by its hash
+    assert header.preset == name and torch.equal(tokens, want) and arr.shape == (72, 136, 3)
+    model = weights.preset(name)
+    streams, _ = codec.encode_tokens(model, header, want)
+    assert container.pack(header, streams) == data
