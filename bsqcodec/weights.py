@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -88,6 +89,50 @@ def _tokenizer_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+MAX_TOKENIZER_PARAMS = 50_000_000  # a model file may not make the decoder allocate more than this
+
+
+def tokenizer_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tokenizer parameter for a TokenizerConfig, without building one."""
+    c, p, L = cfg.channels, cfg.patch, cfg.bits
+    k = 2 * p if cfg.overlap else p
+    conv3 = {"weight": (c, c, 3, 3), "bias": (c,)}
+    out = {"patchify.weight": (c, 3, p, p), "patchify.bias": (c,)}
+    out.update({f"enc_conv.{n}": s for n, s in conv3.items()})
+    for part, n_blocks in (("enc_blocks", cfg.enc_blocks), ("dec_blocks", cfg.dec_blocks)):
+        for i in range(n_blocks):
+            for conv in ("conv1", "conv2"):
+                out.update({f"{part}.{i}.{conv}.{n}": s for n, s in conv3.items()})
+    out.update({"to_code.weight": (L, c, 1, 1), "to_code.bias": (L,), "from_code.weight": (c, L, 1, 1),
+                "from_code.bias": (c,)})
+    out.update({f"dec_conv.{n}": s for n, s in conv3.items()})
+    out.update({"unpatchify.weight": (c, 3, k, k), "unpatchify.bias": (3,)})
+    return out
+
+
+def _check_tokenizer_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """ModelError unless the tokenizer tensors are exactly the config's: names, shapes, dtypes, finite."""
+    want = tokenizer_shapes(config.tokenizer)
+    if sum(math.prod(s) for s in want.values()) > MAX_TOKENIZER_PARAMS:
+        raise ModelError("bad model file: its tokenizer is too large")
+    names = {f"tokenizer.{k}" for k in want} | {f"tokenizer.{k}.scale" for k, s in want.items() if len(s) >= 2}
+    extra = sorted(k for k in tensors if k.startswith("tokenizer.") and k not in names)
+    if extra:
+        raise ModelError(f"bad model file: unexpected tensor {extra[0]!r}")
+    floats = (torch.float16, torch.float32)
+    for k, shape in want.items():
+        v, scale = tensors.get(f"tokenizer.{k}"), tensors.get(f"tokenizer.{k}.scale")
+        if v is None:
+            raise ModelError(f"bad model file: missing tensor 'tokenizer.{k}'")
+        ok = tuple(v.shape) == shape and (v.dtype == torch.int8 if scale is not None else v.dtype in floats)
+        if scale is not None:
+            ok = ok and tuple(scale.shape) == shape[:1] and scale.dtype in floats and bool(torch.isfinite(scale).all())
+        elif ok:
+            ok = bool(torch.isfinite(v).all())
+        if not ok:
+            raise ModelError(f"bad model file: tensor 'tokenizer.{k}' has the wrong shape, type or values")
+
+
 def build(config: ModelConfig, tokenizer_state: dict, prior_tensors: dict, device="cpu") -> Model:
     # the tokenizer ships as int8 weights (half the bytes of float16); it computes in float32 after loading
     tensors = _tokenizer_tensors(tokenizer_state)
@@ -98,9 +143,7 @@ def build(config: ModelConfig, tokenizer_state: dict, prior_tensors: dict, devic
 def from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], device="cpu") -> Model:
     if config.tokenizer.bits != config.prior.bits:
         raise ModelError("tokenizer and prior disagree on bits per token")
-    for k, v in tensors.items():
-        if k.startswith("tokenizer.") and not torch.isfinite(v.float()).all():
-            raise ModelError(f"bad model file: tensor {k!r} is not finite")
+    _check_tokenizer_tensors(config, tensors)
     tok = Tokenizer(config.tokenizer)
     tstate = _tokenizer_state(tensors)
     try:

@@ -81,11 +81,6 @@ class TestCodec:
             with pytest.raises(BsqError):
                 codec.decode(bytes(bad), models=[tiny_model])
 
-    @given(st.binary(max_size=200))
-    def test_invalid_arbitrary_bytes(self, tiny_model, blob):
-        with pytest.raises(BsqError):
-            codec.decode(blob, models=[tiny_model])
-
     def test_invalid_geometry_mismatch(self, tiny_model):
         enc = codec.encode_array(random_image(7, 8, 8), tiny_model)
         h, streams = container.unpack(enc.data)

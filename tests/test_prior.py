@@ -120,7 +120,10 @@ class TestIntegerExactness:
             return
         n = int_layernorm(x) / 256
         ref = torch.nn.functional.layer_norm(x / 1024, (x.shape[-1],)).clamp(-2047 / 256, 2047 / 256)
-        assert (n - ref).abs().max() < 0.01
+        # the integer mean is floored (off by under one unit: 1/sigma after normalizing) and the
+        # output rounded to 1/256; beyond that the two agree
+        sigma = float(x.std(unbiased=False))
+        assert (n - ref).abs().max() < 1 / sigma + 1 / 256 + 1e-3
 
 
 @given(st.integers(0, 2**31 - 1), st.sampled_from([1, 7, 192, 4096]), st.booleans())
