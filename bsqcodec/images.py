@@ -103,7 +103,7 @@ def encode_image(img: Image.Image, path: str | os.PathLike) -> bytes:
     fmt = format_for(Path(path).suffix)
     if fmt is None:
         raise ImageError(f"{path}: unknown image format (use .png, .jpg, .webp, ...)")
-    kw = {}
+    kw = {"compress_level": 1} if fmt == "PNG" else {}  # 7x faster than level 6 for 10% more bytes
     icc = img.info.get("icc_profile")
     if icc and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
         kw["icc_profile"] = icc

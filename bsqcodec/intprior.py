@@ -223,7 +223,8 @@ def validate(cfg: PriorConfig, t: dict[str, torch.Tensor]) -> None:
         v = t[name]
         if tuple(v.shape) != shape or v.dtype != dtype:
             raise ValueError(f"tensor {name!r} is {v.dtype} {tuple(v.shape)}, not {dtype} {shape}")
-        if v.numel() and (int(v.min()) < lo or int(v.max()) > hi):
+        least, most = torch.aminmax(v) if v.numel() else (lo, hi)
+        if int(least) < lo or int(most) > hi:
             raise ValueError(f"tensor {name!r} has values outside {lo}..{hi}")
     if int(t["att_exp_table"][0]) < 1:  # the largest dot's weight: attention never divides by 0
         raise ValueError("tensor 'att_exp_table' must start with a positive weight")
