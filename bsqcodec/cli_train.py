@@ -72,6 +72,8 @@ def train_tokenizer(
     code_lr_mult: Annotated[float, typer.Option(help="Learning-rate factor for the BSQ projections.")] = 1.0,
     bf16: Annotated[bool, typer.Option(help="bfloat16 autocast for the forward pass (about 1.8x faster on CPUs "
                                             "with bf16 dot products; weights stay float32).")] = False,
+    ema: Annotated[float, typer.Option(help="Keep an exponential moving average of the weights with this decay "
+                                            "(e.g. 0.999); it is evaluated and exported. 0: none.")] = 0.0,
 ) -> None:
     """Train the patch autoencoder (MSE)."""
     try:
@@ -82,7 +84,7 @@ def train_tokenizer(
          steps=steps, batch=batch, crop=crop, lr=lr, seed=seed, resume=resume,
          cache_dir=str(cache_dir) if cache_dir else None, eval_every=eval_every,
          checkpoint_seconds=checkpoint_seconds, threads=threads, init=str(init) if init else None, nested=levels,
-         code_lr_mult=code_lr_mult, bf16=bf16)
+         code_lr_mult=code_lr_mult, bf16=bf16, ema=ema)
 
 
 @train_app.command("prior")
@@ -97,12 +99,15 @@ def train_prior(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where decoded crops and tokens are cached.")] = None,
     eval_every: int = 500, checkpoint_seconds: float = 300.0, threads: int = 0, per_image: int = 16,
     init: Annotated[Optional[Path], typer.Option(help="Start from this prior checkpoint (tensors that fit).")] = None,
+    ema: Annotated[float, typer.Option(help="Keep an exponential moving average of the weights with this decay "
+                                            "(e.g. 0.999); it is evaluated and exported. 0: none.")] = 0.0,
 ) -> None:
     """Train the transformer prior on tokens of a frozen tokenizer (a wider nested one keeps its first bits)."""
     _run("prior", data=str(data), out=str(out), arch=arch, eval_dir=str(eval_dir) if eval_dir else None,
          steps=steps, batch=batch, lr=lr, seed=seed, resume=resume, tokenizer_ckpt=str(tokenizer),
          cache_dir=str(cache_dir) if cache_dir else None, eval_every=eval_every,
-         checkpoint_seconds=checkpoint_seconds, threads=threads, per_image=per_image, init=str(init) if init else None)
+         checkpoint_seconds=checkpoint_seconds, threads=threads, per_image=per_image, init=str(init) if init else None,
+         ema=ema)
 
 
 @train_app.command("export")

@@ -48,6 +48,7 @@ class TrainOptions:
     nested: tuple[int, ...] = ()  # tokenizer stage: each sample keeps one of these bit budgets (repeats weigh more)
     code_lr_mult: float = 1.0  # tokenizer stage: learning-rate factor of the BSQ projections (to_code, from_code)
     bf16: bool = False  # forward pass under bfloat16 autocast (weights and optimizer stay float32)
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: none); evaluated and exported
     log: list = field(default_factory=list)
 
 
@@ -128,6 +129,7 @@ def train(opts: TrainOptions, progress=None) -> dict:
     opt = torch.optim.AdamW(_param_groups(model, opts), lr=opts.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng = np.random.default_rng([opts.seed, rank])
     step = 0
+    ema = None
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -136,6 +138,12 @@ def train(opts: TrainOptions, progress=None) -> dict:
         step = state["step"]
     elif opts.init:
         _init_from(model, opts.stage, opts.init)
+    if opts.ema:
+        if not 0 < opts.ema < 1:
+            raise BsqError("--ema takes a decay between 0 and 1, such as 0.999")
+        ema = build_model(opts.stage, cfg).to(device)
+        ema.load_state_dict(state["ema"] if state is not None and "ema" in state else model.state_dict())
+        ema.eval()
     if opts.nested and (opts.stage != "tokenizer" or max(opts.nested) > cfg.tokenizer.bits or min(opts.nested) < 1):
         raise BsqError(f"--nested takes bit budgets from 1 to {cfg.tokenizer.bits} (tokenizer stage only)")
     train_arr, eval_arr = _dataset(opts, cfg, device)
@@ -159,10 +167,12 @@ def train(opts: TrainOptions, progress=None) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
+            if ema is not None:
+                _ema_update(ema, model, min(opts.ema, (1 + step) / (10 + step)))
             if progress is not None and rank == 0:
                 progress(step=step, loss=loss.item(), metric=metric, elapsed=time.time() - t_start)
             if rank == 0 and (step % opts.eval_every == 0 or step == opts.steps) and eval_arr is not None:
-                ev = evaluate(opts.stage, model, eval_arr, device)
+                ev = evaluate(opts.stage, ema if ema is not None else model, eval_arr, device)
                 opts.log.append({"step": step, "eval": ev})
                 if progress is not None:
                     progress(step=step, eval=ev)
@@ -172,11 +182,11 @@ def train(opts: TrainOptions, progress=None) -> dict:
                 dist.broadcast(flags, 0)
                 save_now, stopping = bool(flags[0]), bool(flags[1])
             if save_now and not stopping and step < opts.steps:
-                _save(ckpt_path, model, opt, rng, step, cfg, opts, rank, world)
+                _save(ckpt_path, model, opt, rng, step, cfg, opts, rank, world, ema)
                 last_save = time.time()
             if stopping:
                 break
-        _save(ckpt_path, model, opt, rng, step, cfg, opts, rank, world)
+        _save(ckpt_path, model, opt, rng, step, cfg, opts, rank, world, ema)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -184,7 +194,14 @@ def train(opts: TrainOptions, progress=None) -> dict:
         dist.barrier()
         dist.destroy_process_group()  # a clean teardown: gloo may abort at exit otherwise
     stopped = step < opts.steps
-    return {"step": step, "config": cfg.to_dict(), "model": model.state_dict(), "interrupted": stopped}
+    final = ema if ema is not None else model
+    return {"step": step, "config": cfg.to_dict(), "model": final.state_dict(), "interrupted": stopped}
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
 
 
 def _main_thread() -> bool:
@@ -193,7 +210,7 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _save(path, model, opt, rng, step, cfg, opts, rank, world) -> None:
+def _save(path, model, opt, rng, step, cfg, opts, rank, world, ema=None) -> None:
     """Called by every rank; rank 0 writes the checkpoint with every rank's sampler state."""
     rngs = [rng.bit_generator.state]
     if world > 1:
@@ -212,6 +229,7 @@ def _save(path, model, opt, rng, step, cfg, opts, rank, world) -> None:
             "rng": rngs,
             "torch_rng": torch.get_rng_state(),
             "tokenizer_ckpt": opts.tokenizer_ckpt,
+            **({"ema": ema.state_dict()} if ema is not None else {}),
         },
     )
 

@@ -277,7 +277,7 @@ def load_tokenizer_any(path: str | os.PathLike) -> Tokenizer:
     state = load_checkpoint(path)
     cfg = ModelConfig.from_dict(state["config"])
     tok = Tokenizer(cfg.tokenizer)
-    tok.load_state_dict(state["model"])
+    tok.load_state_dict(state.get("ema", state["model"]))  # the averaged weights, where the run kept them
     return tok.eval()
 
 

@@ -73,6 +73,25 @@ def test_resume_is_exact(dataset, arch, tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_ema_is_kept_resumed_exactly_and_exported(dataset, arch, tmp_path):
+    a = train(_opts("tokenizer", dataset, tmp_path / "a", arch, steps=6, ema=0.9))
+    train(_opts("tokenizer", dataset, tmp_path / "b", arch, steps=3, ema=0.9))
+    b = train(_opts("tokenizer", dataset, tmp_path / "b", arch, steps=6, ema=0.9, resume=True))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    st = weights.load_checkpoint(tmp_path / "a" / "tokenizer.ckpt")
+    assert any(not torch.equal(st["ema"][k], st["model"][k]) for k in st["model"])  # really an average
+    assert all(torch.equal(a["model"][k], st["ema"][k]) for k in a["model"])  # what a run returns and exports
+    tok = weights.load_tokenizer_any(tmp_path / "a" / "tokenizer.ckpt")
+    assert all(torch.equal(v, st["ema"][k]) for k, v in tok.state_dict().items())
+
+
+def test_bf16_training_keeps_float32_weights(dataset, arch, tmp_path):
+    r = train(_opts("tokenizer", dataset, tmp_path / "a", arch, steps=6, bf16=True))
+    assert r["step"] == 6 and all(torch.isfinite(v).all() for v in r["model"].values())
+    assert all(v.dtype == torch.float32 for v in r["model"].values() if v.is_floating_point())
+
+
 def test_seed_reproducible(dataset, arch, tmp_path):
     a = train(_opts("tokenizer", dataset, tmp_path / "a", arch, steps=3, seed=5))
     b = train(_opts("tokenizer", dataset, tmp_path / "b", arch, steps=3, seed=5))
