@@ -147,7 +147,8 @@ class TestModelFiles:
         with pytest.raises(ModelError, match="bad model file"):
             weights.load(self._save(tiny_model, tmp_path, config=bad))
 
-    @pytest.mark.parametrize("change", ["shape", "dtype", "range", "extra", "missing", "shift", "nan"])
+    @pytest.mark.parametrize("change", ["shape", "dtype", "range", "extra", "missing", "shift", "nan", "tok_shape",
+                                        "tok_scale", "tok_extra"])
     def test_bad_tensors_are_rejected(self, tiny_model, tmp_path, change):
         t = dict(tiny_model.tensors)
         if change == "shape":
@@ -162,6 +163,12 @@ class TestModelFiles:
             del t["prior.heads.0.b"]
         elif change == "shift":
             t["prior.blocks.0.att_s"] = torch.tensor(0)
+        elif change == "tok_shape":
+            t["tokenizer.dec_conv.weight"] = t["tokenizer.dec_conv.weight"].reshape(-1)[:-1].clone()
+        elif change == "tok_scale":
+            t["tokenizer.dec_conv.weight.scale"] = t["tokenizer.dec_conv.weight.scale"][:-1].clone()
+        elif change == "tok_extra":
+            t["tokenizer.surprise"] = torch.zeros(2)
         else:
             k = next(k for k in t if k.startswith("tokenizer.") and t[k].is_floating_point())
             t[k] = t[k].clone().fill_(float("nan"))
