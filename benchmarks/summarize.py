@@ -96,6 +96,50 @@ def results_section(bench: dict) -> str:
     return "\n".join(out)
 
 
+def other_dataset_section(bench: dict) -> str:
+    """Matched-PSNR totals of a bench on another dataset (CBSD68, McMaster): generalisation."""
+    n = bench["images"]
+    rows = [f"| preset | bytes ({n} images) | bpp | PSNR (dB) | MS-SSIM | JPEG | WebP | AVIF | JPEG XL |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for preset, t in bench["totals"].items():
+        ratios = " | ".join(f"{t['matched'][c]['ratio']:.3f}x" if t["matched"].get(c, {}).get("ratio") else "-" for c in CODECS)
+        rows.append(f"| {preset} | {t['bsqc_bytes']} | {t['bpp']:.4f} | {t['mean_psnr']:.2f} | {t['mean_ms_ssim']:.4f} | {ratios} |")
+    rng = bench.get("bd_rate_psnr_range_db", {})
+    bd = ", ".join(f"{c.upper()} undefined ({_why(bench, c)})" if v is None else
+                   f"{c.upper()} {v:+.1f}% (over {rng[c][0]:.2f}-{rng[c][1]:.2f} dB)" if c in rng else f"{c} {v:+.1f}%"
+                   for c, v in bench["bd_rate_psnr"].items()) or "not available"
+    name = bench["dataset"]
+    return "\n".join([f"### {name}, matched PSNR (`results/bench-{name}.json`, `.csv`, `.png`)", "", *rows, "",
+                      f"![rate-distortion on {name}](results/bench-{name}.png)", "", f"BD-rate (PSNR) of bsqc: {bd}.", ""])
+
+
+def robustness_section() -> str:
+    out = []
+    dl = load("decode-load-default.json")
+    if dl:
+        out += ["### Decoding as a whole process, idle and under load (`results/decode-load-default.json`)", "",
+                f"`bsqc decode` of {dl['image']} with the {dl['preset']} preset on {dl['cpus']} cores: "
+                f"{dl['whole_idle_best']:.2f} s as a whole process, {dl['net_idle_best']:.2f} s net of importing torch, "
+                f"numpy, Pillow, constriction, typer and rich (best of {dl['runs']}); beside {dl['busy_processes']} "
+                f"CPU-bound processes the slowest of {dl['runs']} took {dl['busy_slowest']:.2f} s, "
+                f"{dl['busy_slowest_over_idle_best']:.2f}x the idle time.", ""]
+        old = load("decode-load-default-30a1dd8.json")
+        if old:
+            out[-2] += (f" Before the single-threaded prior and its worker processes (commit 30a1dd8): "
+                        f"{old['net_idle_best']:.2f} s net, {old['busy_slowest_over_idle_best']:.1f}x under load.")
+    fz = load("fuzz.json")
+    if fz:
+        out += ["### Fuzzing (`results/fuzz.json`)", "",
+                f"{fz['cases']} structured mutations with valid checksums ({', '.join(fz['by_kind'])}): "
+                f"{fz['outcomes'].get('rejected', 0)} rejected with one error, {fz['outcomes'].get('accepted_same', 0)} "
+                f"decoded to the original tokens (harmless changes), {fz['outcomes'].get('accepted_header_variant', 0)} valid "
+                f"header variants, {fz['outcomes'].get('accepted_model', 0)} model files still valid; "
+                f"crashes {fz['crashes']}, hangs {fz['hangs']}, silently accepted altered streams "
+                f"{fz['silently_accepted_altered_streams']}; slowest case {fz['slowest_case_seconds']:.2f} s, peak memory "
+                f"{fz['peak_rss_bytes_per_worker'] / 1e6:.0f} MB per worker.", ""]
+    return "\n".join(out)
+
+
 def ladder_table(bench: dict) -> str:
     """The README's quality table: one row per rung that the bench ran."""
     from bsqcodec.config import LADDER
@@ -125,7 +169,13 @@ def main() -> None:
     top.write_text(s)
     readme = HERE / "README.md"
     s = readme.read_text()
-    s = re.sub(r"(<!-- results:begin[^>]*-->\n).*?(<!-- results:end -->)", lambda m: m.group(1) + results_section(bench) + "\n" + m.group(2),
+    section = results_section(bench)
+    for name in ("cbsd68", "mcmaster"):
+        other = load(f"bench-{name}.json")
+        if other and other["models"] == bench["models"]:
+            section += "\n" + other_dataset_section(other)
+    section += "\n" + robustness_section()
+    s = re.sub(r"(<!-- results:begin[^>]*-->\n).*?(<!-- results:end -->)", lambda m: m.group(1) + section + "\n" + m.group(2),
                s, flags=re.S)
     readme.write_text(s)
     card = CARD.read_text()

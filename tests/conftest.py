@@ -33,6 +33,22 @@ def tiny_model() -> weights.Model:
     return weights.random_model(TINY, seed=0)
 
 
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory, tiny_model):
+    """tiny_model saved as a model file (for --model)."""
+    p = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    weights.save(tiny_model, p)
+    return p
+
+
+def empty_streams_file(model, width: int, height: int) -> bytes:
+    """A well-formed file of the model's geometry whose every stream is empty (a crafted file)."""
+    from bsqcodec import codec, container
+
+    h = codec.make_header(model, width, height)
+    return container.pack(h, [b""] * h.tiles)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     n = torch.get_num_threads()

@@ -16,13 +16,6 @@ from bsqcodec.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory, tiny_model):
-    p = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    weights.save(tiny_model, p)
-    return p
-
-
 @pytest.fixture
 def photo(tmp_path):
     rng = np.random.default_rng(0)

@@ -24,13 +24,6 @@ def run(*args, input=None):
     return runner.invoke(app, [str(a) for a in args], input=input)
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory, tiny_model):
-    p = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    weights.save(tiny_model, p)
-    return p
-
-
 @pytest.fixture
 def photos(tmp_path):
     rng = np.random.default_rng(5)

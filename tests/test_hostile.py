@@ -16,7 +16,7 @@ from bsqcodec import codec, container, entropy, weights
 from bsqcodec.cli import app
 from bsqcodec.errors import BsqError, FormatError, LimitError, ModelError
 
-from conftest import smooth_image
+from conftest import empty_streams_file, smooth_image
 
 runner = CliRunner()
 
@@ -79,8 +79,7 @@ class TestStreams:
         assert torch.equal(tokens, encoded.tokens)
 
     def test_empty_streams_for_a_large_image_fail_within_seconds(self, tiny_model, tmp_path):
-        h = codec.make_header(tiny_model, 2000, 1600)
-        data = container.pack(h, [b""] * h.tiles)
+        data = empty_streams_file(tiny_model, 2000, 1600)
         t0 = time.perf_counter()
         with pytest.raises(FormatError, match="tile"):
             codec.decode_detailed(data, [tiny_model])
@@ -96,8 +95,7 @@ class TestStreams:
 
 class TestLimits:
     def test_decode_refuses_a_header_over_the_pixel_budget(self, tiny_model, tmp_path):
-        h = codec.make_header(tiny_model, 16384, 16384)
-        data = container.pack(h, [b""] * h.tiles)
+        data = empty_streams_file(tiny_model, 16384, 16384)
         t0 = time.perf_counter()
         with pytest.raises(LimitError, match="budget"):
             codec.decode_detailed(data, [tiny_model])
