@@ -74,6 +74,15 @@ class TestStreams:
         with pytest.raises(FormatError):
             codec.decode_detailed(container.pack(header, streams), [tiny_model])
 
+    def test_cli_reports_an_altered_stream_in_one_line_and_writes_nothing(self, model_file, encoded, tmp_path):
+        header, streams = container.unpack(encoded.data)
+        rng = np.random.default_rng(9)
+        bad = tmp_path / "bad.bsq"
+        bad.write_bytes(container.pack(header, [rng.integers(0, 256, len(s), dtype=np.uint8).tobytes() for s in streams]))
+        out = tmp_path / "o.png"
+        one_line_exit_1(run("decode", bad, "-o", out, "--model", model_file))
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
     def test_valid_streams_still_decode(self, tiny_model, encoded):
         _, tokens, _ = codec.decode_detailed(encoded.data, [tiny_model])
         assert torch.equal(tokens, encoded.tokens)
