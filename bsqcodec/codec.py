@@ -152,15 +152,15 @@ def encode_to_target(arr: np.ndarray, icc: bytes | None = None, *, target_size: 
             smallest = len(enc.data)
         raise TargetError(f"no quality fits in {target_size} bytes: the smallest file, "
                           f"with preset {models[0].name}, is {smallest} bytes")
-    best = -math.inf
+    best, best_name = -math.inf, ""
     for m in models:
         tokens = image_to_tokens(m, arr)
         q = psnr(arr, tokens_to_array(m, tokens, arr.shape[1], arr.shape[0]))
         if q >= target_psnr:
             return encode_array(arr, m, icc, progress), m
-        best = max(best, q)
-    raise TargetError(f"no quality reaches {target_psnr:g} dB PSNR: the best, preset {models[-1].name}, "
-                      f"gives {best:.2f} dB")
+        if q > best:
+            best, best_name = q, m.name
+    raise TargetError(f"no quality reaches {target_psnr:g} dB PSNR: the best, preset {best_name}, gives {best:.2f} dB")
 
 
 def encode(image: Image.Image | np.ndarray, model: weights.Model | str | None = None,
