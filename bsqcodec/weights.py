@@ -93,21 +93,9 @@ MAX_TOKENIZER_PARAMS = 50_000_000  # a model file may not make the decoder alloc
 
 
 def tokenizer_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tokenizer parameter for a TokenizerConfig, without building one."""
-    c, p, L = cfg.channels, cfg.patch, cfg.bits
-    k = 2 * p if cfg.overlap else p
-    conv3 = {"weight": (c, c, 3, 3), "bias": (c,)}
-    out = {"patchify.weight": (c, 3, p, p), "patchify.bias": (c,)}
-    out.update({f"enc_conv.{n}": s for n, s in conv3.items()})
-    for part, n_blocks in (("enc_blocks", cfg.enc_blocks), ("dec_blocks", cfg.dec_blocks)):
-        for i in range(n_blocks):
-            for conv in ("conv1", "conv2"):
-                out.update({f"{part}.{i}.{conv}.{n}": s for n, s in conv3.items()})
-    out.update({"to_code.weight": (L, c, 1, 1), "to_code.bias": (L,), "from_code.weight": (c, L, 1, 1),
-                "from_code.bias": (c,)})
-    out.update({f"dec_conv.{n}": s for n, s in conv3.items()})
-    out.update({"unpatchify.weight": (c, 3, k, k), "unpatchify.bias": (3,)})
-    return out
+    """Name -> shape of every tokenizer parameter for a TokenizerConfig (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in Tokenizer(cfg).state_dict().items()}
 
 
 def _check_tokenizer_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
