@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import baselines, codec, images, weights
+from . import baselines, codec, images, search, weights
 from .config import LADDER
 from .errors import BsqError
 from .metrics import bd_rate, ms_ssim, overlap, psnr
@@ -39,8 +39,8 @@ def find_images(root: Path, limit: int | None = None) -> list[Path]:
 
 
 def run(root: Path, models: list[weights.Model], limit: int | None = None, codecs=baselines.LOSSY,
-        progress=None, sweep: bool | None = None) -> dict:
-    """The whole benchmark as a JSON-ready dict (schema in benchmarks/README.md)."""
+        progress=None, sweep: bool | None = None, effort: int = search.DEFAULT_EFFORT) -> dict:
+    """The whole benchmark as a JSON-ready dict (schema in benchmarks/README.md); bsqc encodes at `effort`."""
     files = find_images(Path(root), limit)
     usable, notes = [], []
     for c in codecs:
@@ -56,7 +56,7 @@ def run(root: Path, models: list[weights.Model], limit: int | None = None, codec
                "png_bytes": baselines.png_bytes(arr), "bsqc": {}, "matched": {}}
         for m in models:
             t0 = time.perf_counter()
-            data = codec.encode_array(arr, m).data
+            data = codec.encode_array(arr, m, effort=effort).data
             t1 = time.perf_counter()
             out = np.asarray(codec.decode(data, models=[m]))
             t2 = time.perf_counter()
@@ -77,10 +77,10 @@ def run(root: Path, models: list[weights.Model], limit: int | None = None, codec
         per_image.append(row)
         if progress:
             progress("bench", i + 1, len(files))
-    return _summarize(root, models, usable, per_image, curve_pts, sweep, notes)
+    return _summarize(root, models, usable, per_image, curve_pts, sweep, notes, effort)
 
 
-def _summarize(root, models, usable, per_image, curve_pts, sweep, notes) -> dict:
+def _summarize(root, models, usable, per_image, curve_pts, sweep, notes, effort) -> dict:
     totals = {}
     for m in models:
         b = [r["bsqc"][m.name] for r in per_image]
@@ -116,7 +116,7 @@ def _summarize(root, models, usable, per_image, curve_pts, sweep, notes) -> dict
                 bd[c.name] = None
                 notes.append(f"BD-rate against {c.name}: {e}")
     return {"schema": SCHEMA, "dataset": Path(root).name, "images": len(per_image), "presets": [m.name for m in models],
-            "models": {m.name: m.hash_hex for m in models}, "baselines": [c.name for c in usable], "notes": notes,
+            "models": {m.name: m.hash_hex for m in models}, "effort": effort, "baselines": [c.name for c in usable], "notes": notes,
             "totals": totals, "curves": curves, "bd_rate_psnr": bd,
             "bd_rate_psnr_range_db": bd_range, "per_image": per_image}
 

@@ -18,6 +18,7 @@ from .config import LADDER
 from .errors import BsqError
 from .fileio import check_output, read_bytes, write_atomic
 from .progress import LazyProgress
+from .search import DEFAULT_EFFORT, MAX_EFFORT, MIN_EFFORT
 
 app = new_app("bsqc: a learned image codec (patch tokenizer + binary spherical quantization + transformer prior).")
 app.add_typer(train_app, name="train")
@@ -135,6 +136,9 @@ def encode(
     model: Annotated[Optional[Path], typer.Option("--model", show_default=False, help="Use this model file instead of a preset.")] = None,
     target_size: Annotated[Optional[int], typer.Option("--target-size", min=1, show_default=False, help="Use the best quality whose file has at most this many bytes.")] = None,
     target_psnr: Annotated[Optional[float], typer.Option("--target-psnr", show_default=False, help="Use the smallest quality whose decoded image reaches this PSNR (dB).")] = None,
+    effort: Annotated[int, typer.Option("--effort", "-e", min=MIN_EFFORT, max=MAX_EFFORT,
+                                        help="Encoder search: 1 is fastest (the tokenizer's own tokens), 9 slowest with the "
+                                             "smallest files at equal quality. Any effort decodes with the same decoder.")] = DEFAULT_EFFORT,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse images of more pixels than this, before reading them.")] = container.DEFAULT_MAX_PIXELS,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite outputs that exist.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file with the results.")] = False,
@@ -166,14 +170,15 @@ def encode(
         for n in notes:
             err_console.print(f"bsqc: warning: {src}: {n}", markup=False)
         if m is None:
-            enc, used = codec.encode_to_target(arr, icc, target_size=target_size, target_psnr=target_psnr, progress=prog)
+            enc, used = codec.encode_to_target(arr, icc, target_size=target_size, target_psnr=target_psnr, progress=prog,
+                                               effort=effort)
         else:
-            enc, used = codec.encode_array(arr, m, icc, prog), m
+            enc, used = codec.encode_array(arr, m, icc, prog, effort), m
         _write(dst, enc.data, force)
         h, w = arr.shape[:2]
         res = {
             "input": str(src), "output": str(dst), "width": w, "height": h, "preset": used.name, "model": used.hash_hex,
-            "bytes": len(enc.data), "bpp": len(enc.data) * 8 / (w * h), "tokens": int(enc.tokens.numel()),
+            "effort": effort, "bytes": len(enc.data), "bpp": len(enc.data) * 8 / (w * h), "tokens": int(enc.tokens.numel()),
             "token_bits": used.config.tokenizer.bits, "tiles": enc.header.tiles,
             "payload_bytes": len(enc.data) - container.header_size(enc.data) - 4, "estimated_bits": enc.estimated_bits,
         }
@@ -184,7 +189,7 @@ def encode(
 
     def summary(res: dict) -> str:
         return (f"{res['input']} -> {res['output']}: {res['bytes']} bytes, {res['bpp']:.4f} bpp, "
-                f"preset {res['preset']}, PSNR {res['psnr']:.2f} dB, {res['seconds']:.2f} s")
+                f"preset {res['preset']}, effort {res['effort']}, PSNR {res['psnr']:.2f} dB, {res['seconds']:.2f} s")
 
     _run_batch(jobs, work, as_json, quiet, "encode", summary)
 
@@ -304,6 +309,7 @@ def bench(
     plot_out: Annotated[Optional[Path], typer.Option("--plot", help="Write rate-distortion curves as a PNG.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N images.")] = None,
     sweep: Annotated[Optional[bool], typer.Option("--sweep/--no-sweep", help="Sweep baseline qualities for RD curves and BD-rate [default: with several presets or --plot].")] = None,
+    effort: Annotated[int, typer.Option("--effort", "-e", min=MIN_EFFORT, max=MAX_EFFORT, help="bsqc's encoder effort (as in encode).")] = DEFAULT_EFFORT,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite --json/--csv/--plot files that exist.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
@@ -322,10 +328,10 @@ def bench(
     with LazyProgress(err_console, enabled=not quiet) as prog:
         if sweep is None:
             sweep = len(models) > 1 or plot_out is not None
-        res = bench_mod.run(folder, models, limit, progress=prog, sweep=sweep)
+        res = bench_mod.run(folder, models, limit, progress=prog, sweep=sweep, effort=effort)
     for n in res["notes"]:
         err_console.print(f"note: {n}", markup=False)
-    t = Table(title=f"{res['dataset']}: {res['images']} images, bytes at matched PSNR (ratio = codec / bsqc)")
+    t = Table(title=f"{res['dataset']}: {res['images']} images, bytes at matched PSNR (ratio = codec / bsqc), effort {effort}")
     t.add_column("preset")
     t.add_column("bsqc bytes", justify="right")
     t.add_column("bpp", justify="right")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import container, entropy, images, weights
+from . import container, entropy, images, search, weights
 from . import workers as workers_mod
 from .config import LADDER
 from .container import Header
@@ -84,40 +84,82 @@ def make_header(model: weights.Model, width: int, height: int, icc: bytes | None
     return h
 
 
-def encode_tokens(model: weights.Model, header: Header, tokens: torch.Tensor, progress: Progress | None = None) -> tuple[list[bytes], float]:
-    """Token grid -> one range-coded stream per tile, and the ideal code length in bits."""
-    ip = model.prior
-    G = header.groups
+def _tile_tables(model: weights.Model, header: Header, tokens: torch.Tensor):
+    """Yields (tile indices, symbols (B, T, G), tables (B, T, G, n)) for batches of same-shape tiles."""
     slices = tile_slices(header)
-    streams: list[bytes | None] = [None] * len(slices)
-    est = 0.0
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, (rs, cs) in enumerate(slices):
         by_shape.setdefault((rs.stop - rs.start, cs.stop - cs.start), []).append(i)
-    done = 0
     for (r, c), idxs in by_shape.items():
         for k in range(0, len(idxs), ENCODE_BATCH):
             batch = idxs[k : k + ENCODE_BATCH]
             grid = torch.stack([tokens[slices[i]] for i in batch]).reshape(len(batch), r * c)
-            sym = split_groups(grid, header.bits, G)  # (B, T, G)
+            sym = split_groups(grid, header.bits, header.groups)  # (B, T, G)
             with torch.no_grad():
-                tabs = torch.stack(ip.tables(sym, r, c), 2).cpu().numpy()  # (B, T, G, n)
-            for b, i in enumerate(batch):
-                s = sym[b].reshape(-1).numpy()
-                t = tabs[b].reshape(len(s), -1)
-                streams[i] = entropy.encode(s, t)
-                est += entropy.bits(s, t)
-            done += len(batch)
-            if progress:
-                progress("encode", done, len(slices))
+                tabs = torch.stack(model.prior.tables(sym, r, c), 2).cpu()  # (B, T, G, n)
+            yield batch, sym, tabs
+
+
+def encode_tokens(model: weights.Model, header: Header, tokens: torch.Tensor, progress: Progress | None = None) -> tuple[list[bytes], float]:
+    """Token grid -> one range-coded stream per tile, and the ideal code length in bits."""
+    n_tiles = header.tiles
+    streams: list[bytes | None] = [None] * n_tiles
+    est = 0.0
+    done = 0
+    for batch, sym, tabs in _tile_tables(model, header, tokens):
+        tabs = tabs.numpy()
+        for b, i in enumerate(batch):
+            s = sym[b].reshape(-1).numpy()
+            t = tabs[b].reshape(len(s), -1)
+            streams[i] = entropy.encode(s, t)
+            est += entropy.bits(s, t)
+        done += len(batch)
+        if progress:
+            progress("encode", done, n_tiles)
     return streams, est  # type: ignore[return-value]
 
 
-def encode_array(arr: np.ndarray, model: weights.Model | str | None = None, icc: bytes | None = None,
-                 progress: Progress | None = None) -> Encoded:
-    model = _model(model)
+def rate_costs(model: weights.Model, header: Header, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prior's cost in bits of each token bit being 0 and being 1, given the other tokens.
+
+    Each (bits, rows, cols); the context of every token is `tokens` (see search.py).
+    """
+    g = header.bits // header.groups
+    slices = tile_slices(header)
+    shape = (header.bits, *tokens.shape)
+    cost0, cost1 = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    for batch, _, tabs in _tile_tables(model, header, tokens):
+        c0, c1 = search.bit_costs(tabs, g)  # (B, T, G, g) each
+        for b, i in enumerate(batch):
+            rs, cs = slices[i]
+            r, c = rs.stop - rs.start, cs.stop - cs.start
+            cost0[:, rs, cs] = c0[b].reshape(r, c, -1).permute(2, 0, 1)
+            cost1[:, rs, cs] = c1[b].reshape(r, c, -1).permute(2, 0, 1)
+    return cost0, cost1
+
+
+def search_tokens(model: weights.Model, arr: np.ndarray, effort: int, progress: Progress | None = None) -> torch.Tensor:
+    """The token grid of an image at an effort (1: the tokenizer's own signs; see search.py)."""
+    plan = search.plan(effort)
+    if not plan.searches:
+        return image_to_tokens(model, arr)
     h, w = arr.shape[:2]
-    tokens = image_to_tokens(model, arr)
+    latent = model.tokenizer.image_to_latent(_pad(arr, model.tokenizer.cfg.patch))
+    start = model.tokenizer.quant.codes_to_tokens(latent)[0]
+    costs = rate_costs(model, make_header(model, w, h), start)
+    return search.refine(model.tokenizer, latent, arr, plan, costs, search.rate_weight(model.config.tokenizer.bits), progress)
+
+
+def encode_array(arr: np.ndarray, model: weights.Model | str | None = None, icc: bytes | None = None,
+                 progress: Progress | None = None, effort: int = search.DEFAULT_EFFORT) -> Encoded:
+    """effort 1..9: how hard the encoder searches for better tokens (1: none; see search.py)."""
+    model = _model(model)
+    return _encode_searched(arr, model, icc, search_tokens(model, arr, effort, progress), progress)
+
+
+def _encode_searched(arr: np.ndarray, model: weights.Model, icc: bytes | None, tokens: torch.Tensor,
+                     progress: Progress | None) -> Encoded:
+    h, w = arr.shape[:2]
     header = make_header(model, w, h, icc, tokens)
     streams, est = encode_tokens(model, header, tokens, progress)
     return Encoded(container.pack(header, streams), tokens, est, header)
@@ -131,12 +173,12 @@ def ladder_models() -> list[weights.Model]:
 
 def encode_to_target(arr: np.ndarray, icc: bytes | None = None, *, target_size: int | None = None,
                      target_psnr: float | None = None, models: list[weights.Model] | None = None,
-                     progress: Progress | None = None) -> tuple[Encoded, weights.Model]:
+                     progress: Progress | None = None, effort: int = search.DEFAULT_EFFORT) -> tuple[Encoded, weights.Model]:
     """Encode with the rung a target picks, from `models` (the installed ladder by default, smallest first).
 
     target_size: the best rung whose whole file has at most this many bytes (rungs tried from the top).
     target_psnr: the smallest rung whose decoded image reaches this PSNR (rungs tried from the bottom;
-    only the chosen one runs the prior).
+    at effort 1 only the chosen one runs the prior). Every rung tried is encoded at `effort`.
     """
     if (target_size is None) == (target_psnr is None):
         raise ValueError("give exactly one of target_size and target_psnr")
@@ -146,7 +188,7 @@ def encode_to_target(arr: np.ndarray, icc: bytes | None = None, *, target_size: 
     if target_size is not None:
         smallest = None
         for m in reversed(models):
-            enc = encode_array(arr, m, icc, progress)
+            enc = encode_array(arr, m, icc, progress, effort)
             if len(enc.data) <= target_size:
                 return enc, m
             smallest = len(enc.data)
@@ -154,10 +196,10 @@ def encode_to_target(arr: np.ndarray, icc: bytes | None = None, *, target_size: 
                           f"with preset {models[0].name}, is {smallest} bytes")
     best, best_name = -math.inf, ""
     for m in models:
-        tokens = image_to_tokens(m, arr)
+        tokens = search_tokens(m, arr, effort, progress)
         q = psnr(arr, tokens_to_array(m, tokens, arr.shape[1], arr.shape[0]))
         if q >= target_psnr:
-            return encode_array(arr, m, icc, progress), m
+            return _encode_searched(arr, m, icc, tokens, progress), m
         if q > best:
             best, best_name = q, m.name
     raise TargetError(f"no quality reaches {target_psnr:g} dB PSNR: the best, preset {best_name}, gives {best:.2f} dB")
@@ -165,12 +207,15 @@ def encode_to_target(arr: np.ndarray, icc: bytes | None = None, *, target_size: 
 
 def encode(image: Image.Image | np.ndarray, model: weights.Model | str | None = None,
            progress: Progress | None = None, *, target_size: int | None = None,
-           target_psnr: float | None = None, max_pixels: int | None = None) -> bytes:
+           target_psnr: float | None = None, max_pixels: int | None = None,
+           effort: int = search.DEFAULT_EFFORT) -> bytes:
     """An image (PIL or (H, W, 3) uint8 array) -> the bytes of a .bsq file.
 
     model: a Model, a preset name, or None for the default preset. target_size (bytes) or
     target_psnr (dB) instead picks a rung of the quality ladder (see encode_to_target).
+    effort: 1 (fastest: the tokenizer's own tokens) to 9 (slowest, smallest files at equal quality).
     """
+    search.plan(effort)  # a bad effort fails before any work
     icc = None
     if isinstance(image, Image.Image):
         container.check_pixels(*image.size, max_pixels)  # before converting its pixels
@@ -181,8 +226,9 @@ def encode(image: Image.Image | np.ndarray, model: weights.Model | str | None = 
     if target_size is not None or target_psnr is not None:
         if model is not None:
             raise ValueError("a target picks the model: give no model with it")
-        return encode_to_target(arr, icc, target_size=target_size, target_psnr=target_psnr, progress=progress)[0].data
-    return encode_array(arr, model, icc, progress).data
+        return encode_to_target(arr, icc, target_size=target_size, target_psnr=target_psnr, progress=progress,
+                                effort=effort)[0].data
+    return encode_array(arr, model, icc, progress, effort).data
 
 
 def _check_geometry(header: Header, model: weights.Model) -> None:

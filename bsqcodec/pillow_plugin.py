@@ -2,6 +2,7 @@
 
     Image.open("photo.bsq")                       # header read now, pixels decoded on load()
     im.save("photo.bsq", quality=3)               # quality 1..5 = the rung (-q), or preset= / model=
+    im.save("photo.bsq", effort=9)                # encoder search 1..9, as `bsqc encode --effort`
 
 Opening reads the header (size, preset, model; checksums verified) and exposes its fields in
 `im.info` (with the ICC profile as `icc_profile`); the prior runs only when the pixels are needed.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageFile
 
-from . import codec, container
+from . import codec, container, search
 from .config import LADDER
 
 FORMAT = "BSQ"
@@ -62,8 +63,9 @@ def _save(im: Image.Image, fp, filename) -> None:
     if icc:
         im = im.copy()
         im.info["icc_profile"] = icc
+    effort = info.get("effort", search.DEFAULT_EFFORT)
     fp.write(codec.encode(im, model or preset, target_size=info.get("target_size"),
-                          target_psnr=info.get("target_psnr")))
+                          target_psnr=info.get("target_psnr"), effort=int(effort)))
 
 
 def register() -> None:

@@ -159,17 +159,23 @@ class Tokenizer(nn.Module):
         Works in horizontal strips with a halo of context rows, so memory stays bounded for any
         image height; only one strip is converted to float at a time.
         """
+        out = [self.quant.codes_to_tokens(self.quant(lat))[0] for lat in self._latent_strips(pixels)]
+        return torch.cat(out, 0)
+
+    @torch.no_grad()
+    def image_to_latent(self, pixels) -> torch.Tensor:
+        """(H, W, 3) uint8 pixels -> (1, L, h, w) projections before the signs (as image_to_tokens)."""
+        return torch.cat(list(self._latent_strips(pixels)), 2)
+
+    def _latent_strips(self, pixels):
         p, halo = self.cfg.patch, self.cfg.halo
         h = pixels.shape[0] // p
-        out = []
         for r0 in range(0, h, self.STRIP):
             r1 = min(h, r0 + self.STRIP)
             a, b = max(0, r0 - halo), min(h, r1 + halo)
             strip = torch.as_tensor(np.array(pixels[a * p : b * p]))  # a copy of one strip, never the image
             x = strip.permute(2, 0, 1)[None].float().div(255)
-            lat = self.encode_latent(x)[..., r0 - a : r1 - a, :]
-            out.append(self.quant.codes_to_tokens(self.quant(lat))[0])
-        return torch.cat(out, 0)
+            yield self.encode_latent(x)[..., r0 - a : r1 - a, :]
 
     @torch.no_grad()
     def _decode_strip(self, tokens: torch.Tensor, r0: int) -> torch.Tensor:

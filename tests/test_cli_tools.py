@@ -135,13 +135,15 @@ class TestTargets:
     def test_target_psnr_picks_the_smallest_rung_that_reaches_it(self, photos):
         arr = np.asarray(Image.open(photos[0]).convert("RGB"))
         models = codec.ladder_models()
-        q = [codec.psnr(arr, codec.tokens_to_array(m, codec.image_to_tokens(m, arr), arr.shape[1], arr.shape[0]))
-             for m in models]
-        goal = q[2] - 1e-9
-        _, m = codec.encode_to_target(arr, target_psnr=goal)
-        assert m.name == models[min(i for i, v in enumerate(q) if v >= goal)].name
-        with pytest.raises(TargetError):
-            codec.encode_to_target(arr, target_psnr=max(q) + 1)
+        for effort in (1, 3):
+            q = [codec.psnr(arr, codec.tokens_to_array(m, codec.search_tokens(m, arr, effort), arr.shape[1], arr.shape[0]))
+                 for m in models]
+            goal = q[2] - 1e-9
+            enc, m = codec.encode_to_target(arr, target_psnr=goal, effort=effort)
+            assert m.name == models[min(i for i, v in enumerate(q) if v >= goal)].name
+            assert codec.psnr(arr, codec.tokens_to_array(m, enc.tokens, arr.shape[1], arr.shape[0])) >= goal
+            with pytest.raises(TargetError):
+                codec.encode_to_target(arr, target_psnr=max(q) + 1, effort=effort)
 
     def test_cli_target_size_fails_cleanly(self, photos, tmp_path):
         r = run("encode", photos[0], "--target-size", "10", "-o", tmp_path / "x.bsq")

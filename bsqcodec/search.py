@@ -1,0 +1,186 @@
+"""Encoder-side search: token grids that the fixed decoder turns into pixels closer to the original.
+
+The decoder and the prior never change; any token grid is a valid file, so the encoder may choose
+tokens other than the signs its own network gives. `refine` starts from those signs and takes
+gradient steps on the continuous code before the signs (straight-through, as in training) to lower
+
+    squared error of the decoded pixels + lam x rate,
+
+where the rate is the prior's code length of each bit, taken from the probability tables of the
+starting tokens (`rate_costs` turns tables into per-bit costs; codec.py computes the tables). The
+context of each token is held at the starting tokens: a bit that the prior predicts confidently
+costs many bits to flip, an unlikely one saves bits when flipped. The file's real size is measured
+after the search by the encoder as always.
+
+Effort 1 is no search at all: exactly the bytes of the plain sign encoder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .tokenizer import Tokenizer
+
+MIN_EFFORT, MAX_EFFORT = 1, 9
+DEFAULT_EFFORT = 4
+# gradient steps per effort; the learning rate is per step of the unit-norm code
+ITERATIONS = {1: 0, 2: 2, 3: 4, 4: 6, 5: 8, 6: 12, 7: 16, 8: 32, 9: 64}
+LR = 0.003
+# the weight of a bit of rate against the mean squared error (pixels in [0, 1]) per pixel, over the square
+# of the token bits; measured on Kodak photos (kodim01, 13, 23; q1 and default), 4 keeps each rung's
+# rate about where effort 1 has it and turns the search into quality (1: +3-5% bytes for +0.1 dB more)
+RATE_WEIGHT = 4.0
+WINDOW_TOKENS = 16384  # tokens optimised together; larger images go in strips (bounds memory)
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Plan:
+    iterations: int
+    lr: float = LR
+
+    @property
+    def searches(self) -> bool:
+        return self.iterations > 0
+
+
+def plan(effort: int) -> Plan:
+    if isinstance(effort, bool) or not isinstance(effort, int) or not MIN_EFFORT <= effort <= MAX_EFFORT:
+        raise ValueError(f"effort must be an integer from {MIN_EFFORT} to {MAX_EFFORT}, not {effort!r}")
+    return Plan(ITERATIONS[effort])
+
+
+def rate_weight(bits: int) -> float:
+    """lam for a tokenizer of `bits` bits per token (see RATE_WEIGHT)."""
+    return RATE_WEIGHT / bits**2
+
+
+def bit_costs(tables: torch.Tensor, group_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables (..., 2^g) of one group -> (cost of each bit being 0, being 1), each (..., g), in bits.
+
+    A bit's probability is the sum of the table over the symbols that have it set; bits are
+    most significant first, as in the token.
+    """
+    n = tables.shape[-1]
+    sym = torch.arange(n)
+    has = torch.stack([(sym >> (group_bits - 1 - k)) & 1 for k in range(group_bits)], 1).to(torch.float64)  # (n, g)
+    p = tables.to(torch.float64)
+    p1 = (p @ has) / p.sum(-1, keepdim=True)
+    p1 = p1.clamp(1e-6, 1 - 1e-6)
+    return -torch.log2(1 - p1), -torch.log2(p1)
+
+
+def _bf16_fast() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _windows(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, WINDOW_TOKENS // max(1, cols))
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def refine(tok: Tokenizer, latent: torch.Tensor, target: np.ndarray, plan_: Plan,
+           costs: tuple[torch.Tensor, torch.Tensor] | None = None, lam: float = 0.0,
+           progress: Progress | None = None) -> torch.Tensor:
+    """Searched tokens (rows, cols) from the tokenizer's latent (1, bits, rows, cols) of an image.
+
+    target: the (height, width, 3) uint8 image itself (not padded). costs: per-bit rate costs
+    (cost of 0, cost of 1), each (bits, rows, cols), from `bit_costs`; with lam = 0 or costs None
+    the search weighs distortion only. Images of more than WINDOW_TOKENS tokens are searched in
+    strips of rows, one after the other, each with its neighbours' current codes as context.
+    The result depends only on the inputs and the torch build (the decoder is never affected).
+    """
+    s = _Search(tok, latent, target, costs, lam)
+    windows = _windows(*s.u.shape[-2:])
+    total = plan_.iterations * len(windows)
+    for w, (r0, r1) in enumerate(windows):
+        def report(i, w=w):
+            if progress:
+                progress("search", w * plan_.iterations + i, total)
+        s.run(r0, r1, plan_.iterations, plan_.lr, report)
+    return s.tokens()
+
+
+def trajectory(tok: Tokenizer, latent: torch.Tensor, target: np.ndarray, iterations: list[int], lr: float = LR,
+               costs: tuple[torch.Tensor, torch.Tensor] | None = None, lam: float = 0.0) -> dict[int, torch.Tensor]:
+    """{k: the tokens `refine` gives after k iterations} for every k in `iterations`, in one search.
+
+    For benchmarks of all efforts at the cost of the highest; images of one window only.
+    """
+    s = _Search(tok, latent, target, costs, lam)
+    rows, cols = s.u.shape[-2:]
+    if len(_windows(rows, cols)) != 1:
+        raise ValueError("trajectory() needs an image of at most WINDOW_TOKENS tokens")
+    out = {}
+    if 0 in iterations:
+        out[0] = s.tokens()
+
+    def keep(i):
+        if i in iterations:
+            out[i] = s.tokens(s.own)
+
+    s.run(0, rows, max(iterations), lr, keep)
+    return out
+
+
+class _Search:
+    """The state of one search: the unit-norm codes of the whole grid, and what the loss needs."""
+
+    def __init__(self, tok, latent, target, costs, lam) -> None:
+        self.tok, self.costs, self.lam = tok, costs, lam
+        self.u = F.normalize(latent.detach().float(), dim=1)
+        self.height, self.width = target.shape[:2]
+        self.target = torch.from_numpy(np.array(target, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255)
+        self.bf16 = _bf16_fast()
+        self.own: torch.Tensor | None = None
+        self.r0 = self.r1 = 0
+
+    def tokens(self, own: torch.Tensor | None = None) -> torch.Tensor:
+        u = self.u
+        if own is not None:
+            u = u.clone()
+            u[:, :, self.r0 : self.r1] = own.detach()
+        return self.tok.quant.codes_to_tokens(u)[0]
+
+    def run(self, r0: int, r1: int, iterations: int, lr: float, after: Callable[[int], None]) -> None:
+        """Adam steps on the codes of latent rows r0..r1 (the others fixed), then keeps them."""
+        tok = self.tok
+        p, L, halo = tok.cfg.patch, tok.cfg.bits, tok.cfg.halo
+        rows = self.u.shape[-2]
+        a, b = max(0, r0 - halo), min(rows, r1 + halo)
+        self.r0, self.r1 = r0, r1
+        self.own = own = self.u[:, :, r0:r1].clone().requires_grad_(True)
+        opt = torch.optim.Adam([own], lr=lr)
+        y0, y1 = r0 * p, min(self.height, r1 * p)  # the pixel rows this window owns
+        tgt = self.target[:, :, y0:y1]
+        n_px = self.height * self.width
+        for i in range(1, iterations + 1):
+            with torch.enable_grad():
+                code = torch.cat([self.u[:, :, a:r0], own, self.u[:, :, r1:b]], 2)
+                hard = torch.where(code > 0, 1.0, -1.0) / math.sqrt(L)
+                ste = code + (hard - code).detach()  # the signs forward, the identity backward
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                    y = tok.decode_code(ste)
+                y = y.float()[:, :, y0 - a * p : y1 - a * p, : self.width]
+                loss = F.mse_loss(y, tgt, reduction="sum") / (3 * n_px)
+                if self.costs is not None and self.lam > 0:
+                    bit = (ste[:, :, r0 - a : r1 - a] * math.sqrt(L) + 1) / 2  # 1 where the code is +1
+                    c0, c1 = (c[None, :, r0:r1].float() for c in self.costs)
+                    loss = loss + self.lam * (bit * c1 + (1 - bit) * c0).sum() / n_px
+                (grad,) = torch.autograd.grad(loss, [own])
+            own.grad = grad
+            opt.step()
+            after(i)
+        with torch.no_grad():
+            self.u[:, :, r0:r1] = own.detach()
+        self.own = None
