@@ -88,8 +88,17 @@ def main() -> None:
     ap.add_argument("--timing-image")
     ap.add_argument("--timing-presets", default="default,q5")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--timing-only", action="store_true", help="only time --timing-image, into the existing results file")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.timing_only:
+        out = Path(args.out) if args.out else HERE / "results" / f"effort-{Path(args.folder).name}.json"
+        res = json.loads(out.read_text())
+        res["timing_image"] = Path(args.timing_image).name
+        res["encode_seconds"] = timing(args.timing_image, args.timing_presets.split(","), args.repeat)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        print(f"wrote {out}")
+        return
     files = find_images(Path(args.folder), args.limit)
     presets = args.preset or [m.name for m in codec.ladder_models()]
     res = {"schema": "bsqcodec-effort-1", "dataset": Path(args.folder).name, "images": len(files),

@@ -140,6 +140,27 @@ def robustness_section() -> str:
     return "\n".join(out)
 
 
+def effort_table(eff: dict) -> str:
+    """The README's effort table (results/effort-kodak.json)."""
+    t = eff.get("encode_seconds", {})
+    presets = list(eff["rungs"])
+    head = ["effort", "gradient steps", "BD-rate vs effort 1"] + [f"{p} bpp / PSNR" for p in (presets[0], "default", presets[-1])]
+    head += [f"encode {eff.get('timing_image', '')}, {p}" for p in t]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e, steps in eff["efforts"].items():
+        bd = eff["bd_rate_vs_effort1"].get(e)
+        cells = [e + (" (default)" if int(e) == eff["default_effort"] else ""), str(steps),
+                 "-" if e == "1" else (f"{bd:+.1f}%" if bd is not None else "undefined")]
+        for p in (presets[0], "default", presets[-1]):
+            r = eff["rungs"][p][e]
+            cells.append(f"{r['bpp']:.4f} / {r['mean_psnr']:.2f}")
+        for p, secs in t.items():
+            cells.append(f"{secs[e]:.1f} s ({secs[e] / secs['1']:.1f}x)")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + (f"\n\n{eff['dataset']}, {eff['images']} images, all {len(presets)} rungs; BD-rate over the rungs' "
+                               "points (mean bpp against mean PSNR); negative: fewer bytes at equal PSNR.")
+
+
 def ladder_table(bench: dict) -> str:
     """The README's quality table: one row per rung that the bench ran."""
     from bsqcodec.config import LADDER
@@ -156,8 +177,9 @@ def ladder_table(bench: dict) -> str:
                     f"{t['mean_ms_ssim']:.4f} | {dec} |")
     bd = ", ".join(f"{c.upper()} {v:+.1f}%" if v is not None else f"{c.upper()} undefined ({_why(bench, c)})"
                    for c, v in bench["bd_rate_psnr"].items())
-    return "\n".join(rows) + (f"\n\nBD-rate (PSNR) of the ladder on Kodak: {bd} (negative: fewer bits than that codec; "
-                               "[benchmarks/README.md](benchmarks/README.md))." if bd else "")
+    note = f"\n\nMeasured by `bsqc bench` at encoder effort {bench.get('effort', 1)}."
+    return "\n".join(rows) + note + (f" BD-rate (PSNR) of the ladder on Kodak: {bd} (negative: fewer bits than that codec; "
+                                      "[benchmarks/README.md](benchmarks/README.md))." if bd else "")
 
 
 def main() -> None:
@@ -166,6 +188,10 @@ def main() -> None:
     s = top.read_text()
     s = re.sub(r"(<!-- ladder:begin -->\n).*?(<!-- ladder:end -->)", lambda m: m.group(1) + ladder_table(bench) + "\n" + m.group(2),
                s, flags=re.S)
+    eff = load("effort-kodak.json")
+    if eff:
+        s = re.sub(r"(<!-- effort:begin -->\n).*?(<!-- effort:end -->)", lambda m: m.group(1) + effort_table(eff) + "\n" + m.group(2),
+                   s, flags=re.S)
     top.write_text(s)
     readme = HERE / "README.md"
     s = readme.read_text()
@@ -174,6 +200,9 @@ def main() -> None:
         other = load(f"bench-{name}.json")
         if other and other["models"] == bench["models"]:
             section += "\n" + other_dataset_section(other)
+    if eff:
+        section += ("\n### Encoder effort (`results/effort-kodak.json`, `effort.py`)\n\n" + effort_table(eff)
+                    + f" Whole run (search and coding of every effort): {eff['search_seconds_total'] / 60:.0f} minutes.\n")
     section += "\n" + robustness_section()
     s = re.sub(r"(<!-- results:begin[^>]*-->\n).*?(<!-- results:end -->)", lambda m: m.group(1) + section + "\n" + m.group(2),
                s, flags=re.S)
