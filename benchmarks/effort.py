@@ -24,18 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bsqcodec import codec, container, images, search, weights
+from bsqcodec import codec, images, search, weights
 from bsqcodec.bench import find_images
 from bsqcodec.metrics import bd_rate, psnr
 
 HERE = Path(__file__).resolve().parent
 EFFORTS = list(range(search.MIN_EFFORT, search.MAX_EFFORT + 1))
-
-
-def file_size(model, tokens, w, h) -> int:
-    header = codec.make_header(model, w, h, None, tokens)
-    streams, _ = codec.encode_tokens(model, header, tokens)
-    return len(container.pack(header, streams))
 
 
 def rung_points(model, files) -> dict:
@@ -46,13 +40,11 @@ def rung_points(model, files) -> dict:
     for path in files:
         arr, _, _ = images.read(path)
         h, w = arr.shape[:2]
-        latent = model.tokenizer.image_to_latent(codec._pad(arr, model.tokenizer.cfg.patch))
-        start = model.tokenizer.quant.codes_to_tokens(latent)[0]
-        costs = codec.rate_costs(model, codec.make_header(model, w, h), start)
-        found = search.trajectory(model.tokenizer, latent, arr, steps, search.LR, costs, search.rate_weight(bits))
+        latent, costs = codec.search_inputs(model, arr)
+        found = search.trajectory(model.tokenizer, latent, arr, steps, costs, search.rate_weight(bits))
         for e in EFFORTS:
             tokens = found[search.ITERATIONS[e]]
-            out[e]["bytes"].append(file_size(model, tokens, w, h))
+            out[e]["bytes"].append(len(codec.encode_grid(model, tokens, w, h).data))
             out[e]["psnr"].append(psnr(arr, codec.tokens_to_array(model, tokens, w, h)))
             out[e]["pixels"].append(w * h)
         print(f"  {model.name} {path.name}: " + ", ".join(f"e{e} {out[e]['bytes'][-1]} B {out[e]['psnr'][-1]:.2f} dB"

@@ -138,29 +138,35 @@ def rate_costs(model: weights.Model, header: Header, tokens: torch.Tensor) -> tu
     return cost0, cost1
 
 
-def search_tokens(model: weights.Model, arr: np.ndarray, effort: int, progress: Progress | None = None) -> torch.Tensor:
-    """The token grid of an image at an effort (1: the tokenizer's own signs; see search.py)."""
-    plan = search.plan(effort)
-    if not plan.searches:
-        return image_to_tokens(model, arr)
+def search_inputs(model: weights.Model, arr: np.ndarray) -> tuple[torch.Tensor, search.Costs]:
+    """What the search starts from: the tokenizer's latent of the image (1, bits, rows, cols) and the
+    prior's per-bit costs with the tokenizer's own signs as context (one teacher-forced pass)."""
     h, w = arr.shape[:2]
     latent = model.tokenizer.image_to_latent(_pad(arr, model.tokenizer.cfg.patch))
     start = model.tokenizer.quant.codes_to_tokens(latent)[0]
-    costs = rate_costs(model, make_header(model, w, h), start)
-    return search.refine(model.tokenizer, latent, arr, plan, costs, search.rate_weight(model.config.tokenizer.bits), progress)
+    return latent, rate_costs(model, make_header(model, w, h), start)
+
+
+def search_tokens(model: weights.Model, arr: np.ndarray, effort: int, progress: Progress | None = None) -> torch.Tensor:
+    """The token grid of an image at an effort (1: the tokenizer's own signs; see search.py)."""
+    steps = search.iterations(effort)
+    if not steps:
+        return image_to_tokens(model, arr)
+    latent, costs = search_inputs(model, arr)
+    return search.refine(model.tokenizer, latent, arr, steps, costs, search.rate_weight(model.config.tokenizer.bits), progress)
 
 
 def encode_array(arr: np.ndarray, model: weights.Model | str | None = None, icc: bytes | None = None,
                  progress: Progress | None = None, effort: int = search.DEFAULT_EFFORT) -> Encoded:
     """effort 1..9: how hard the encoder searches for better tokens (1: none; see search.py)."""
     model = _model(model)
-    return _encode_searched(arr, model, icc, search_tokens(model, arr, effort, progress), progress)
+    return encode_grid(model, search_tokens(model, arr, effort, progress), arr.shape[1], arr.shape[0], icc, progress)
 
 
-def _encode_searched(arr: np.ndarray, model: weights.Model, icc: bytes | None, tokens: torch.Tensor,
-                     progress: Progress | None) -> Encoded:
-    h, w = arr.shape[:2]
-    header = make_header(model, w, h, icc, tokens)
+def encode_grid(model: weights.Model, tokens: torch.Tensor, width: int, height: int, icc: bytes | None = None,
+                progress: Progress | None = None) -> Encoded:
+    """A token grid (whatever chose it) -> the whole file."""
+    header = make_header(model, width, height, icc, tokens)
     streams, est = encode_tokens(model, header, tokens, progress)
     return Encoded(container.pack(header, streams), tokens, est, header)
 
@@ -199,7 +205,7 @@ def encode_to_target(arr: np.ndarray, icc: bytes | None = None, *, target_size: 
         tokens = search_tokens(m, arr, effort, progress)
         q = psnr(arr, tokens_to_array(m, tokens, arr.shape[1], arr.shape[0]))
         if q >= target_psnr:
-            return _encode_searched(arr, m, icc, tokens, progress), m
+            return encode_grid(m, tokens, arr.shape[1], arr.shape[0], icc, progress), m
         if q > best:
             best, best_name = q, m.name
     raise TargetError(f"no quality reaches {target_psnr:g} dB PSNR: the best, preset {best_name}, gives {best:.2f} dB")
@@ -215,7 +221,7 @@ def encode(image: Image.Image | np.ndarray, model: weights.Model | str | None = 
     target_psnr (dB) instead picks a rung of the quality ladder (see encode_to_target).
     effort: 1 (fastest: the tokenizer's own tokens) to 9 (slowest, smallest files at equal quality).
     """
-    search.plan(effort)  # a bad effort fails before any work
+    search.iterations(effort)  # a bad effort fails before any work
     icc = None
     if isinstance(image, Image.Image):
         container.check_pixels(*image.size, max_pixels)  # before converting its pixels

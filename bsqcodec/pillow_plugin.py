@@ -63,9 +63,8 @@ def _save(im: Image.Image, fp, filename) -> None:
     if icc:
         im = im.copy()
         im.info["icc_profile"] = icc
-    effort = info.get("effort", search.DEFAULT_EFFORT)
     fp.write(codec.encode(im, model or preset, target_size=info.get("target_size"),
-                          target_psnr=info.get("target_psnr"), effort=int(effort)))
+                          target_psnr=info.get("target_psnr"), effort=info.get("effort", search.DEFAULT_EFFORT)))
 
 
 def register() -> None:

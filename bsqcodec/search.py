@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, tokens_to_bits
 
 MIN_EFFORT, MAX_EFFORT = 1, 9
 DEFAULT_EFFORT = 4
@@ -39,22 +38,14 @@ RATE_WEIGHT = 4.0
 WINDOW_TOKENS = 16384  # tokens optimised together; larger images go in strips (bounds memory)
 
 Progress = Callable[[str, int, int], None]
+Costs = tuple[torch.Tensor, torch.Tensor]  # (cost of each bit being 0, being 1), each (bits, rows, cols)
 
 
-@dataclass(frozen=True)
-class Plan:
-    iterations: int
-    lr: float = LR
-
-    @property
-    def searches(self) -> bool:
-        return self.iterations > 0
-
-
-def plan(effort: int) -> Plan:
+def iterations(effort: int) -> int:
+    """Gradient steps of an effort (0 for effort 1: no search); ValueError for anything but 1..9."""
     if isinstance(effort, bool) or not isinstance(effort, int) or not MIN_EFFORT <= effort <= MAX_EFFORT:
         raise ValueError(f"effort must be an integer from {MIN_EFFORT} to {MAX_EFFORT}, not {effort!r}")
-    return Plan(ITERATIONS[effort])
+    return ITERATIONS[effort]
 
 
 def rate_weight(bits: int) -> float:
@@ -62,18 +53,15 @@ def rate_weight(bits: int) -> float:
     return RATE_WEIGHT / bits**2
 
 
-def bit_costs(tables: torch.Tensor, group_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def bit_costs(tables: torch.Tensor, group_bits: int) -> Costs:
     """Tables (..., 2^g) of one group -> (cost of each bit being 0, being 1), each (..., g), in bits.
 
     A bit's probability is the sum of the table over the symbols that have it set; bits are
     most significant first, as in the token.
     """
-    n = tables.shape[-1]
-    sym = torch.arange(n)
-    has = torch.stack([(sym >> (group_bits - 1 - k)) & 1 for k in range(group_bits)], 1).to(torch.float64)  # (n, g)
+    has = tokens_to_bits(torch.arange(tables.shape[-1]), group_bits).to(torch.float64)  # (n, g)
     p = tables.to(torch.float64)
-    p1 = (p @ has) / p.sum(-1, keepdim=True)
-    p1 = p1.clamp(1e-6, 1 - 1e-6)
+    p1 = ((p @ has) / p.sum(-1, keepdim=True)).clamp(1e-6, 1 - 1e-6)
     return -torch.log2(1 - p1), -torch.log2(p1)
 
 
@@ -89,31 +77,29 @@ def _windows(rows: int, cols: int) -> list[tuple[int, int]]:
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
-def refine(tok: Tokenizer, latent: torch.Tensor, target: np.ndarray, plan_: Plan,
-           costs: tuple[torch.Tensor, torch.Tensor] | None = None, lam: float = 0.0,
-           progress: Progress | None = None) -> torch.Tensor:
-    """Searched tokens (rows, cols) from the tokenizer's latent (1, bits, rows, cols) of an image.
+def refine(tok: Tokenizer, latent: torch.Tensor, target: np.ndarray, steps: int, costs: Costs | None = None,
+           lam: float = 0.0, progress: Progress | None = None) -> torch.Tensor:
+    """Searched tokens (rows, cols) after `steps` gradient steps from the tokenizer's latent (1, bits, rows, cols).
 
-    target: the (height, width, 3) uint8 image itself (not padded). costs: per-bit rate costs
-    (cost of 0, cost of 1), each (bits, rows, cols), from `bit_costs`; with lam = 0 or costs None
-    the search weighs distortion only. Images of more than WINDOW_TOKENS tokens are searched in
-    strips of rows, one after the other, each with its neighbours' current codes as context.
-    The result depends only on the inputs and the torch build (the decoder is never affected).
+    target: the (height, width, 3) uint8 image itself (not padded). costs: per-bit rate costs from
+    `bit_costs`; with lam = 0 or costs None the search weighs distortion only. Images of more than
+    WINDOW_TOKENS tokens are searched in strips of rows, one after the other, each with its
+    neighbours' current codes as context. The result depends only on the inputs and the torch build
+    (the decoder is never affected).
     """
     s = _Search(tok, latent, target, costs, lam)
     windows = _windows(*s.u.shape[-2:])
-    total = plan_.iterations * len(windows)
     for w, (r0, r1) in enumerate(windows):
         def report(i, w=w):
             if progress:
-                progress("search", w * plan_.iterations + i, total)
-        s.run(r0, r1, plan_.iterations, plan_.lr, report)
+                progress("search", w * steps + i, steps * len(windows))
+        s.run(r0, r1, steps, report)
     return s.tokens()
 
 
-def trajectory(tok: Tokenizer, latent: torch.Tensor, target: np.ndarray, iterations: list[int], lr: float = LR,
-               costs: tuple[torch.Tensor, torch.Tensor] | None = None, lam: float = 0.0) -> dict[int, torch.Tensor]:
-    """{k: the tokens `refine` gives after k iterations} for every k in `iterations`, in one search.
+def trajectory(tok: Tokenizer, latent: torch.Tensor, target: np.ndarray, steps: list[int],
+               costs: Costs | None = None, lam: float = 0.0) -> dict[int, torch.Tensor]:
+    """{k: the tokens `refine` gives after k steps} for every k in `steps`, in one search.
 
     For benchmarks of all efforts at the cost of the highest; images of one window only.
     """
@@ -121,66 +107,57 @@ def trajectory(tok: Tokenizer, latent: torch.Tensor, target: np.ndarray, iterati
     rows, cols = s.u.shape[-2:]
     if len(_windows(rows, cols)) != 1:
         raise ValueError("trajectory() needs an image of at most WINDOW_TOKENS tokens")
-    out = {}
-    if 0 in iterations:
-        out[0] = s.tokens()
+    out = {0: s.tokens()} if 0 in steps else {}
 
     def keep(i):
-        if i in iterations:
-            out[i] = s.tokens(s.own)
+        if i in steps:
+            out[i] = s.tokens()
 
-    s.run(0, rows, max(iterations), lr, keep)
+    s.run(0, rows, max(steps), keep)
     return out
 
 
 class _Search:
-    """The state of one search: the unit-norm codes of the whole grid, and what the loss needs."""
+    """The unit-norm codes of the whole grid, and what the loss needs."""
 
-    def __init__(self, tok, latent, target, costs, lam) -> None:
-        self.tok, self.costs, self.lam = tok, costs, lam
+    def __init__(self, tok: Tokenizer, latent: torch.Tensor, target: np.ndarray, costs: Costs | None, lam: float) -> None:
+        self.tok = tok
         self.u = F.normalize(latent.detach().float(), dim=1)
         self.height, self.width = target.shape[:2]
         self.target = torch.from_numpy(np.array(target, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255)
+        self.costs = tuple(c.float() for c in costs) if costs is not None and lam > 0 else None
+        self.lam = lam
         self.bf16 = _bf16_fast()
-        self.own: torch.Tensor | None = None
-        self.r0 = self.r1 = 0
 
-    def tokens(self, own: torch.Tensor | None = None) -> torch.Tensor:
-        u = self.u
-        if own is not None:
-            u = u.clone()
-            u[:, :, self.r0 : self.r1] = own.detach()
-        return self.tok.quant.codes_to_tokens(u)[0]
+    def tokens(self) -> torch.Tensor:
+        return self.tok.quant.codes_to_tokens(self.u)[0]
 
-    def run(self, r0: int, r1: int, iterations: int, lr: float, after: Callable[[int], None]) -> None:
-        """Adam steps on the codes of latent rows r0..r1 (the others fixed), then keeps them."""
+    def run(self, r0: int, r1: int, steps: int, after: Callable[[int], None]) -> None:
+        """Adam steps on the codes of latent rows r0..r1, the other rows fixed; self.u follows every step."""
         tok = self.tok
         p, L, halo = tok.cfg.patch, tok.cfg.bits, tok.cfg.halo
         rows = self.u.shape[-2]
         a, b = max(0, r0 - halo), min(rows, r1 + halo)
-        self.r0, self.r1 = r0, r1
-        self.own = own = self.u[:, :, r0:r1].clone().requires_grad_(True)
-        opt = torch.optim.Adam([own], lr=lr)
+        own = self.u[:, :, r0:r1].clone().requires_grad_(True)
+        opt = torch.optim.Adam([own], lr=LR)
         y0, y1 = r0 * p, min(self.height, r1 * p)  # the pixel rows this window owns
         tgt = self.target[:, :, y0:y1]
         n_px = self.height * self.width
-        for i in range(1, iterations + 1):
+        if self.costs is not None:
+            c0, c1 = (c[None, :, r0:r1] for c in self.costs)
+        for i in range(1, steps + 1):
             with torch.enable_grad():
-                code = torch.cat([self.u[:, :, a:r0], own, self.u[:, :, r1:b]], 2)
-                hard = torch.where(code > 0, 1.0, -1.0) / math.sqrt(L)
-                ste = code + (hard - code).detach()  # the signs forward, the identity backward
+                ste = tok.quant.straight_through(torch.cat([self.u[:, :, a:r0], own, self.u[:, :, r1:b]], 2))
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                     y = tok.decode_code(ste)
                 y = y.float()[:, :, y0 - a * p : y1 - a * p, : self.width]
                 loss = F.mse_loss(y, tgt, reduction="sum") / (3 * n_px)
-                if self.costs is not None and self.lam > 0:
+                if self.costs is not None:
                     bit = (ste[:, :, r0 - a : r1 - a] * math.sqrt(L) + 1) / 2  # 1 where the code is +1
-                    c0, c1 = (c[None, :, r0:r1].float() for c in self.costs)
                     loss = loss + self.lam * (bit * c1 + (1 - bit) * c0).sum() / n_px
                 (grad,) = torch.autograd.grad(loss, [own])
             own.grad = grad
             opt.step()
+            with torch.no_grad():
+                self.u[:, :, r0:r1] = own
             after(i)
-        with torch.no_grad():
-            self.u[:, :, r0:r1] = own.detach()
-        self.own = None

@@ -28,12 +28,16 @@ class BSQ(nn.Module):
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         """(B, L, h, w) projection -> (B, L, h, w) code scaled to unit norm; straight-through in training."""
-        v = v.float()
-        u = F.normalize(v, dim=1)
-        q = torch.where(u > 0, 1.0, -1.0) / math.sqrt(self.bits)
-        if self.training:
-            return u + (q - u).detach()
-        return q
+        u = F.normalize(v.float(), dim=1)
+        return self.straight_through(u) if self.training else self.signs(u)
+
+    def signs(self, u: torch.Tensor) -> torch.Tensor:
+        """The code of u: +-1/sqrt(L) by the sign of each entry (x > 0 gives +)."""
+        return torch.where(u > 0, 1.0, -1.0) / math.sqrt(self.bits)
+
+    def straight_through(self, u: torch.Tensor) -> torch.Tensor:
+        """signs(u) forward, the identity backward (used in training and by the encoder's search)."""
+        return u + (self.signs(u) - u).detach()
 
     def codes_to_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, L, h, w) codes (any positive scale) -> (B, h, w) int64 tokens."""

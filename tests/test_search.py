@@ -22,7 +22,7 @@ def photo():
 
 def plain_sign_bytes(model, arr) -> bytes:
     """The encoder as it was before the search existed: the tokenizer's signs, coded."""
-    tokens = model.tokenizer.image_to_tokens(codec._pad(arr, model.tokenizer.cfg.patch))
+    tokens = codec.image_to_tokens(model, arr)
     header = codec.make_header(model, arr.shape[1], arr.shape[0], None, tokens)
     return container.pack(header, codec.encode_tokens(model, header, tokens)[0])
 
@@ -66,13 +66,11 @@ def test_higher_effort_buys_quality_for_little_rate_with_a_shipped_model(photo):
 def test_the_rate_term_keeps_bits_the_prior_is_sure_of():
     m = weights.preset("q4")
     arr = np.asarray(smooth_image(np.random.default_rng(3), 64, 48))
-    latent = m.tokenizer.image_to_latent(arr)
-    start = m.tokenizer.quant.codes_to_tokens(latent)[0]
-    costs = codec.rate_costs(m, codec.make_header(m, 64, 48), start)
+    latent, costs = codec.search_inputs(m, arr)
     lam = search.rate_weight(m.config.tokenizer.bits)
     bits = {}
     for weight in (0.0, 20 * lam):
-        tokens = search.refine(m.tokenizer, latent, arr, search.Plan(16), costs, weight)
+        tokens = search.refine(m.tokenizer, latent, arr, 16, costs, weight)
         header = codec.make_header(m, 64, 48, None, tokens)
         bits[weight] = codec.encode_tokens(m, header, tokens)[1]
     assert bits[20 * lam] < bits[0.0]
@@ -80,13 +78,12 @@ def test_the_rate_term_keeps_bits_the_prior_is_sure_of():
 
 def test_trajectory_matches_refine_at_each_iteration_count(tiny_model, photo):
     tok = tiny_model.tokenizer
-    latent = tok.image_to_latent(codec._pad(photo, tok.cfg.patch))
-    start = tok.quant.codes_to_tokens(latent)[0]
-    costs = codec.rate_costs(tiny_model, codec.make_header(tiny_model, photo.shape[1], photo.shape[0]), start)
+    latent, costs = codec.search_inputs(tiny_model, photo)
+    start = codec.image_to_tokens(tiny_model, photo)
     found = search.trajectory(tok, latent, photo, [0, 2, 5], costs=costs, lam=0.01)
     assert torch.equal(found[0], start)
     for k in (2, 5):
-        assert torch.equal(found[k], search.refine(tok, latent, photo, search.Plan(k), costs, 0.01))
+        assert torch.equal(found[k], search.refine(tok, latent, photo, k, costs, 0.01))
     assert not torch.equal(found[2], found[5])
 
 
