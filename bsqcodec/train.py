@@ -5,6 +5,7 @@ Runs alone (`bsqc train ...`) or under `torchrun` (one process per device, Distr
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -191,8 +192,13 @@ def train(opts: TrainOptions, progress=None) -> dict:
         for s, h in old.items():
             signal.signal(s, h)
     if world > 1:
+        # A clean teardown: the DDP wrapper's reducer holds gloo work and the process group; left to the
+        # interpreter's exit, its destruction aborted the process now and then ("terminate called
+        # without an active exception"). Free it while everything is alive, then close the group.
+        del ddp
+        gc.collect()
         dist.barrier()
-        dist.destroy_process_group()  # a clean teardown: gloo may abort at exit otherwise
+        dist.destroy_process_group()
     stopped = step < opts.steps
     final = ema if ema is not None else model
     return {"step": step, "config": cfg.to_dict(), "model": final.state_dict(), "interrupted": stopped}
