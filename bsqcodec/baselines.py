@@ -76,18 +76,21 @@ def at_quality(arr: np.ndarray, codec: Codec, quality: int) -> Point:
     return Point(quality, len(data), psnr(arr, decode(data)), data)
 
 
-def matched(arr: np.ndarray, codec: Codec, target_psnr: float) -> Point | None:
+def matched(arr: np.ndarray, codec: Codec, target_psnr: float, cache: dict[int, Point] | None = None) -> Point | None:
     """The smallest file of this codec whose PSNR reaches target_psnr (None if no quality does).
 
     Binary search for the lowest quality that reaches the target (PSNR grows with quality), then a
-    look at the neighbouring qualities, since size and PSNR are not strictly monotone.
+    look at the neighbouring qualities, since size and PSNR are not strictly monotone. `cache`
+    (quality -> Point of this image and codec) lets several searches on one image share encodes.
     """
-    cache: dict[int, Point] = {}
+    cache = {} if cache is None else cache
+    seen: dict[int, Point] = {}  # only this search's qualities decide, whatever else the cache holds
 
     def at(q: int) -> Point:
         if q not in cache:
             cache[q] = at_quality(arr, codec, q)
-        return cache[q]
+        seen[q] = cache[q]
+        return seen[q]
 
     lo, hi = codec.qmin, codec.qmax
     if at(hi).psnr < target_psnr:
@@ -100,5 +103,5 @@ def matched(arr: np.ndarray, codec: Codec, target_psnr: float) -> Point | None:
             lo = mid + 1
     for q in range(max(codec.qmin, lo - 2), min(codec.qmax, lo + 2) + 1):
         at(q)
-    ok = [p for p in cache.values() if p.psnr >= target_psnr]
+    ok = [p for p in seen.values() if p.psnr >= target_psnr]
     return min(ok, key=lambda p: (p.bytes, -p.psnr))

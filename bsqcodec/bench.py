@@ -54,6 +54,7 @@ def run(root: Path, models: list[weights.Model], limit: int | None = None, codec
         h, w = arr.shape[:2]
         row = {"image": str(path.relative_to(root)) if path != root else path.name, "width": w, "height": h,
                "png_bytes": baselines.png_bytes(arr), "bsqc": {}, "matched": {}}
+        seen = {c.name: {} for c in usable}  # quality -> baselines.Point of this image, shared by every search
         for m in models:
             t0 = time.perf_counter()
             data = codec.encode_array(arr, m, effort=effort).data
@@ -65,14 +66,14 @@ def run(root: Path, models: list[weights.Model], limit: int | None = None, codec
                                    "ms_ssim": ms_ssim(arr, out), "encode_seconds": t1 - t0, "decode_seconds": t2 - t1}
             row["matched"][m.name] = {}
             for c in usable:
-                pt = baselines.matched(arr, c, p)
+                pt = baselines.matched(arr, c, p, seen[c.name])
                 row["matched"][m.name][c.name] = None if pt is None else {
                     "quality": pt.quality, "bytes": pt.bytes, "bpp": pt.bytes * 8 / (w * h), "psnr": pt.psnr,
                     "ms_ssim": ms_ssim(arr, baselines.decode(pt.data))}
         if sweep:
             for c in usable:
                 for q in SWEEP[c.name]:
-                    pt = baselines.at_quality(arr, c, q)
+                    pt = seen[c.name].get(q) or baselines.at_quality(arr, c, q)
                     curve_pts[c.name].setdefault(q, []).append((pt.bytes * 8 / (w * h), pt.psnr))
         per_image.append(row)
         if progress:

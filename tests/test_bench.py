@@ -83,3 +83,17 @@ def test_cli_bench(folder, tiny_model, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "r.csv")))
     assert {r["codec"] for r in rows} >= {"bsqc", "jpeg", "png"}
     assert "JPEG" in r.stdout
+
+
+def test_searches_sharing_a_cache_find_what_separate_searches_find(folder, monkeypatch):
+    arr = np.asarray(Image.open(folder / "img1.png").convert("RGB"))
+    targets = [26.0, 29.5, 30.0, 33.0, 45.0, 80.0]
+    alone = [baselines.matched(arr, baselines.JPEG, t) for t in targets]
+    calls = []
+    real = baselines.at_quality
+    monkeypatch.setattr(baselines, "at_quality", lambda a, c, q: calls.append(q) or real(a, c, q))
+    cache: dict = {}
+    shared = [baselines.matched(arr, baselines.JPEG, t, cache) for t in targets]
+    assert [p and (p.quality, p.bytes) for p in shared] == [p and (p.quality, p.bytes) for p in alone]
+    assert alone[-1] is None and alone[0] is not None
+    assert len(calls) == len(set(calls)) == len(cache)  # every quality encoded once across the searches
