@@ -23,7 +23,8 @@ class BSQ(nn.Module):
         super().__init__()
         self.bits = bits
         # most significant bit first; float64 holds every integer up to 2^53 exactly
-        basis = torch.tensor([2.0 ** (bits - 1 - i) for i in range(bits)], dtype=torch.float64)
+        # (on the CPU even when the module is built on the meta device, where its parameters are then assigned)
+        basis = torch.tensor([2.0 ** (bits - 1 - i) for i in range(bits)], dtype=torch.float64, device="cpu")
         self.register_buffer("basis", basis, persistent=False)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:

@@ -132,10 +132,11 @@ def from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], device="
     if config.tokenizer.bits != config.prior.bits:
         raise ModelError("tokenizer and prior disagree on bits per token")
     _check_tokenizer_tensors(config, tensors)
-    tok = Tokenizer(config.tokenizer)
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        tok = Tokenizer(config.tokenizer)
     tstate = _tokenizer_state(tensors)
     try:
-        tok.load_state_dict(tstate, strict=True)
+        tok.load_state_dict(tstate, strict=True, assign=True)
         prior = IntPrior(config.prior, {k[len("prior."):]: v for k, v in tensors.items() if k.startswith("prior.")}, device)
     except (RuntimeError, KeyError, ValueError) as e:
         raise ModelError(f"bad model file: its tensors do not match its config: {str(e).splitlines()[0]}") from None
@@ -242,9 +243,22 @@ def find(model_hash: bytes, name: str, extra: list[Model] | None = None) -> Mode
             return _load_cached(path)
     if name in broken():
         raise ModelError(f"the file needs preset {name!r}, whose installed file is broken: {broken()[name]}")
+    old = retired().get(model_hash.hex())
+    if old is not None:
+        raise ModelNotFoundError(
+            f"the file was made with model {old['name']!r} ({model_hash.hex()[:16]}...) of bsqcodec {old['release']}, "
+            f"which this release does not install; decode it with bsqcodec {old['release']} "
+            f"(pip install bsqcodec=={old['release']}) or pass that model file with --model"
+        )
     raise ModelNotFoundError(
         f"model {name!r} ({model_hash.hex()[:16]}...) is not installed; pass the model file with --model"
     )
+
+
+@lru_cache(maxsize=1)
+def retired() -> dict[str, dict[str, str]]:
+    """Hex hash -> {"name", "release"} of models that earlier releases shipped and this one does not."""
+    return json.loads((MODELS_DIR / "retired.json").read_text())["models"]
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
