@@ -93,10 +93,11 @@ def _requant(acc: torch.Tensor, scale, offset) -> torch.Tensor:
 def int_layernorm(x: torch.Tensor) -> torch.Tensor:
     """Residual integers (..., D) -> normalized integers at LN_SCALE, clamped to +-QMAX."""
     D = x.shape[-1]
-    c = x - torch.floor(x.sum(-1, keepdim=True) / D)  # the sum is exact: |x| <= 2^20, D <= 1024
-    var = (c * c).sum(-1, keepdim=True) / D  # exact sum: c^2 <= 2^42
+    # floor(sum / D) for an exact integer sum (|x| <= 2^20, D <= 1024): floor division gives the same integer
+    c = x - torch.div(x.sum(-1, keepdim=True), D, rounding_mode="floor")
+    var = torch.linalg.vecdot(c, c).unsqueeze(-1) / D  # an exact sum in any order: c^2 <= 2^42
     n = torch.round(c * float(LN_SCALE) / torch.sqrt(var + LN_EPS))
-    return n.clamp(-QMAX, QMAX)
+    return n.clamp_(-QMAX, QMAX)
 
 
 def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -141,9 +142,10 @@ class IntLinear:
         n = xi.shape[0]
         digits = torch.cat([xi >> 6, xi & 63]).to(torch.int8)  # arithmetic shift: floor(x / 64)
         r = torch._int_mm(digits, self.w8)
-        acc = torch.add(r[n:], r[:n], alpha=64).double()  # |acc| < 2047 * 127 * 4096 < 2^31: exact in int32
-        # _requant in one operation: acc * scale is exact, so a fused multiply-add rounds just as the sum does
-        return torch.floor(torch.addcmul(self.offset, acc, self.scale)).view(*lead, -1)
+        acc = torch.add(r[n:], r[:n], alpha=64)  # |acc| < 2047 * 127 * 4096 < 2^31: exact in int32
+        # _requant in one operation (acc converted to float64 exactly): acc * scale is exact, so a fused
+        # multiply-add rounds just as the sum does
+        return torch.addcmul(self.offset, acc, self.scale).floor_().view(*lead, -1)
 
 
 def _exact_dots(q: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
@@ -251,6 +253,7 @@ class IntPrior:
         # base-16 digits of the attention weights, most significant first, and a 1 for their sum
         self.att_digits = torch.stack([(att // 16**i) % 16 for i in (2, 1, 0)]).to(device=dev, dtype=torch.float32)
         self.att_digits_t = self.att_digits.t().contiguous()  # (ATT_LEN + 1, 3): one gather per step
+        self.att_radix = torch.tensor([[256.0, 16.0, 1.0]], dtype=torch.float64, device=dev)  # digits -> weights
         out = t["out_exp_table"].long()
         if out.shape != (OUT_LEN + 1,) or int(out.max()) > OUT_ONE or int(out.min()) < 0:
             raise ValueError("bad output exp table")
@@ -317,16 +320,19 @@ class IntPrior:
         with V, all exact below 2^24 as in _attend; nothing is masked, since every cached key is
         earlier.
         """
-        hi, lo = _split64(q)
-        r = torch.matmul(torch.cat([hi, lo], -2), K.transpose(-1, -2)).double()  # (B, nh, 2, keys)
-        dots = r[..., :1, :] * 64 + r[..., 1:, :]
-        gap = (dots.amax(-1, keepdim=True) - dots).clamp(max=CLAMP_GAP)
-        idx = _requant(gap, L["att_scale"], 0.5).clamp(max=ATT_LEN).long()  # (B, nh, 1, keys)
+        hi = torch.div(q, 64, rounding_mode="floor")
+        r = torch.matmul(torch.cat([hi, torch.add(q, hi, alpha=-64)], -2), K.transpose(-1, -2))  # (B, nh, 2, keys)
+        r = r.double()
+        dots = torch.add(r[..., 1:, :], r[..., :1, :], alpha=64)
+        # |dots| <= 2047^2 * 128, so gaps stay within CLAMP_GAP (that clamp is for masked keys only); the
+        # gap times the scale is exact and, plus 1/2, positive: truncation to int64 is its floor
+        gap = torch.sub(dots.amax(-1, keepdim=True), dots)
+        idx = gap.mul_(L["att_scale"]).add_(0.5).clamp_(max=ATT_LEN).long()  # (B, nh, 1, keys)
         digits = _lookup(self.att_digits_t, idx[..., 0, :]).transpose(-1, -2)  # (B, nh, 3, keys)
         r = torch.matmul(digits, V).double()  # V's last column is 1: r[..., -1] sums the weights
-        r = (r[..., 0:1, :] * 16 + r[..., 1:2, :]) * 16 + r[..., 2:3, :]
+        r = torch.matmul(self.att_radix, r)  # 256 r0 + 16 r1 + r2, exact (below 2^33)
         pv, wsum = r[..., :-1], r[..., -1:]
-        return torch.floor((2 * pv + wsum) / (2 * wsum))
+        return torch.add(wsum, pv, alpha=2).div_(wsum * 2).floor_()
 
     def hidden(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
         """Residual integers x (B, T, D) of positions pos..pos+T-1 -> outputs (B, T, D); fills the cache."""
@@ -334,17 +340,17 @@ class IntPrior:
         H = self.cfg.heads
         hs = C // H
         for li, L in enumerate(self.layers):
-            qkv = L["qkv"](int_layernorm(x)).clamp(-QMAX, QMAX).float()  # float32 holds these exactly
+            qkv = L["qkv"](int_layernorm(x)).clamp_(-QMAX, QMAX).float()  # float32 holds these exactly
             q, k, v = qkv.split(C, dim=2)
             q = q.view(B, T, H, hs).transpose(1, 2)  # (B, nh, T, hs)
             k = k.view(B, T, H, hs).transpose(1, 2)
             v = v.view(B, T, H, hs).transpose(1, 2)
             K, V = cache.update(li, pos, k, v)  # (B, nh, pos+T, hs)
             o = self._attend(q, K, V, L, pos).transpose(1, 2).reshape(B, T, C)
-            x = (x + L["proj"](o)).clamp(-RES_MAX, RES_MAX)
-            h = L["fc1"](int_layernorm(x)).clamp(-QMAX, QMAX)
-            g = _lookup(L["gelu"], (h + QMAX).long())
-            x = (x + L["fc2"](g)).clamp(-RES_MAX, RES_MAX)
+            x = (x + L["proj"](o)).clamp_(-RES_MAX, RES_MAX)
+            h = L["fc1"](int_layernorm(x)).clamp_(-QMAX, QMAX)
+            g = _lookup(L["gelu"], h.add_(QMAX).long())  # integers: the conversion is exact
+            x = (x + L["fc2"](g)).clamp_(-RES_MAX, RES_MAX)
         return x
 
     def group_table(self, h: torch.Tensor, j: int, earlier: torch.Tensor | None) -> torch.Tensor:
