@@ -41,6 +41,7 @@ ATT_LEN = 12 * EXP_STEP  # attention: beyond a gap of 12 nats the weight is 0
 ATT_ONE = 2**12 - 1  # attention weights fit in three base-16 digits
 OUT_LEN = 24 * EXP_STEP  # output tables: beyond a gap of 24 nats a symbol gets the floor of 1
 OUT_ONE = 2**20
+QUERY_BLOCK = 32  # teacher-forced attention works on this many query positions at a time (speed only)
 MAX_KEYS = 512  # 15 * QMAX * MAX_KEYS < 2^24: exactness bound of the weighted sum
 MAX_IN = 4096  # widest linear input (the float64 product stays far below 2^53)
 LN_EPS = float(round(1e-5 * 4**FRAC))  # LayerNorm epsilon in squared residual units (part of the format)
@@ -291,19 +292,26 @@ class IntPrior:
 
     # -- transformer ---------------------------------------------------------------------------
     def _attend(self, q, K, V, L, pos: int) -> torch.Tensor:
-        """Integer attention: q (B, nh, T, hs); K, V (B, nh, pos+T, hs) -> (B, nh, T, hs)."""
+        """Integer attention: q (B, nh, T, hs); K, V (B, nh, pos+T, hs) -> (B, nh, T, hs).
+
+        Many query positions (teacher forcing) go in blocks of QUERY_BLOCK rows, each with only the
+        keys up to its last position: a later key would get weight exactly 0 and never be the
+        largest dot, so leaving it out changes nothing, and it saves work and memory.
+        """
         T = q.shape[-2]
         if T == 1:
             return self._attend_one(q, K, V, L)
+        if T > QUERY_BLOCK:
+            outs = [self._attend(q[..., a : a + QUERY_BLOCK, :], K[..., : pos + min(T, a + QUERY_BLOCK), :],
+                                 V[..., : pos + min(T, a + QUERY_BLOCK), :], L, pos + a) for a in range(0, T, QUERY_BLOCK)]
+            return torch.cat(outs, -2)
         dots = _exact_dots(q, K)  # (B, nh, T, pos+T)
-        mask = None
-        if T > 1:  # teacher forcing: later keys are masked out, so that it matches the one-by-one path
-            mask = torch.ones(T, pos + T, dtype=torch.bool, device=self.device).tril(pos)
-            dots = dots.masked_fill(~mask, -math.inf)  # never the maximum: each row keeps its diagonal
+        # teacher forcing: later keys are masked out, so that it matches the one-by-one path
+        mask = torch.ones(T, pos + T, dtype=torch.bool, device=self.device).tril(pos)
+        dots = dots.masked_fill(~mask, -math.inf)  # never the maximum: each row keeps its diagonal
         gap = (dots.amax(-1, keepdim=True) - dots).clamp(max=CLAMP_GAP)
         idx = _requant(gap, L["att_scale"], 0.5).clamp(max=ATT_LEN).long()
-        if mask is not None:  # weight exactly 0 (the table's last entry), whatever the scale
-            idx = idx.masked_fill(~mask, ATT_LEN)
+        idx = idx.masked_fill(~mask, ATT_LEN)  # weight exactly 0 (the table's last entry), whatever the scale
         B, nh = idx.shape[:2]
         digits = self.att_digits[:, idx].permute(1, 2, 3, 0, 4).reshape(B, nh, 3 * T, -1)  # rows (T, digit)
         # V's last column is 1, so the product also sums the weights; exact: 15 * 2047 * 512 < 2^24

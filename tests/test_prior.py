@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bsqcodec.config import PriorConfig
-from bsqcodec import entropy
+from bsqcodec import entropy, intprior
 from bsqcodec.intprior import IntPrior, export, int_layernorm
 from bsqcodec.prior import Prior
 
@@ -68,23 +68,29 @@ class TestCausality:
 
 
 class TestIntegerExactness:
-    @given(st.integers(0, 10**6), st.sampled_from([(12, 2), (10, 1), (15, 3)]), st.integers(1, 4), st.integers(1, 5))
-    def test_onepass_equals_kv_equals_batched(self, seed, bg, rows, cols):
+    @given(st.integers(0, 10**6), st.sampled_from([(12, 2), (10, 1), (15, 3)]), st.integers(1, 4), st.integers(1, 5),
+           st.sampled_from([1000, 3, 7]))
+    def test_onepass_equals_kv_equals_batched(self, seed, bg, rows, cols, query_block):
         bits, groups = bg
         p, ip = make(seed % 5, groups=groups, bits=bits)
         g = torch.Generator().manual_seed(seed)
         toks = torch.randint(0, 2**bits, (3, rows, cols), generator=g)
         sym = p.symbols(toks)
         results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            one = ip.tables(sym, rows, cols)
-            single = [ip.tables(sym[i : i + 1], rows, cols) for i in range(3)]
-            kv = kv_tables(ip, sym, rows, cols)
-            for j in range(groups):
-                assert torch.equal(one[j], kv[j])
-                assert torch.equal(one[j], torch.cat([s[j] for s in single]))
-            results.append(one)
+        saved = intprior.QUERY_BLOCK
+        intprior.QUERY_BLOCK = query_block  # teacher forcing in blocks of query positions (or all at once)
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                one = ip.tables(sym, rows, cols)
+                single = [ip.tables(sym[i : i + 1], rows, cols) for i in range(3)]
+                kv = kv_tables(ip, sym, rows, cols)
+                for j in range(groups):
+                    assert torch.equal(one[j], kv[j])
+                    assert torch.equal(one[j], torch.cat([s[j] for s in single]))
+                results.append(one)
+        finally:
+            intprior.QUERY_BLOCK = saved
         for a, b in zip(*results):
             assert torch.equal(a, b)
 
