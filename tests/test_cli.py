@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from bsqcodec import weights
+from bsqcodec import container, weights
 from bsqcodec.cli import app
 
 runner = CliRunner()
@@ -135,6 +135,15 @@ class TestErrors:
         run("encode", photo, "--model", model_file, "--quiet")
         line = one_error_line(run("decode", photo.with_suffix(".bsq"), "-o", tmp_path / "o.png"))
         assert "'tiny'" in line and "not installed" in line
+
+    def test_invalid_retired_model_names_its_release(self, photo, model_file, tmp_path, monkeypatch):
+        run("encode", photo, "--model", model_file, "--quiet")
+        bsq = photo.with_suffix(".bsq")
+        header, _ = container.unpack(bsq.read_bytes())
+        monkeypatch.setattr(weights, "retired", lambda: {header.model_hash.hex(): {"name": "tiny", "release": "0.0.7"}})
+        line = one_error_line(run("decode", bsq, "-o", tmp_path / "o.png"))
+        assert "'tiny'" in line and "bsqcodec 0.0.7" in line and "pip install bsqcodec==0.0.7" in line
+        assert not (tmp_path / "o.png").exists()
 
     def test_invalid_huge_dimensions(self, tmp_path, model_file):
         p = tmp_path / "huge.png"
