@@ -100,6 +100,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for name in presets:
         m = weights.preset(name)
+        res.setdefault("models", {})[name] = m.hash_hex
         pts = rung_points(m, files)
         res["rungs"][name] = {str(e): {"bytes": int(sum(v["bytes"])), "bpp": sum(v["bytes"]) * 8 / sum(v["pixels"]),
                                        "mean_psnr": float(np.mean(v["psnr"])), "per_image_bytes": v["bytes"],

@@ -157,8 +157,17 @@ def effort_table(eff: dict) -> str:
         for p, secs in t.items():
             cells.append(f"{secs[e]:.1f} s ({secs[e] / secs['1']:.1f}x)")
         rows.append("| " + " | ".join(cells) + " |")
+    stale = "" if eff.get("models") == current_models(presets) else (
+        " Measured with earlier models than the installed ones (not rerun since the weights changed).")
     return "\n".join(rows) + (f"\n\n{eff['dataset']}, {eff['images']} images, all {len(presets)} rungs; BD-rate over the rungs' "
-                               "points (mean bpp against mean PSNR); negative: fewer bytes at equal PSNR.")
+                               "points (mean bpp against mean PSNR); negative: fewer bytes at equal PSNR." + stale)
+
+
+def current_models(presets) -> dict:
+    """Preset name -> hash of the installed model, as the result files record them."""
+    from bsqcodec import weights
+
+    return {p: weights.preset(p).hash_hex for p in presets}
 
 
 def ladder_table(bench: dict) -> str:
