@@ -143,9 +143,8 @@ class IntLinear:
         n = xi.shape[0]
         digits = torch.cat([xi >> 6, xi & 63]).to(torch.int8)  # arithmetic shift: floor(x / 64)
         r = torch._int_mm(digits, self.w8)
-        acc = torch.add(r[n:], r[:n], alpha=64)  # |acc| < 2047 * 127 * 4096 < 2^31: exact in int32
-        # _requant in one operation (acc converted to float64 exactly): acc * scale is exact, so a fused
-        # multiply-add rounds just as the sum does
+        acc = torch.add(r[n:], r[:n], alpha=64).double()  # |acc| < 2047 * 127 * 4096 < 2^31: exact in int32
+        # _requant in one operation: acc * scale is exact, so a fused multiply-add rounds just as the sum does
         return torch.addcmul(self.offset, acc, self.scale).floor_().view(*lead, -1)
 
 
@@ -252,8 +251,8 @@ class IntPrior:
         if att.shape != (ATT_LEN + 1,) or int(att.max()) > ATT_ONE or int(att.min()) < 0:
             raise ValueError("bad attention exp table")
         # base-16 digits of the attention weights, most significant first, and a 1 for their sum
-        self.att_digits = torch.stack([(att // 16**i) % 16 for i in (2, 1, 0)]).to(device=dev, dtype=torch.float32)
-        self.att_digits_t = self.att_digits.t().contiguous()  # (ATT_LEN + 1, 3): one gather per step
+        # (ATT_LEN + 1, 3): one gather gives the three digits of each weight
+        self.att_digits_t = torch.stack([(att // 16**i) % 16 for i in (2, 1, 0)], 1).to(device=dev, dtype=torch.float32)
         self.att_radix = torch.tensor([[256.0, 16.0, 1.0]], dtype=torch.float64, device=dev)  # digits -> weights
         out = t["out_exp_table"].long()
         if out.shape != (OUT_LEN + 1,) or int(out.max()) > OUT_ONE or int(out.min()) < 0:
@@ -313,7 +312,8 @@ class IntPrior:
         idx = _requant(gap, L["att_scale"], 0.5).clamp(max=ATT_LEN).long()
         idx = idx.masked_fill(~mask, ATT_LEN)  # weight exactly 0 (the table's last entry), whatever the scale
         B, nh = idx.shape[:2]
-        digits = self.att_digits[:, idx].permute(1, 2, 3, 0, 4).reshape(B, nh, 3 * T, -1)  # rows (T, digit)
+        keys = idx.shape[-1]
+        digits = _lookup(self.att_digits_t, idx).transpose(-1, -2).reshape(B, nh, 3 * T, keys)  # rows (T, digit)
         # V's last column is 1, so the product also sums the weights; exact: 15 * 2047 * 512 < 2^24
         r = torch.matmul(digits, V).double().view(B, nh, T, 3, -1)
         r = (r[..., 0, :] * 16 + r[..., 1, :]) * 16 + r[..., 2, :]
