@@ -74,6 +74,8 @@ def train_tokenizer(
                                             "with bf16 dot products; weights stay float32).")] = False,
     ema: Annotated[float, typer.Option(help="Keep an exponential moving average of the weights with this decay "
                                             "(e.g. 0.999); it is evaluated and exported. 0: none.")] = 0.0,
+    decoder_only: Annotated[bool, typer.Option("--decoder-only", help="Train the decoder only (the encoder, and so "
+                                               "the tokens and any prior trained on them, stay as they are).")] = False,
 ) -> None:
     """Train the patch autoencoder (MSE)."""
     try:
@@ -84,7 +86,7 @@ def train_tokenizer(
          steps=steps, batch=batch, crop=crop, lr=lr, seed=seed, resume=resume,
          cache_dir=str(cache_dir) if cache_dir else None, eval_every=eval_every,
          checkpoint_seconds=checkpoint_seconds, threads=threads, init=str(init) if init else None, nested=levels,
-         code_lr_mult=code_lr_mult, bf16=bf16, ema=ema)
+         code_lr_mult=code_lr_mult, bf16=bf16, ema=ema, decoder_only=decoder_only)
 
 
 @train_app.command("prior")

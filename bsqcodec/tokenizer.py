@@ -113,6 +113,14 @@ class Tokenizer(nn.Module):
         else:
             self.unpatchify = nn.ConvTranspose2d(c, 3, p, stride=p)
 
+    ENCODER = ("patchify.", "enc_conv.", "enc_blocks.", "to_code.")  # parameters that choose the tokens
+
+    def freeze_encoder(self) -> None:
+        """Train the decoder only: the same images keep giving the same tokens (a prior stays valid)."""
+        for name, p in self.named_parameters():
+            if name.startswith(self.ENCODER):
+                p.requires_grad_(False)
+
     # pixels are float in [0, 1], shape (B, 3, H, W) with H, W multiples of the patch
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
         h = self.enc_conv(F.gelu(self.patchify(x - 0.5)))

@@ -50,6 +50,7 @@ class TrainOptions:
     code_lr_mult: float = 1.0  # tokenizer stage: learning-rate factor of the BSQ projections (to_code, from_code)
     bf16: bool = False  # forward pass under bfloat16 autocast (weights and optimizer stay float32)
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: none); evaluated and exported
+    decoder_only: bool = False  # tokenizer stage: the encoder is frozen, so the tokens (and a prior on them) stay valid
     log: list = field(default_factory=list)
 
 
@@ -127,6 +128,10 @@ def train(opts: TrainOptions, progress=None) -> dict:
     torch.manual_seed(opts.seed)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     model = build_model(opts.stage, cfg).to(device)
+    if opts.decoder_only:
+        if opts.stage != "tokenizer":
+            raise BsqError("--decoder-only is for the tokenizer stage")
+        model.freeze_encoder()
     opt = torch.optim.AdamW(_param_groups(model, opts), lr=opts.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng = np.random.default_rng([opts.seed, rank])
     step = 0
@@ -207,7 +212,7 @@ def train(opts: TrainOptions, progress=None) -> dict:
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+        e.lerp_(p.detach(), 1 - decay)  # exact where e == p (a frozen weight stays what it was)
 
 
 def _main_thread() -> bool:
@@ -268,10 +273,11 @@ def _dataset(opts: TrainOptions, cfg: ModelConfig, device):
 
 def _param_groups(model: torch.nn.Module, opts: TrainOptions) -> list[dict]:
     """One group, or two when the BSQ projections learn at their own rate (new bits grow from zero)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # frozen ones are not optimised
     if opts.stage != "tokenizer" or opts.code_lr_mult == 1.0:
-        return [{"params": list(model.parameters()), "lr_mult": 1.0}]
-    code = [p for n, p in model.named_parameters() if n.startswith(("to_code.", "from_code."))]
-    rest = [p for n, p in model.named_parameters() if not n.startswith(("to_code.", "from_code."))]
+        return [{"params": [p for _, p in named], "lr_mult": 1.0}]
+    code = [p for n, p in named if n.startswith(("to_code.", "from_code."))]
+    rest = [p for n, p in named if not n.startswith(("to_code.", "from_code."))]
     return [{"params": rest, "lr_mult": 1.0}, {"params": code, "lr_mult": opts.code_lr_mult}]
 
 

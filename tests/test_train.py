@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from bsqcodec import codec, weights
+from bsqcodec.errors import BsqError
 from bsqcodec.cli import app
 from bsqcodec.train import TrainOptions, train
 
@@ -90,6 +91,32 @@ def test_bf16_training_keeps_float32_weights(dataset, arch, tmp_path):
     r = train(_opts("tokenizer", dataset, tmp_path / "a", arch, steps=6, bf16=True))
     assert r["step"] == 6 and all(torch.isfinite(v).all() for v in r["model"].values())
     assert all(v.dtype == torch.float32 for v in r["model"].values() if v.is_floating_point())
+
+
+def test_decoder_only_keeps_the_encoder_and_tokens(dataset, arch, tmp_path):
+    from bsqcodec.tokenizer import Tokenizer
+
+    base = train(_opts("tokenizer", dataset, tmp_path / "a", arch, steps=3))
+    r = runner.invoke(app, ["train", "tokenizer", "--data", str(dataset), "--out", str(tmp_path / "b"), "--arch", str(arch),
+                            "--steps", "4", "--batch", "4", "--crop", "32", "--init", str(tmp_path / "a" / "tokenizer.ckpt"),
+                            "--decoder-only", "--ema", "0.9", "--lr", "0.01"])
+    assert r.exit_code == 0, r.output
+    tuned = weights.load_checkpoint(tmp_path / "b" / "tokenizer.ckpt")
+    for part in ("model", "ema"):
+        enc = [k for k in tuned[part] if k.startswith(Tokenizer.ENCODER)]
+        dec = [k for k in tuned[part] if not k.startswith(Tokenizer.ENCODER) and tuned[part][k].is_floating_point()]
+        assert enc and all(torch.equal(tuned[part][k], base["model"][k]) for k in enc), part
+        assert any(not torch.equal(tuned[part][k], base["model"][k]) for k in dec), part
+    a, b = weights.load_tokenizer_any(tmp_path / "a" / "tokenizer.ckpt"), weights.load_tokenizer_any(tmp_path / "b" / "tokenizer.ckpt")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a.quant(a.encode_latent(x)), b.quant(b.encode_latent(x)))
+        assert not torch.equal(a.decode_code(a.quant(a.encode_latent(x))), b.decode_code(b.quant(b.encode_latent(x))))
+
+
+def test_decoder_only_is_for_the_tokenizer(dataset, arch, tmp_path):
+    with pytest.raises(BsqError, match="decoder-only"):
+        train(_opts("prior", dataset, tmp_path / "p", arch, decoder_only=True, tokenizer_ckpt="x"))
 
 
 def test_seed_reproducible(dataset, arch, tmp_path):
