@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import bsqcodec
-from bsqcodec import codec, weights
+from bsqcodec import codec, search, weights
 
 HERE = Path(__file__).resolve().parent
 
@@ -89,7 +89,7 @@ def main() -> None:
         "preset": preset, "model": model.hash_hex, "image": Path(image_path).name if image_path else "synthetic 768x512",
         "width": arr.shape[1], "height": arr.shape[0], "bytes": len(enc.data),
         "bpp": len(enc.data) * 8 / (arr.shape[0] * arr.shape[1]),
-        "encode_seconds": enc_s, **results, "pixels_identical_across_threads": same,
+        "encode_seconds": enc_s, "effort": search.DEFAULT_EFFORT, **results, "pixels_identical_across_threads": same,
         "encode_8192x8192_seconds": big["seconds"], "encode_8192x8192_peak_bytes": big["peak_bytes"],
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "processor": platform.processor(), "torch": torch.__version__},

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import bsqcodec
 from bsqcodec import codec, container, weights
 
 VEC = Path(__file__).resolve().parent.parent / "formats" / "vectors"
@@ -90,7 +91,7 @@ def _installed_presets() -> list[str]:
 if REGEN_PRESETS:
     PRESET_VEC.mkdir(parents=True, exist_ok=True)
     for _name in _installed_presets():
-        _enc = codec.encode_array(_preset_image(), weights.preset(_name))
+        _enc = codec.encode_array(_preset_image(), weights.preset(_name), effort=1)  # the tokenizer's own tokens
         (PRESET_VEC / f"{_name}.bsq").write_bytes(_enc.data)
         (PRESET_VEC / f"{_name}.tokens.json").write_text(
             json.dumps({"grid": list(_enc.tokens.shape), "tokens": _enc.tokens.reshape(-1).tolist()}) + "\n")
@@ -99,6 +100,15 @@ if REGEN_PRESETS:
 def test_every_shipped_preset_has_a_vector_and_every_vector_a_preset():
     have = sorted(p.name[: -len(".bsq")] for p in PRESET_VEC.glob("*.bsq"))
     assert have == _installed_presets()
+
+
+def test_retired_models_are_not_installed_and_name_an_earlier_release():
+    installed = {h.hex() for _, h in weights.installed().values()}
+    retired = weights.retired()
+    assert retired and not installed & set(retired)
+    now = tuple(int(x) for x in bsqcodec.__version__.split("."))
+    for entry in retired.values():
+        assert entry["name"] and tuple(int(x) for x in entry["release"].split(".")) < now
 
 
 @pytest.mark.parametrize("name", _installed_presets())
