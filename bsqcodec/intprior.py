@@ -108,8 +108,8 @@ def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def _split64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Integers |x| <= QMAX -> (hi, lo) with x = 64 * hi + lo, |hi| <= 32, 0 <= lo < 64."""
-    hi = torch.floor(x / 64)
-    return hi, x - hi * 64
+    hi = torch.div(x, 64, rounding_mode="floor")
+    return hi, torch.add(x, hi, alpha=-64)
 
 
 class IntLinear:
@@ -315,10 +315,7 @@ class IntPrior:
         keys = idx.shape[-1]
         digits = _lookup(self.att_digits_t, idx).transpose(-1, -2).reshape(B, nh, 3 * T, keys)  # rows (T, digit)
         # V's last column is 1, so the product also sums the weights; exact: 15 * 2047 * 512 < 2^24
-        r = torch.matmul(digits, V).double().view(B, nh, T, 3, -1)
-        r = (r[..., 0, :] * 16 + r[..., 1, :]) * 16 + r[..., 2, :]
-        pv, wsum = r[..., :-1], r[..., -1:]
-        return torch.floor((2 * pv + wsum) / (2 * wsum))  # rounded weighted mean, at v's scale
+        return self._weighted_mean(torch.matmul(digits, V).double().view(B, nh, T, 3, -1))[..., 0, :]
 
     def _attend_one(self, q, K, V, L) -> torch.Tensor:
         """_attend for one query position: the same integers with fewer operations.
@@ -328,17 +325,23 @@ class IntPrior:
         with V, all exact below 2^24 as in _attend; nothing is masked, since every cached key is
         earlier.
         """
-        hi = torch.div(q, 64, rounding_mode="floor")
-        r = torch.matmul(torch.cat([hi, torch.add(q, hi, alpha=-64)], -2), K.transpose(-1, -2))  # (B, nh, 2, keys)
-        r = r.double()
+        hi, lo = _split64(q)
+        r = torch.matmul(torch.cat([hi, lo], -2), K.transpose(-1, -2)).double()  # (B, nh, 2, keys)
         dots = torch.add(r[..., 1:, :], r[..., :1, :], alpha=64)
         # |dots| <= 2047^2 * 128, so gaps stay within CLAMP_GAP (that clamp is for masked keys only); the
         # gap times the scale is exact and, plus 1/2, positive: truncation to int64 is its floor
         gap = torch.sub(dots.amax(-1, keepdim=True), dots)
         idx = gap.mul_(L["att_scale"]).add_(0.5).clamp_(max=ATT_LEN).long()  # (B, nh, 1, keys)
         digits = _lookup(self.att_digits_t, idx[..., 0, :]).transpose(-1, -2)  # (B, nh, 3, keys)
-        r = torch.matmul(digits, V).double()  # V's last column is 1: r[..., -1] sums the weights
-        r = torch.matmul(self.att_radix, r)  # 256 r0 + 16 r1 + r2, exact (below 2^33)
+        return self._weighted_mean(torch.matmul(digits, V).double())
+
+    def _weighted_mean(self, r: torch.Tensor) -> torch.Tensor:
+        """Products of the weights' three base-16 digits with V, (..., 3, hs + 1) -> (..., 1, hs).
+
+        V's last column is 1, so r[..., -1] sums the weights. The digits recombine as 256 r0 + 16 r1
+        + r2 (exact, below 2^33); the result is the rounded weighted mean, at v's scale.
+        """
+        r = torch.matmul(self.att_radix, r)
         pv, wsum = r[..., :-1], r[..., -1:]
         return torch.add(wsum, pv, alpha=2).div_(wsum * 2).floor_()
 
