@@ -284,8 +284,8 @@ def _param_groups(model: torch.nn.Module, opts: TrainOptions) -> list[dict]:
 def _init_from(model: torch.nn.Module, stage: str, path: str) -> None:
     """Copy weights from another run: every tensor whose name and shape match.
 
-    A tokenizer with a different code length is resized first (nested BSQ: its first bits are
-    kept); prior tensors that do not match (other group sizes) keep their fresh initialisation.
+    A checkpoint's averaged (EMA) weights are taken where it kept them, as export does. A tokenizer
+    with a different code length is resized first (nested BSQ: its first bits are kept); prior tensors that do not match (other group sizes) keep their fresh initialisation.
     """
     if path.endswith(".safetensors"):
         if stage != "tokenizer":
@@ -297,7 +297,7 @@ def _init_from(model: torch.nn.Module, stage: str, path: str) -> None:
         st = load_checkpoint(path)
         if st.get("stage") != stage:
             raise BsqError(f"--init {path} is a {st.get('stage')} checkpoint, not a {stage} one")
-        src = st["model"]
+        src = st.get("ema", st["model"])
     if stage == "tokenizer":
         from .tokenizer import resize_bits
 

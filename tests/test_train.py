@@ -87,6 +87,19 @@ def test_ema_is_kept_resumed_exactly_and_exported(dataset, arch, tmp_path):
     assert all(torch.equal(v, st["ema"][k]) for k, v in tok.state_dict().items())
 
 
+def test_init_takes_the_averaged_weights(dataset, arch, tmp_path):
+    from bsqcodec.config import ModelConfig
+    from bsqcodec.tokenizer import Tokenizer
+    from bsqcodec.train import _init_from
+
+    train(_opts("tokenizer", dataset, tmp_path / "a", arch, steps=4, ema=0.9))
+    st = weights.load_checkpoint(tmp_path / "a" / "tokenizer.ckpt")
+    fresh = Tokenizer(ModelConfig.from_dict(st["config"]).tokenizer)
+    _init_from(fresh, "tokenizer", str(tmp_path / "a" / "tokenizer.ckpt"))
+    assert all(torch.equal(v, st["ema"][k]) for k, v in fresh.state_dict().items())
+    assert any(not torch.equal(st["ema"][k], st["model"][k]) for k in st["model"])
+
+
 def test_bf16_training_keeps_float32_weights(dataset, arch, tmp_path):
     r = train(_opts("tokenizer", dataset, tmp_path / "a", arch, steps=6, bf16=True))
     assert r["step"] == 6 and all(torch.isfinite(v).all() for v in r["model"].values())
