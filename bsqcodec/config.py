@@ -22,20 +22,44 @@ class TokenizerConfig:
     enc_blocks: int = 2  # residual blocks on the latent grid, encoder side
     dec_blocks: int = 4  # residual blocks on the latent grid, decoder side
     overlap: bool = True  # final transposed conv has kernel 2*patch (smooths patch seams)
+    # decoder only: a stage at twice the latent resolution (width up_channels, up_blocks residual
+    # blocks) before the pixels; 0 = none. Written into a config's JSON only when nonzero, so the
+    # hashes of models without it never change.
+    up_channels: int = 0
+    up_blocks: int = 0
+
+    DECODER_FIELDS = ("dec_blocks", "overlap", "up_channels", "up_blocks")  # nothing the tokens depend on
 
     def __post_init__(self) -> None:
-        _check_ints(self, patch=(1, 32), channels=(1, 2048), bits=(1, 48), enc_blocks=(0, 32), dec_blocks=(0, 32))
+        _check_ints(self, patch=(1, 32), channels=(1, 2048), bits=(1, 48), enc_blocks=(0, 32), dec_blocks=(0, 32),
+                    up_channels=(0, 2048), up_blocks=(0, 32))
         if not isinstance(self.overlap, bool):
             raise ValueError("overlap must be true or false")
+        if self.up_blocks and not self.up_channels:
+            raise ValueError("up_blocks needs up_channels")
+        if self.up_channels and self.patch % 2:
+            raise ValueError("an upsampling stage (up_channels) needs an even patch")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("up_channels", "up_blocks"):
+            if not d[k]:
+                del d[k]
+        return d
 
     def has_prefix(self, other: "TokenizerConfig") -> bool:
         """True when `other` is this tokenizer cut to its first other.bits bits (nested BSQ)."""
         return other.bits <= self.bits and dataclasses.replace(self, bits=other.bits) == other
 
+    def encodes_like(self, other: "TokenizerConfig") -> bool:
+        """True when this tokenizer's encoder has `other`'s shape (bits: a prefix); decoders may differ."""
+        same_decoder = {f: getattr(other, f) for f in self.DECODER_FIELDS}
+        return other.bits <= self.bits and dataclasses.replace(self, bits=other.bits, **same_decoder) == other
+
     @property
     def halo(self) -> int:
         """Latent rows/cols of context one output position depends on (for strip processing)."""
-        return 1 + 2 * max(self.enc_blocks, self.dec_blocks) + 1
+        return 1 + 2 * max(self.enc_blocks, self.dec_blocks) + self.up_blocks + 1
 
 
 @dataclass(frozen=True)
@@ -75,7 +99,7 @@ class ModelConfig:
     prior: PriorConfig
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"name": self.name, "tokenizer": self.tokenizer.to_dict(), "prior": dataclasses.asdict(self.prior)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

@@ -43,9 +43,10 @@ def export_run(run: str | Path, data_dir: str | Path, output: str | Path, name: 
     if not tpath or not Path(tpath).exists():
         raise BsqError(f"no tokenizer for {run}: neither {run / 'tokenizer.ckpt'} nor the prior's recorded tokenizer exists")
     tok = weights.load_tokenizer_any(tpath)
-    if not tok.cfg.has_prefix(cfg.tokenizer):
+    if not tok.cfg.encodes_like(cfg.tokenizer):
         raise BsqError("tokenizer and prior checkpoints come from different architectures")
     tok = tok.truncated(cfg.tokenizer.bits)
+    cfg = dataclasses.replace(cfg, tokenizer=tok.cfg)  # its own decoder (e.g. fine-tuned with --decoder-only)
     if name:
         cfg = dataclasses.replace(cfg, name=name)
     tok.eval()

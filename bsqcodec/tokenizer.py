@@ -108,6 +108,11 @@ class Tokenizer(nn.Module):
         self.from_code = nn.Conv2d(L, c, 1)
         self.dec_conv = nn.Conv2d(c, c, 3, padding=1)
         self.dec_blocks = nn.Sequential(*[ResBlock(c) for _ in range(cfg.dec_blocks)])
+        if cfg.up_channels:  # a stage at twice the latent resolution; the pixels then come from half patches
+            u = cfg.up_channels
+            self.up = nn.ConvTranspose2d(c, u, 2, stride=2)
+            self.up_blocks = nn.Sequential(*[ResBlock(u) for _ in range(cfg.up_blocks)])
+            c, p = u, p // 2
         if cfg.overlap:
             self.unpatchify = nn.ConvTranspose2d(c, 3, 2 * p, stride=p, padding=p // 2)
         else:
@@ -129,8 +134,10 @@ class Tokenizer(nn.Module):
     def decode_code(self, code: torch.Tensor) -> torch.Tensor:
         h = self.dec_conv(self.from_code(code * math.sqrt(self.cfg.bits)))
         h = F.gelu(self.dec_blocks(h))
+        if self.cfg.up_channels:
+            h = F.gelu(self.up_blocks(self.up(h)))
         y = self.unpatchify(h)
-        if self.cfg.overlap and self.cfg.patch % 2:
+        if self.cfg.overlap and self.unpatchify.stride[0] % 2:
             y = y[..., : code.shape[-2] * self.cfg.patch, : code.shape[-1] * self.cfg.patch]
         return y + 0.5
 

@@ -319,7 +319,7 @@ def _frozen_tokenizer(opts: TrainOptions, cfg: ModelConfig, device) -> Tokenizer
         raise BsqError("the prior stage needs --tokenizer CHECKPOINT (a tokenizer run's checkpoint or model file)")
     tok = load_tokenizer_any(opts.tokenizer_ckpt)
     # a wider (nested) tokenizer is kept whole: its tokens are cut to the prior's first bits later
-    if not tok.cfg.has_prefix(cfg.tokenizer):
+    if not tok.cfg.encodes_like(cfg.tokenizer):
         raise BsqError("the tokenizer checkpoint does not match the architecture's tokenizer")
     return tok.to(device).eval()
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import bsqcodec
-from bsqcodec import codec, container, entropy
+from bsqcodec import codec, container, entropy, weights
 from bsqcodec.errors import BsqError, FormatError, ModelNotFoundError
 
 
@@ -88,3 +88,20 @@ class TestCodec:
         data = container.pack(h, streams[: h.tiles] + [b""] * (h.tiles - len(streams)))
         with pytest.raises(FormatError, match="geometry"):
             codec.decode(data, models=[tiny_model])
+
+
+def test_a_model_with_an_up_stage_round_trips_through_its_file(tmp_path):
+    import dataclasses
+
+    from conftest import TINY
+
+    cfg = dataclasses.replace(TINY, tokenizer=dataclasses.replace(TINY.tokenizer, up_channels=8, up_blocks=1))
+    m = weights.random_model(cfg, seed=3)
+    weights.save(m, tmp_path / "up.safetensors")
+    back = weights.load(tmp_path / "up.safetensors")
+    assert back.config == cfg and back.sha256 == m.sha256
+    arr = np.random.default_rng(0).integers(0, 256, (13, 22, 3), dtype=np.uint8)
+    enc = codec.encode_array(arr, back, effort=2)
+    _, tokens, out = codec.decode_detailed(enc.data, [back])
+    assert torch.equal(tokens, enc.tokens) and out.shape == arr.shape
+    assert np.array_equal(out, codec.tokens_to_array(m, tokens, 22, 13))

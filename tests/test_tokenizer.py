@@ -71,3 +71,52 @@ class TestTokenizer:
         y, code = tok(torch.rand(2, 3, 50, 35))
         assert y.shape == (2, 3, 50, 35) and code.shape == (2, 10, 10, 7)
         assert isinstance(tok.patchify, torch.nn.Conv2d) and tok.patchify.stride == (5, 5)
+
+
+class TestUpStage:
+    """The optional decoder stage at twice the latent resolution (up_channels, up_blocks)."""
+
+    def test_strips_match_the_whole_image(self):
+        torch.manual_seed(1)
+        cfg = TokenizerConfig(patch=4, channels=8, bits=10, enc_blocks=1, dec_blocks=1, up_channels=6, up_blocks=2)
+        tok = Tokenizer(cfg).eval()
+        with torch.no_grad():  # no zero-initialised (identity) blocks: the halo must really cover the stage
+            for p in tok.parameters():
+                p.normal_(0, 0.3)
+        tok.STRIP = 3
+        toks = torch.randint(0, 2**10, (10, 6))
+        img = tok.tokens_to_image(toks)
+        with torch.no_grad():
+            ref = tok.decode_code(tok.quant.tokens_to_codes(toks[None]))[0]
+        assert img.shape == (40, 24, 3)
+        assert (img.float() - (ref.clamp(0, 1) * 255).permute(1, 2, 0)).abs().max() <= 0.51
+        assert tok.unpatchify.stride == (2, 2) and tok.up.out_channels == 6
+
+    def test_shapes_of_odd_half_patches(self):
+        for overlap in (True, False):
+            tok = Tokenizer(TokenizerConfig(patch=6, channels=8, bits=4, enc_blocks=0, dec_blocks=0, overlap=overlap,
+                                            up_channels=4, up_blocks=1))
+            y, code = tok(torch.rand(1, 3, 18, 12))
+            assert y.shape == (1, 3, 18, 12) and code.shape == (1, 4, 3, 2)
+
+    def test_config(self):
+        import dataclasses
+
+        import pytest
+
+        from bsqcodec.config import DEFAULT, ModelConfig
+
+        plain = TokenizerConfig()
+        assert "up_channels" not in plain.to_dict() and "up_blocks" not in DEFAULT.to_dict()["tokenizer"]
+        up = dataclasses.replace(plain, up_channels=64, up_blocks=1)
+        assert up.to_dict()["up_channels"] == 64
+        m = dataclasses.replace(DEFAULT, tokenizer=up)
+        assert ModelConfig.from_dict(m.to_dict()) == m
+        assert up.encodes_like(plain) and plain.encodes_like(up) and not up.has_prefix(plain)
+        assert dataclasses.replace(up, bits=24).encodes_like(plain)
+        assert not up.encodes_like(dataclasses.replace(plain, channels=128))
+        assert up.halo == plain.halo + 1
+        with pytest.raises(ValueError, match="needs up_channels"):
+            TokenizerConfig(up_blocks=1)
+        with pytest.raises(ValueError, match="even patch"):
+            TokenizerConfig(patch=5, up_channels=8)

@@ -127,6 +127,36 @@ def test_decoder_only_keeps_the_encoder_and_tokens(dataset, arch, tmp_path):
         assert not torch.equal(a.decode_code(a.quant(a.encode_latent(x))), b.decode_code(b.quant(b.encode_latent(x))))
 
 
+def test_a_new_decoder_ships_with_the_old_tokens_and_prior(dataset, arch, tmp_path):
+    """--decoder-only into a wider decoder (an up stage); export pairs it with the prior of the old tokens."""
+    import dataclasses
+
+    from conftest import TINY
+
+    run = tmp_path / "run"
+    train(_opts("tokenizer", dataset, run, arch, steps=3))
+    train(_opts("prior", dataset, run, arch, steps=2, tokenizer_ckpt=str(run / "tokenizer.ckpt")))
+    up = dataclasses.replace(TINY, tokenizer=dataclasses.replace(TINY.tokenizer, up_channels=8, up_blocks=1))
+    (tmp_path / "up.json").write_text(json.dumps(up.to_dict()))
+    train(_opts("tokenizer", dataset, tmp_path / "dec", tmp_path / "up.json", steps=3, decoder_only=True,
+                init=str(run / "tokenizer.ckpt")))
+    both = tmp_path / "both"
+    both.mkdir()
+    (both / "prior.ckpt").write_bytes((run / "prior.ckpt").read_bytes())
+    (both / "tokenizer.ckpt").write_bytes((tmp_path / "dec" / "tokenizer.ckpt").read_bytes())
+    r = runner.invoke(app, ["train", "export", "--run", str(both), "--data", str(dataset), "-o", str(tmp_path / "m.safetensors"),
+                            "--calib", "8"])
+    assert r.exit_code == 0, r.output
+    m = weights.load(tmp_path / "m.safetensors")
+    assert m.config.tokenizer == up.tokenizer and m.config.prior == TINY.prior
+    old = weights.load_tokenizer_any(run / "tokenizer.ckpt")
+    arr = np.asarray(Image.open(next(dataset.rglob("*.png"))).convert("RGB"))
+    h, w = (s // 4 * 4 for s in arr.shape[:2])
+    assert torch.equal(m.tokenizer.image_to_tokens(arr[:h, :w]), old.image_to_tokens(arr[:h, :w]))
+    enc = codec.encode_array(arr, m)
+    assert codec.decode_detailed(enc.data, [m])[2].shape == arr.shape
+
+
 def test_decoder_only_is_for_the_tokenizer(dataset, arch, tmp_path):
     with pytest.raises(BsqError, match="decoder-only"):
         train(_opts("prior", dataset, tmp_path / "p", arch, decoder_only=True, tokenizer_ckpt="x"))
