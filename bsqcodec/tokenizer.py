@@ -108,15 +108,16 @@ class Tokenizer(nn.Module):
         self.from_code = nn.Conv2d(L, c, 1)
         self.dec_conv = nn.Conv2d(c, c, 3, padding=1)
         self.dec_blocks = nn.Sequential(*[ResBlock(c) for _ in range(cfg.dec_blocks)])
-        if cfg.up_channels:  # a stage at twice the latent resolution; the pixels then come from half patches
+        self.unpatchify = _to_pixels(c, p, cfg.overlap)
+        if cfg.up_channels:
+            # a residual branch at twice the latent resolution, adding to the pixels from half patches;
+            # its last layer starts at zero, so a decoder grown from one without it starts out the same
             u = cfg.up_channels
             self.up = nn.ConvTranspose2d(c, u, 2, stride=2)
             self.up_blocks = nn.Sequential(*[ResBlock(u) for _ in range(cfg.up_blocks)])
-            c, p = u, p // 2
-        if cfg.overlap:
-            self.unpatchify = nn.ConvTranspose2d(c, 3, 2 * p, stride=p, padding=p // 2)
-        else:
-            self.unpatchify = nn.ConvTranspose2d(c, 3, p, stride=p)
+            self.up_out = _to_pixels(u, p // 2, cfg.overlap)
+            nn.init.zeros_(self.up_out.weight)
+            nn.init.zeros_(self.up_out.bias)
 
     ENCODER = ("patchify.", "enc_conv.", "enc_blocks.", "to_code.")  # parameters that choose the tokens
 
@@ -134,11 +135,10 @@ class Tokenizer(nn.Module):
     def decode_code(self, code: torch.Tensor) -> torch.Tensor:
         h = self.dec_conv(self.from_code(code * math.sqrt(self.cfg.bits)))
         h = F.gelu(self.dec_blocks(h))
+        size = (code.shape[-2] * self.cfg.patch, code.shape[-1] * self.cfg.patch)
+        y = self.unpatchify(h)[..., : size[0], : size[1]]  # longer only with overlap and an odd patch
         if self.cfg.up_channels:
-            h = F.gelu(self.up_blocks(self.up(h)))
-        y = self.unpatchify(h)
-        if self.cfg.overlap and self.unpatchify.stride[0] % 2:
-            y = y[..., : code.shape[-2] * self.cfg.patch, : code.shape[-1] * self.cfg.patch]
+            y = y + self.up_out(F.gelu(self.up_blocks(self.up(h))))[..., : size[0], : size[1]]
         return y + 0.5
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,6 +224,13 @@ class Tokenizer(nn.Module):
                 with ThreadPoolExecutor(workers) as pool:
                     out = list(pool.map(lambda r0: self._decode_strip(tokens, r0), starts))
         return torch.cat(out, 0)
+
+
+def _to_pixels(channels: int, patch: int, overlap: bool) -> nn.ConvTranspose2d:
+    """channels -> 3 per patch x patch pixels; with overlap a kernel of 2 patches smooths the seams."""
+    if overlap:
+        return nn.ConvTranspose2d(channels, 3, 2 * patch, stride=patch, padding=patch // 2)
+    return nn.ConvTranspose2d(channels, 3, patch, stride=patch)
 
 
 def resize_bits(state: dict, bits: int) -> dict:

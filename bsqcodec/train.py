@@ -285,7 +285,8 @@ def _init_from(model: torch.nn.Module, stage: str, path: str) -> None:
     """Copy weights from another run: every tensor whose name and shape match.
 
     A checkpoint's averaged (EMA) weights are taken where it kept them, as export does. A tokenizer
-    with a different code length is resized first (nested BSQ: its first bits are kept); prior tensors that do not match (other group sizes) keep their fresh initialisation.
+    with a different code length is resized first (nested BSQ: its first bits are kept); tensors
+    that do not match (a prior's other group sizes, a decoder's new stage) keep their initialisation.
     """
     if path.endswith(".safetensors"):
         if stage != "tokenizer":

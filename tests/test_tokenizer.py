@@ -90,7 +90,7 @@ class TestUpStage:
             ref = tok.decode_code(tok.quant.tokens_to_codes(toks[None]))[0]
         assert img.shape == (40, 24, 3)
         assert (img.float() - (ref.clamp(0, 1) * 255).permute(1, 2, 0)).abs().max() <= 0.51
-        assert tok.unpatchify.stride == (2, 2) and tok.up.out_channels == 6
+        assert tok.unpatchify.stride == (4, 4) and tok.up_out.stride == (2, 2) and tok.up.out_channels == 6
 
     def test_shapes_of_odd_half_patches(self):
         for overlap in (True, False):
@@ -98,6 +98,28 @@ class TestUpStage:
                                             up_channels=4, up_blocks=1))
             y, code = tok(torch.rand(1, 3, 18, 12))
             assert y.shape == (1, 3, 18, 12) and code.shape == (1, 4, 3, 2)
+
+    def test_a_grown_decoder_starts_as_the_old_one(self, tmp_path):
+        import dataclasses
+
+        from bsqcodec.train import _init_from
+
+        torch.manual_seed(2)
+        cfg = TokenizerConfig(patch=4, channels=8, bits=10, enc_blocks=1, dec_blocks=1)
+        old = Tokenizer(cfg).eval()
+        with torch.no_grad():
+            for p in old.parameters():
+                p.normal_(0, 0.3)
+        grown = Tokenizer(dataclasses.replace(cfg, up_channels=6, up_blocks=1)).eval()
+        torch.save({"stage": "tokenizer", "model": old.state_dict()}, tmp_path / "old.ckpt")
+        _init_from(grown, "tokenizer", str(tmp_path / "old.ckpt"))
+        code = old.quant.tokens_to_codes(torch.randint(0, 2**10, (1, 5, 4)))
+        with torch.no_grad():
+            assert torch.equal(grown.decode_code(code), old.decode_code(code))
+        grown.train()  # and the branch learns: its zero last layer gets a gradient
+        out, _ = grown(torch.rand(1, 3, 20, 16))
+        out.square().sum().backward()
+        assert grown.up_out.weight.grad.abs().sum() > 0
 
     def test_config(self):
         import dataclasses
