@@ -28,7 +28,7 @@ def main() -> None:
     model = weights.preset(preset)
     state = weights.load_checkpoint(run / "prior.ckpt")
     prior = Prior(ModelConfig.from_dict(state["config"]).prior)
-    prior.load_state_dict(state.get("ema", state["model"]))  # the weights export took (the average, if kept)
+    prior.load_state_dict(weights.trained_state(state))  # the weights export took
     prior.eval()
     fbits = ibits = 0.0
     for p in sorted(folder.glob("*.png")):

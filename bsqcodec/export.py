@@ -51,7 +51,7 @@ def export_run(run: str | Path, data_dir: str | Path, output: str | Path, name: 
         cfg = dataclasses.replace(cfg, name=name)
     tok.eval()
     prior = Prior(cfg.prior)
-    prior.load_state_dict(ps.get("ema", ps["model"]))  # the averaged weights, where the run kept them
+    prior.load_state_dict(weights.trained_state(ps))
     prior.eval()
     calib_tokens = calibration_tokens(tok, cfg, data_dir, calib)
     model = weights.freeze(cfg, tok, prior, calib_tokens)

@@ -22,7 +22,7 @@ from . import data as data_mod
 from .config import ARCHITECTURES, ModelConfig
 from .errors import BsqError
 from .tokenizer import Tokenizer
-from .weights import load_checkpoint, load_tokenizer_any
+from .weights import load_checkpoint, load_tokenizer_any, trained_state
 
 
 @dataclass
@@ -298,7 +298,7 @@ def _init_from(model: torch.nn.Module, stage: str, path: str) -> None:
         st = load_checkpoint(path)
         if st.get("stage") != stage:
             raise BsqError(f"--init {path} is a {st.get('stage')} checkpoint, not a {stage} one")
-        src = st.get("ema", st["model"])
+        src = trained_state(st)
     if stage == "tokenizer":
         from .tokenizer import resize_bits
 

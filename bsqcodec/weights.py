@@ -271,6 +271,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise ModelError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
+def trained_state(checkpoint: dict) -> dict:
+    """The weights a training checkpoint stands for: its EMA average where the run kept one, else the
+    last step's (what export ships, --init starts from and benchmarks compare against)."""
+    return checkpoint.get("ema", checkpoint["model"])
+
+
 def load_tokenizer_any(path: str | os.PathLike) -> Tokenizer:
     """A tokenizer from a training checkpoint (.ckpt) or a model file (.safetensors)."""
     path = str(path)
@@ -279,7 +285,7 @@ def load_tokenizer_any(path: str | os.PathLike) -> Tokenizer:
     state = load_checkpoint(path)
     cfg = ModelConfig.from_dict(state["config"])
     tok = Tokenizer(cfg.tokenizer)
-    tok.load_state_dict(state.get("ema", state["model"]))  # the averaged weights, where the run kept them
+    tok.load_state_dict(trained_state(state))
     return tok.eval()
 
 
