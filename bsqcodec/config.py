@@ -29,6 +29,7 @@ class TokenizerConfig:
     up_blocks: int = 0
 
     DECODER_FIELDS = ("dec_blocks", "overlap", "up_channels", "up_blocks")  # nothing the tokens depend on
+    OPTIONAL_FIELDS = ("up_channels", "up_blocks")  # in to_dict() only when nonzero
 
     def __post_init__(self) -> None:
         _check_ints(self, patch=(1, 32), channels=(1, 2048), bits=(1, 48), enc_blocks=(0, 32), dec_blocks=(0, 32),
@@ -42,19 +43,15 @@ class TokenizerConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("up_channels", "up_blocks"):
-            if not d[k]:
-                del d[k]
-        return d
+        return {k: v for k, v in d.items() if v or k not in self.OPTIONAL_FIELDS}
 
     def has_prefix(self, other: "TokenizerConfig") -> bool:
         """True when `other` is this tokenizer cut to its first other.bits bits (nested BSQ)."""
         return other.bits <= self.bits and dataclasses.replace(self, bits=other.bits) == other
 
     def encodes_like(self, other: "TokenizerConfig") -> bool:
-        """True when this tokenizer's encoder has `other`'s shape (bits: a prefix); decoders may differ."""
-        same_decoder = {f: getattr(other, f) for f in self.DECODER_FIELDS}
-        return other.bits <= self.bits and dataclasses.replace(self, bits=other.bits, **same_decoder) == other
+        """has_prefix, whatever the two decoders: this tokenizer gives `other`'s tokens (their first bits)."""
+        return self.has_prefix(dataclasses.replace(other, **{f: getattr(self, f) for f in self.DECODER_FIELDS}))
 
     @property
     def halo(self) -> int:
