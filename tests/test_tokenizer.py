@@ -9,6 +9,24 @@ from bsqcodec.config import TokenizerConfig
 from bsqcodec.tokenizer import BSQ, Tokenizer, bits_to_tokens, join_groups, split_groups, tokens_to_bits
 
 
+def _randomize(tok: Tokenizer) -> Tokenizer:
+    """Every weight random: no zero-initialised (identity) block hides what a layer would do."""
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.normal_(0, 0.3)
+    return tok
+
+
+def _assert_strip_decode_matches(tok: Tokenizer, toks: torch.Tensor) -> torch.Tensor:
+    """tokens_to_image (strips with a halo) against one decode of the whole grid; returns the image."""
+    img = tok.tokens_to_image(toks)
+    with torch.no_grad():
+        ref = tok.decode_code(tok.quant.tokens_to_codes(toks[None]))[0]
+    diff = (img.float() - (ref.clamp(0, 1) * 255).permute(1, 2, 0)).abs().max()
+    assert diff <= 0.51
+    return img
+
+
 class TestConversions:
     @given(st.integers(1, 32), st.data())
     def test_tokens_bits_codes_round_trip(self, L, data):
@@ -57,12 +75,8 @@ class TestTokenizer:
         with torch.no_grad():
             full = tok.quant.codes_to_tokens(tok.quant(tok.encode_latent(x)))[0]
         assert torch.equal(toks, full)
-        img = tok.tokens_to_image(toks)
+        img = _assert_strip_decode_matches(tok, toks)
         assert img.shape == (40, 24, 3) and img.dtype == torch.uint8
-        with torch.no_grad():
-            ref = tok.decode_code(tok.quant.tokens_to_codes(toks[None]))[0]
-        diff = (img.float() - (ref.clamp(0, 1) * 255).permute(1, 2, 0)).abs().max()
-        assert diff <= 0.51
 
     def test_seed_geometry(self):
         from bsqcodec.config import SEED
@@ -79,17 +93,10 @@ class TestUpStage:
     def test_strips_match_the_whole_image(self):
         torch.manual_seed(1)
         cfg = TokenizerConfig(patch=4, channels=8, bits=10, enc_blocks=1, dec_blocks=1, up_channels=6, up_blocks=2)
-        tok = Tokenizer(cfg).eval()
-        with torch.no_grad():  # no zero-initialised (identity) blocks: the halo must really cover the stage
-            for p in tok.parameters():
-                p.normal_(0, 0.3)
+        tok = _randomize(Tokenizer(cfg)).eval()  # the halo must really cover the stage
         tok.STRIP = 3
-        toks = torch.randint(0, 2**10, (10, 6))
-        img = tok.tokens_to_image(toks)
-        with torch.no_grad():
-            ref = tok.decode_code(tok.quant.tokens_to_codes(toks[None]))[0]
+        img = _assert_strip_decode_matches(tok, torch.randint(0, 2**10, (10, 6)))
         assert img.shape == (40, 24, 3)
-        assert (img.float() - (ref.clamp(0, 1) * 255).permute(1, 2, 0)).abs().max() <= 0.51
         assert tok.unpatchify.stride == (4, 4) and tok.up_out.stride == (2, 2) and tok.up.out_channels == 6
 
     def test_shapes_of_odd_half_patches(self):
@@ -106,10 +113,7 @@ class TestUpStage:
 
         torch.manual_seed(2)
         cfg = TokenizerConfig(patch=4, channels=8, bits=10, enc_blocks=1, dec_blocks=1)
-        old = Tokenizer(cfg).eval()
-        with torch.no_grad():
-            for p in old.parameters():
-                p.normal_(0, 0.3)
+        old = _randomize(Tokenizer(cfg)).eval()
         grown = Tokenizer(dataclasses.replace(cfg, up_channels=6, up_blocks=1)).eval()
         torch.save({"stage": "tokenizer", "model": old.state_dict()}, tmp_path / "old.ckpt")
         _init_from(grown, "tokenizer", str(tmp_path / "old.ckpt"))
