@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 
 from bsqcodec import codec, container, entropy, weights
 from bsqcodec.cli import app
-from bsqcodec.errors import BsqError, FormatError, LimitError, ModelError
+from bsqcodec.errors import BsqError, FormatError, LimitError, ModelError, ModelNotFoundError
 
 from conftest import empty_streams_file, smooth_image
 
@@ -197,6 +198,30 @@ class TestModelFiles:
             weights.preset("tiny")
         with pytest.raises(ModelError, match="broken"):
             codec.decode_detailed(codec.encode_array(arr, tiny_model).data)
+
+    def test_decoding_reads_only_the_model_file_the_header_names(self, tiny_model, tmp_path, monkeypatch):
+        """The installed file named after the header's preset is read first; the others only if it is not the one."""
+        weights.save(tiny_model, tmp_path / "tiny.safetensors")
+        other = weights.random_model(dataclasses.replace(tiny_model.config, name="other"), seed=1)
+        weights.save(other, tmp_path / "other.safetensors")
+        (tmp_path / "retired.json").write_text('{"models": {}}')
+        monkeypatch.setattr(weights, "MODELS_DIR", tmp_path)
+        reads = []
+        real_read = weights._read
+        monkeypatch.setattr(weights, "_read", lambda p: reads.append(Path(p).name) or real_read(p))
+        arr = np.asarray(smooth_image(np.random.default_rng(0), 20, 12))
+        data = codec.encode_array(arr, tiny_model).data
+        assert codec.decode_detailed(data)[2].shape == (12, 20, 3)
+        assert reads == ["tiny.safetensors"]
+        # a file naming a preset whose installed file holds another model: every file is looked at
+        weights.save(other, tmp_path / "tiny.safetensors")  # the file called tiny now holds 'other'
+        monkeypatch.setattr(weights, "_loaded", {})
+        with pytest.raises(ModelNotFoundError, match="not installed"):
+            codec.decode_detailed(data)
+
+    @pytest.mark.parametrize("name", ["../tiny", "/tmp/x", ".", ""])
+    def test_a_preset_name_is_never_a_path(self, name):
+        assert weights._named(name) is None
 
     def test_checkpoints_never_run_pickled_code(self, tmp_path):
         class Evil:
