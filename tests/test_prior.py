@@ -151,3 +151,37 @@ def test_int8_products_equal_float64_ones(seed, width, extreme):
     ref = torch.floor(torch.matmul(x, lin.wt) * lin.scale + lin.offset)
     assert torch.equal(lin(x), ref)
     assert torch.equal(lin(x[None]), ref[None])
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([2, 37, 512]), st.sampled_from([1, 16, 128]), st.booleans(),
+       st.sampled_from([1e-6, 0.3, 3.0, 1e3]))
+def test_numpy_attention_equals_torch_attention(seed, keys, hs, extreme, spread):
+    """The decoder's NumPy attention step computes exactly the torch step's integers, extremes included."""
+    from bsqcodec.intprior import MAX_KEYS, QMAX
+
+    _, ip = make(0)
+    g = torch.Generator().manual_seed(seed)
+    B, nh = 3, 2
+    # gaps of random dots are about QMAX^2 sqrt(hs): spread = 1 puts them a third of the way along the
+    # exp table, where the weights and their roundings matter
+    att_scale = spread * 1000 / (QMAX**2 * hs**0.5)
+    if extreme:  # the largest magnitudes the exactness bounds allow: every dot and weighted sum at its limit
+        sign = -1.0 if seed % 2 else 1.0
+        q = torch.full((B, nh, 1, hs), sign * QMAX)
+        K = torch.full((B, nh, keys, hs), float(QMAX))
+        K[..., ::2, :] *= -1  # gaps as large as they get
+        V = torch.full((B, nh, keys, hs), -sign * QMAX)
+    else:
+        q = torch.randint(-QMAX, QMAX + 1, (B, nh, 1, hs), generator=g).float()
+        K = torch.randint(-QMAX, QMAX + 1, (B, nh, keys, hs), generator=g).float()
+        V = torch.randint(-QMAX, QMAX + 1, (B, nh, keys, hs), generator=g).float()
+    assert keys <= MAX_KEYS
+    V = torch.cat([V, torch.ones(B, nh, keys, 1)], -1)  # the cache's column of ones
+    want = ip._attend_one_torch(q, K, V, att_scale)
+    got = torch.from_numpy(ip._attend_one_np(q.numpy(), K.numpy(), V.numpy(), att_scale))
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    # and through a strided view of a larger cache, as the decoder reads it
+    big = torch.zeros(B, nh, MAX_KEYS, hs), torch.ones(B, nh, MAX_KEYS, hs + 1)
+    big[0][..., :keys, :], big[1][..., :keys, :] = K, V
+    Kv, Vv = big[0][..., :keys, :], big[1][..., :keys, :]
+    assert torch.equal(torch.from_numpy(ip._attend_one_np(q.numpy(), Kv.numpy(), Vv.numpy(), att_scale)), want)
