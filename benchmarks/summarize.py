@@ -157,10 +157,21 @@ def effort_table(eff: dict) -> str:
         for p, secs in t.items():
             cells.append(f"{secs[e]:.1f} s ({secs[e] / secs['1']:.1f}x)")
         rows.append("| " + " | ".join(cells) + " |")
-    stale = "" if eff.get("models") == current_models(presets) else (
-        " Measured with earlier models than the installed ones (not rerun since the weights changed).")
+    why = []
+    if eff.get("models") != current_models(presets):
+        why.append("earlier models than the installed ones")
+    if eff.get("lr") != current_search_lr():
+        why.append("an earlier search schedule")
+    stale = f" Measured with {' and '.join(why)} (not rerun since)." if why else ""
     return "\n".join(rows) + (f"\n\n{eff['dataset']}, {eff['images']} images, all {len(presets)} rungs; BD-rate over the rungs' "
                                "points (mean bpp against mean PSNR); negative: fewer bytes at equal PSNR." + stale)
+
+
+def current_search_lr() -> dict:
+    """The encoder search's learning rates, as benchmarks/effort.py records them."""
+    from bsqcodec import search
+
+    return {"first": search.LR_FIRST, "first_steps": search.FIRST_STEPS, "then": search.LR}
 
 
 def current_models(presets) -> dict:
