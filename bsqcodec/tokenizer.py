@@ -193,7 +193,8 @@ class Tokenizer(nn.Module):
         for r0 in range(0, h, self.STRIP):
             r1 = min(h, r0 + self.STRIP)
             a, b = max(0, r0 - halo), min(h, r1 + halo)
-            strip = torch.as_tensor(np.array(pixels[a * p : b * p]))  # a copy of one strip, never the image
+            part = pixels[a * p : b * p]  # a copy of one strip, never the image
+            strip = part.clone() if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part))
             x = strip.permute(2, 0, 1)[None].float().div(255)
             yield self.encode_latent(x)[..., r0 - a : r1 - a, :]
 
