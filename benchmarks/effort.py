@@ -95,7 +95,7 @@ def main() -> None:
     presets = args.preset or [m.name for m in codec.ladder_models()]
     res = {"schema": "bsqcodec-effort-1", "dataset": Path(args.folder).name, "images": len(files),
            "efforts": {str(e): search.ITERATIONS[e] for e in EFFORTS}, "default_effort": search.DEFAULT_EFFORT,
-           "lr": {"first": search.LR_FIRST, "first_steps": search.FIRST_STEPS, "then": search.LR}, "rate_weight": search.RATE_WEIGHT, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "lr": search.schedule(), "rate_weight": search.RATE_WEIGHT, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "torch": torch.__version__, "rungs": {}, "curves": {}, "bd_rate_vs_effort1": {}}
     t0 = time.perf_counter()
     for name in presets:

@@ -160,18 +160,17 @@ def effort_table(eff: dict) -> str:
     why = []
     if eff.get("models") != current_models(presets):
         why.append("earlier models than the installed ones")
-    if eff.get("lr") != current_search_lr():
+    if eff.get("lr") != search_schedule():
         why.append("an earlier search schedule")
     stale = f" Measured with {' and '.join(why)} (not rerun since)." if why else ""
     return "\n".join(rows) + (f"\n\n{eff['dataset']}, {eff['images']} images, all {len(presets)} rungs; BD-rate over the rungs' "
                                "points (mean bpp against mean PSNR); negative: fewer bytes at equal PSNR." + stale)
 
 
-def current_search_lr() -> dict:
-    """The encoder search's learning rates, as benchmarks/effort.py records them."""
+def search_schedule() -> dict:
     from bsqcodec import search
 
-    return {"first": search.LR_FIRST, "first_steps": search.FIRST_STEPS, "then": search.LR}
+    return search.schedule()
 
 
 def current_models(presets) -> dict:

@@ -58,6 +58,11 @@ def learning_rate(step: int) -> float:
     return LR_FIRST if step <= FIRST_STEPS else LR
 
 
+def schedule() -> dict:
+    """The learning rates as benchmark result files record them."""
+    return {"first": LR_FIRST, "first_steps": FIRST_STEPS, "then": LR}
+
+
 def rate_weight(bits: int) -> float:
     """lam for a tokenizer of `bits` bits per token (see RATE_WEIGHT)."""
     return RATE_WEIGHT / bits**2
