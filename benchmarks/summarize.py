@@ -162,6 +162,8 @@ def effort_table(eff: dict) -> str:
         why.append("earlier models than the installed ones")
     if eff.get("lr") != search_schedule():
         why.append("an earlier search schedule")
+    if eff.get("efforts") != search_steps():
+        why.append("other gradient steps per effort than the installed ones")
     stale = f" Measured with {' and '.join(why)} (not rerun since)." if why else ""
     return "\n".join(rows) + (f"\n\n{eff['dataset']}, {eff['images']} images, all {len(presets)} rungs; BD-rate over the rungs' "
                                "points (mean bpp against mean PSNR); negative: fewer bytes at equal PSNR." + stale)
@@ -171,6 +173,12 @@ def search_schedule() -> dict:
     from bsqcodec import search
 
     return search.schedule()
+
+
+def search_steps() -> dict:
+    from bsqcodec import search
+
+    return {str(e): n for e, n in search.ITERATIONS.items()}
 
 
 def current_models(presets) -> dict:

@@ -132,12 +132,13 @@ class Tokenizer(nn.Module):
         h = self.enc_conv(F.gelu(self.patchify(x - 0.5)))
         return self.to_code(self.enc_blocks(h))
 
-    def decode_code(self, code: torch.Tensor) -> torch.Tensor:
+    def decode_code(self, code: torch.Tensor, up: bool = True) -> torch.Tensor:
+        """Pixels of a code; up=False leaves out the up stage (a cheaper approximation, for the search)."""
         h = self.dec_conv(self.from_code(code * math.sqrt(self.cfg.bits)))
         h = F.gelu(self.dec_blocks(h))
         size = (code.shape[-2] * self.cfg.patch, code.shape[-1] * self.cfg.patch)
         y = self.unpatchify(h)[..., : size[0], : size[1]]  # longer only with overlap and an odd patch
-        if self.cfg.up_channels:
+        if self.cfg.up_channels and up:
             y = y + self.up_out(F.gelu(self.up_blocks(self.up(h))))[..., : size[0], : size[1]]
         return y + 0.5
 

@@ -103,6 +103,27 @@ def test_large_images_are_searched_in_strips(tiny_model, monkeypatch):
     assert changed[:4].any() and changed[-4:].any()  # every strip was searched
 
 
+def test_the_search_does_not_depend_on_the_decoders_up_stage(photo):
+    """The search decodes without the up stage (cheaper steps); the file still decodes with it."""
+    from bsqcodec.config import TokenizerConfig
+    from bsqcodec.tokenizer import Tokenizer
+
+    torch.manual_seed(5)
+    tok = Tokenizer(TokenizerConfig(patch=4, channels=8, bits=10, enc_blocks=1, dec_blocks=1, up_channels=6, up_blocks=1)).eval()
+    up = list(tok.up.parameters()) + list(tok.up_blocks.parameters()) + list(tok.up_out.parameters())
+    with torch.no_grad():
+        for p in tok.parameters():  # no zero-initialised layer: every part of the decoder does something
+            p.normal_(0, 0.3)
+    arr = photo[:24, :40]
+    latent = tok.image_to_latent(arr)
+    found = search.refine(tok, latent, arr, 8)
+    assert not torch.equal(found, tok.quant.codes_to_tokens(latent)[0])  # the search did move
+    with torch.no_grad():
+        for p in up:
+            p.normal_(0, 0.3)
+    assert torch.equal(search.refine(tok, latent, arr, 8), found)
+
+
 def test_bit_costs_sum_the_table_over_each_bit():
     tables = torch.tensor([[1, 1, 1, 5], [2, 2, 2, 2]])  # symbols 00, 01, 10, 11
     c0, c1 = search.bit_costs(tables, 2)

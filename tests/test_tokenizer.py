@@ -99,6 +99,18 @@ class TestUpStage:
         assert img.shape == (40, 24, 3)
         assert tok.unpatchify.stride == (4, 4) and tok.up_out.stride == (2, 2) and tok.up.out_channels == 6
 
+    def test_without_the_up_stage_the_decoder_is_the_one_with_a_silent_stage(self):
+        torch.manual_seed(3)
+        cfg = TokenizerConfig(patch=4, channels=8, bits=10, enc_blocks=1, dec_blocks=1, up_channels=6, up_blocks=1)
+        tok = _randomize(Tokenizer(cfg)).eval()
+        code = tok.quant.tokens_to_codes(torch.randint(0, 2**10, (1, 5, 4)))
+        with torch.no_grad():
+            full, lite = tok.decode_code(code), tok.decode_code(code, up=False)
+            assert not torch.allclose(full, lite)  # the stage does change pixels
+            tok.up_out.weight.zero_()
+            tok.up_out.bias.zero_()
+            assert torch.equal(tok.decode_code(code), lite)
+
     def test_shapes_of_odd_half_patches(self):
         for overlap in (True, False):
             tok = Tokenizer(TokenizerConfig(patch=6, channels=8, bits=4, enc_blocks=0, dec_blocks=0, overlap=overlap,
