@@ -163,8 +163,9 @@ def effort_table(eff: dict) -> str:
     if eff.get("lr") != search_schedule():
         why.append("an earlier search schedule")
     if eff.get("efforts") != search_steps():
-        why.append("other gradient steps per effort than the installed ones")
-    stale = f" Measured with {' and '.join(why)} (not rerun since)." if why else ""
+        why.append("other gradient steps per effort")
+    listed = ", ".join(why[:-1]) + (" and " if len(why) > 1 else "") + why[-1] if why else ""
+    stale = f" Measured with {listed} (not rerun since)." if why else ""
     return "\n".join(rows) + (f"\n\n{eff['dataset']}, {eff['images']} images, all {len(presets)} rungs; BD-rate over the rungs' "
                                "points (mean bpp against mean PSNR); negative: fewer bytes at equal PSNR." + stale)
 
