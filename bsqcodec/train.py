@@ -336,7 +336,7 @@ def _tokenize_crops(tok, arr, cfg, device, cache_dir, key_src, name):
         return np.load(path)
     out = []
     for i in range(0, len(arr), 64):
-        x = torch.from_numpy(np.ascontiguousarray(arr[i : i + 64])).permute(0, 3, 1, 2).float().div(255).to(device)
+        x = torch.from_numpy(np.array(arr[i : i + 64])).permute(0, 3, 1, 2).float().div(255).to(device)  # a writable copy of the (read-only) memory map
         code = tok.quant(tok.encode_latent(x))
         out.append(tok.quant.codes_to_tokens(code).cpu().numpy().astype(np.int64))
     toks = np.concatenate(out, 0)

@@ -198,3 +198,19 @@ def test_ddp_two_processes(dataset, arch, tmp_path):
         assert p.returncode == 0, err.decode()[-2000:]
     state = torch.load(tmp_path / "ddp" / "tokenizer.ckpt", weights_only=False)
     assert state["step"] == 3 and len(state["rng"]) == 2
+
+
+def test_tokenizing_memory_mapped_crops_warns_nothing(tmp_path, tiny_model):
+    """The crop cache is a read-only memory map; torch warns on tensors over non-writable arrays."""
+    import warnings
+
+    from bsqcodec.train import _tokenize_crops
+
+    p = tmp_path / "crops.npy"
+    np.save(p, np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
+    arr = np.load(p, mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        toks = _tokenize_crops(tiny_model.tokenizer, arr, tiny_model.config, "cpu", None, str(p), "crops")
+    patch = tiny_model.config.tokenizer.patch
+    assert toks.shape == (3, 16 // patch, 16 // patch)
