@@ -94,7 +94,7 @@ def main() -> None:
     files = find_images(Path(args.folder), args.limit)
     presets = args.preset or [m.name for m in codec.ladder_models()]
     res = {"schema": "bsqcodec-effort-1", "dataset": Path(args.folder).name, "images": len(files),
-           "efforts": {str(e): search.ITERATIONS[e] for e in EFFORTS}, "default_effort": search.DEFAULT_EFFORT,
+           "efforts": search.steps(), "default_effort": search.DEFAULT_EFFORT,
            "lr": search.schedule(), "rate_weight": search.RATE_WEIGHT, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "torch": torch.__version__, "rungs": {}, "curves": {}, "bd_rate_vs_effort1": {}}
     t0 = time.perf_counter()

@@ -160,26 +160,22 @@ def effort_table(eff: dict) -> str:
     why = []
     if eff.get("models") != current_models(presets):
         why.append("earlier models than the installed ones")
-    if eff.get("lr") != search_schedule():
+    lr, steps = search_schedule()
+    if eff.get("lr") != lr:
         why.append("an earlier search schedule")
-    if eff.get("efforts") != search_steps():
+    if eff.get("efforts") != steps:
         why.append("other gradient steps per effort")
-    listed = ", ".join(why[:-1]) + (" and " if len(why) > 1 else "") + why[-1] if why else ""
+    listed = " and ".join(filter(None, [", ".join(why[:-1]), why[-1]])) if why else ""
     stale = f" Measured with {listed} (not rerun since)." if why else ""
     return "\n".join(rows) + (f"\n\n{eff['dataset']}, {eff['images']} images, all {len(presets)} rungs; BD-rate over the rungs' "
                                "points (mean bpp against mean PSNR); negative: fewer bytes at equal PSNR." + stale)
 
 
-def search_schedule() -> dict:
+def search_schedule() -> tuple[dict, dict]:
+    """The installed search's (learning rates, steps per effort), as result files record them."""
     from bsqcodec import search
 
-    return search.schedule()
-
-
-def search_steps() -> dict:
-    from bsqcodec import search
-
-    return {str(e): n for e, n in search.ITERATIONS.items()}
+    return search.schedule(), search.steps()
 
 
 def current_models(presets) -> dict:

@@ -65,6 +65,11 @@ def schedule() -> dict:
     return {"first": LR_FIRST, "first_steps": FIRST_STEPS, "then": LR}
 
 
+def steps() -> dict:
+    """The gradient steps of every effort as benchmark result files record them ({"1": 0, ...})."""
+    return {str(e): n for e, n in ITERATIONS.items()}
+
+
 def rate_weight(bits: int) -> float:
     """lam for a tokenizer of `bits` bits per token (see RATE_WEIGHT)."""
     return RATE_WEIGHT / bits**2
