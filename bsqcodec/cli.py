@@ -248,7 +248,7 @@ def info_dict(data: bytes) -> dict:
     gr, gc = header.grid
     tokens = gr * gc
     return {
-        "version": f"{container.MAJOR}.{header.minor}", "width": header.width, "height": header.height,
+        "version": f"{header.major}.{header.minor}", "width": header.width, "height": header.height,
         "preset": header.preset, "model": header.model_hash.hex(), "patch": header.patch,
         "token_bits": header.bits, "groups": header.groups, "grid": [gr, gc], "tokens": tokens,
         "tiles": header.tiles, "tile_shape": [header.tile_rows, header.tile_cols],

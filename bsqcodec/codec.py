@@ -78,8 +78,8 @@ def make_header(model: weights.Model, width: int, height: int, icc: bytes | None
     chunks = [(b"iCCP", icc)] if icc else []
     if tokens is not None:
         chunks.append((container.TOKEN_CRC, container.token_crc(tokens.numpy())))
-    h = Header(width, height, t.patch, t.bits, p.groups, p.tile_rows, p.tile_cols, model.name, model.sha256,
-               minor=container.lowest_minor(t.bits, tokens is not None), chunks=chunks)
+    h = Header(width, height, t.patch, t.bits, p.groups, p.tile_rows, p.tile_cols, model.name,
+               model.sha256[: container.HASH_BYTES[container.MAJOR]], chunks=chunks)
     h.validate()
     return h
 

@@ -1,4 +1,8 @@
-"""The .bsq container, version 1.0: header, tile table, optional chunks, streams, CRC-32s.
+"""The .bsq container, versions 1.x and 2.0: header, tile table, optional chunks, streams, CRC-32s.
+
+Version 2.0 (written since bsqcodec 0.4) keeps 1.x's layout and makes its header smaller: a 16-byte model
+hash, no tile count (the geometry gives it), stream and chunk lengths as LEB128 varints and a one-byte
+chunk count. Files of every 1.x version are still read.
 
 Standard library only. `formats/bsq.md` is the normative description; this module follows it
 field by field. All integers are little-endian.
@@ -14,8 +18,9 @@ from dataclasses import dataclass, field
 from .errors import ChecksumError, FormatError, LimitError, VersionError
 
 MAGIC = b"BSQC"
-MAJOR = 1
-MINOR = 2  # the newest minor version this module reads and writes
+MAJOR = 2  # the version writers use
+MINORS = {1: 2, 2: 0}  # the newest minor of each major this module reads and writes
+HASH_BYTES = {1: 32, 2: 16}  # the model hash in the header: SHA-256, whole (1.x) or its first 16 bytes
 TOKEN_CRC = b"tCRC"  # 1.2: CRC-32 of the decoded tokens (section 5 of formats/bsq.md)
 MAX_BITS_V1_0 = 32  # 1.1 widened token bits to 48
 MAX_DIM = 16384  # width and height are 1..MAX_DIM
@@ -39,7 +44,7 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
 def lowest_minor(bits: int, token_crc: bool = False) -> int:
-    """The lowest minor version that can hold tokens of `bits` bits, and a tCRC chunk (writers use it)."""
+    """The lowest 1.x minor version that can hold tokens of `bits` bits, and a tCRC chunk (1.x writers)."""
     if token_crc:
         return 2
     return 1 if bits > MAX_BITS_V1_0 else 0
@@ -63,10 +68,11 @@ class Header:
     tile_rows: int
     tile_cols: int
     preset: str
-    model_hash: bytes  # 32 bytes, SHA-256 of the model's canonical weights
+    model_hash: bytes  # SHA-256 of the model's canonical weights: whole in 1.x, its first 16 bytes in 2.0
     colour: int = COLOUR_SRGB8
     minor: int = 0
     chunks: list[tuple[bytes, bytes]] = field(default_factory=list)  # (4-byte type, data)
+    major: int = MAJOR
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -90,6 +96,8 @@ class Header:
         return None
 
     def validate(self) -> None:
+        if self.major not in MINORS:
+            raise VersionError(f"unsupported .bsq version {self.major}.{self.minor}")
         if not (1 <= self.width <= MAX_DIM and 1 <= self.height <= MAX_DIM):
             raise LimitError(f"image dimensions {self.width}x{self.height} are outside 1..{MAX_DIM}")
         if self.colour != COLOUR_SRGB8:
@@ -98,14 +106,14 @@ class Header:
             raise FormatError(f"bad patch size {self.patch}")
         if not (1 <= self.bits <= 48) or self.groups < 1 or self.bits % self.groups or self.bits // self.groups > 12:
             raise FormatError(f"bad token geometry: {self.bits} bits in {self.groups} groups")
-        if self.bits > MAX_BITS_V1_0 and self.minor < 1:
+        if self.bits > MAX_BITS_V1_0 and self.major == 1 and self.minor < 1:
             raise FormatError(f"{self.bits}-bit tokens need format version 1.1")
         if not (1 <= self.tile_rows <= 1024 and 1 <= self.tile_cols <= 1024):
             raise FormatError(f"bad tile shape {self.tile_rows}x{self.tile_cols}")
         if not (1 <= len(self.preset) <= MAX_NAME) or not _NAME_RE.match(self.preset):
             raise FormatError("bad preset name")
-        if len(self.model_hash) != 32:
-            raise FormatError("model hash must be 32 bytes")
+        if len(self.model_hash) != HASH_BYTES[self.major]:
+            raise FormatError(f"model hash must be {HASH_BYTES[self.major]} bytes")
         if self.tiles > MAX_TILES:
             raise LimitError("too many tiles")
         if len(self.chunks) > MAX_CHUNKS:
@@ -121,25 +129,57 @@ class Header:
 
 
 def pack(header: Header, streams: list[bytes]) -> bytes:
-    """Header and per-tile streams -> the bytes of a .bsq file."""
+    """Header and per-tile streams -> the bytes of a .bsq file (in the header's version)."""
     header.validate()
     if len(streams) != header.tiles:
         raise ValueError(f"{header.tiles} tiles but {len(streams)} streams")
     name = header.preset.encode("ascii")
     out = bytearray(
-        _FIXED.pack(MAGIC, MAJOR, header.minor, 0, header.width, header.height, header.colour,
+        _FIXED.pack(MAGIC, header.major, header.minor, 0, header.width, header.height, header.colour,
                     header.patch, header.bits, header.groups, header.tile_rows, header.tile_cols, len(name))
     )
     out += name
     out += header.model_hash
-    out += struct.pack("<I", len(streams))
-    out += b"".join(struct.pack("<I", len(s)) for s in streams)
-    out += struct.pack("<H", len(header.chunks))
-    for t, d in header.chunks:
-        out += t + struct.pack("<I", len(d)) + d
+    if header.major == 1:
+        out += struct.pack("<I", len(streams))
+        out += b"".join(struct.pack("<I", len(s)) for s in streams)
+        out += struct.pack("<H", len(header.chunks))
+        for t, d in header.chunks:
+            out += t + struct.pack("<I", len(d)) + d
+    else:
+        out += b"".join(varint(len(s)) for s in streams)
+        out += bytes([len(header.chunks)])
+        for t, d in header.chunks:
+            out += t + varint(len(d)) + d
     out += struct.pack("<I", zlib.crc32(out))
     payload = b"".join(streams)
     return bytes(out) + payload + struct.pack("<I", zlib.crc32(payload))
+
+
+MAX_VARINT_BYTES = 4  # lengths below 2^28
+
+
+def varint(n: int) -> bytes:
+    """A length as the format's varint: LEB128 of at most MAX_VARINT_BYTES bytes."""
+    if not 0 <= n < 1 << (7 * MAX_VARINT_BYTES):
+        raise ValueError(f"length {n} does not fit a varint of {MAX_VARINT_BYTES} bytes")
+    return leb128(n)
+
+
+def leb128(n: int) -> bytes:
+    """Any n >= 0 as unsigned LEB128: 7 bits per byte, least significant first, high bit = more follow."""
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def tile_count(width: int, height: int, patch: int, tile_rows: int, tile_cols: int) -> int:
+    """Tiles of the geometry (section 3 of formats/bsq.md); the fields must be at least 1."""
+    rows, cols = -(-height // patch), -(-width // patch)
+    return -(-rows // tile_rows) * -(-cols // tile_cols)
 
 
 class _Reader:
@@ -154,6 +194,18 @@ class _Reader:
         self.pos += n
         return b
 
+    def varint(self, what: str) -> int:
+        """An unsigned LEB128 varint of at most MAX_VARINT_BYTES bytes, in its shortest form."""
+        n = 0
+        for i in range(MAX_VARINT_BYTES):
+            (b,) = self.take(1, what)
+            n |= (b & 0x7F) << (7 * i)
+            if not b & 0x80:
+                if b == 0 and i:
+                    raise FormatError(f"bad length in the {what} (not in its shortest form)")
+                return n
+        raise FormatError(f"bad length in the {what} (over {MAX_VARINT_BYTES} bytes)")
+
 
 def unpack(data: bytes) -> tuple[Header, list[bytes]]:
     """Bytes of a .bsq file -> (header, streams). Raises a FormatError subclass on any defect."""
@@ -163,23 +215,38 @@ def unpack(data: bytes) -> tuple[Header, list[bytes]]:
     r = _Reader(data)
     fixed = _FIXED.unpack(r.take(_FIXED.size, "header"))
     _, major, minor, flags, width, height, colour, patch, bits, groups, trows, tcols, nlen = fixed
-    if major != MAJOR:
-        raise VersionError(f"unsupported .bsq version {major}.{minor} (this decoder reads {MAJOR}.x)")
+    if major not in MINORS:
+        readable = " and ".join(f"{m}.x" for m in MINORS)
+        raise VersionError(f"unsupported .bsq version {major}.{minor} (this decoder reads {readable})")
     if nlen > MAX_NAME:
         raise FormatError("bad preset name length")
     name = r.take(nlen, "header")
-    mhash = r.take(32, "header")
-    (ntiles,) = struct.unpack("<I", r.take(4, "header"))
-    if ntiles > MAX_TILES:
-        raise FormatError("bad tile count")
-    lengths = struct.unpack(f"<{ntiles}I", r.take(4 * ntiles, "tile table"))
-    (nchunks,) = struct.unpack("<H", r.take(2, "header"))
+    mhash = r.take(HASH_BYTES[major], "header")
+    if major == 1:
+        (ntiles,) = struct.unpack("<I", r.take(4, "header"))
+        if ntiles > MAX_TILES:
+            raise FormatError("bad tile count")
+        lengths = struct.unpack(f"<{ntiles}I", r.take(4 * ntiles, "tile table"))
+        (nchunks,) = struct.unpack("<H", r.take(2, "header"))
+    else:  # the tile count follows from the geometry, so its fields are checked before the table is read
+        if not (1 <= width <= MAX_DIM and 1 <= height <= MAX_DIM):
+            raise LimitError(f"image dimensions {width}x{height} are outside 1..{MAX_DIM}")
+        if not (1 <= patch <= 64) or not (1 <= trows <= 1024 and 1 <= tcols <= 1024):
+            raise FormatError(f"bad token geometry: patch {patch}, tiles of {trows}x{tcols}")
+        ntiles = tile_count(width, height, patch, trows, tcols)
+        if ntiles > MAX_TILES:
+            raise LimitError("too many tiles")
+        lengths = [r.varint("tile table") for _ in range(ntiles)]
+        (nchunks,) = r.take(1, "header")
     if nchunks > MAX_CHUNKS:
         raise FormatError("too many chunks")
     chunks = []
     for _ in range(nchunks):
         ctype = r.take(4, "chunk")
-        (clen,) = struct.unpack("<I", r.take(4, "chunk"))
+        if major == 1:
+            (clen,) = struct.unpack("<I", r.take(4, "chunk"))
+        else:
+            clen = r.varint("chunk")
         if clen > MAX_CHUNK_BYTES:
             raise FormatError("chunk too large")
         chunks.append((ctype, r.take(clen, "chunk")))
@@ -193,7 +260,7 @@ def unpack(data: bytes) -> tuple[Header, list[bytes]]:
         preset = name.decode("ascii")
     except UnicodeDecodeError:
         raise FormatError("bad preset name") from None
-    header = Header(width, height, patch, bits, groups, trows, tcols, preset, mhash, colour, minor, chunks)
+    header = Header(width, height, patch, bits, groups, trows, tcols, preset, mhash, colour, minor, chunks, major)
     header.validate()
     for t, _ in chunks:
         if t[:1].isupper():

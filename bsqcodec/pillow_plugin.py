@@ -31,7 +31,7 @@ class BsqImageFile(ImageFile.ImageFile):
         header, _ = container.unpack(data)
         self._size = (header.width, header.height)
         self._mode = "RGB"
-        self.info.update({"bsq_version": f"{container.MAJOR}.{header.minor}", "bsq_preset": header.preset,
+        self.info.update({"bsq_version": f"{header.major}.{header.minor}", "bsq_preset": header.preset,
                           "bsq_model": header.model_hash.hex(), "bsq_token_bits": header.bits,
                           "bsq_tiles": header.tiles})
         icc = header.chunk(b"iCCP")

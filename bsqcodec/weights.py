@@ -257,19 +257,23 @@ def preset(name: str) -> Model:
 
 
 def find(model_hash: bytes, name: str, extra: list[Model] | None = None) -> Model:
-    """The model with this hash among `extra` and the installed presets."""
+    """The model with this hash among `extra` and the installed presets.
+
+    model_hash: the whole SHA-256 (files of format 1.x) or its first bytes (format 2.0: 16 of them).
+    """
+    n = len(model_hash)
     for m in extra or []:
-        if m.sha256 == model_hash:
+        if m.sha256[:n] == model_hash:
             return m
     named = _named(name)
-    if named is not None and named.sha256 == model_hash:
+    if named is not None and named.sha256[:n] == model_hash:
         return named
     for pname, (path, h) in installed().items():
-        if h == model_hash:
+        if h[:n] == model_hash:
             return _load_cached(path)
     if name in broken():
         raise ModelError(f"the file needs preset {name!r}, whose installed file is broken: {broken()[name]}")
-    old = retired().get(model_hash.hex())
+    old = next((v for k, v in retired().items() if k.startswith(model_hash.hex())), None)
     if old is not None:
         raise ModelNotFoundError(
             f"the file was made with model {old['name']!r} ({model_hash.hex()[:16]}...) of bsqcodec {old['release']}, "

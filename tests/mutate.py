@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bsqcodec.container import leb128
+
 FIXED = struct.Struct("<4sBBHIIBBBBHHB")
 FIELDS = ["magic", "major", "minor", "flags", "width", "height", "colour", "patch", "bits", "groups",
           "tile_rows", "tile_cols", "name_len"]
@@ -27,9 +29,29 @@ class Parts:
     lengths: list[int]
     chunks: list[tuple[bytes, bytes]]
     streams: list[bytes]
-    tile_count: int | None = None  # None: len(lengths)
+    tile_count: int | None = None  # None: len(lengths) (1.x only: 2.0 stores no count)
     extra: bytes = b""  # bytes after the payload CRC
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def major(self) -> int:
+        return self.fixed[1]
+
+
+def _tiles(fixed: list) -> int:
+    w, h, patch, trows, tcols = fixed[4], fixed[5], fixed[7], fixed[10], fixed[11]
+    return -(-(-(-h // patch)) // trows) * -(-(-(-w // patch)) // tcols)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    n, shift = 0, 0
+    while True:
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, pos
 
 
 def split(data: bytes) -> Parts:
@@ -39,20 +61,34 @@ def split(data: bytes) -> Parts:
     n = fixed[-1]
     name = data[pos : pos + n]
     pos += n
-    mhash = data[pos : pos + 32]
-    pos += 32
-    (t,) = struct.unpack_from("<I", data, pos)
-    pos += 4
-    lengths = list(struct.unpack_from(f"<{t}I", data, pos))
-    pos += 4 * t
-    (k,) = struct.unpack_from("<H", data, pos)
-    pos += 2
+    v1 = fixed[1] == 1
+    hash_len = 32 if v1 else 16
+    mhash = data[pos : pos + hash_len]
+    pos += hash_len
+    if v1:
+        (t,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        lengths = list(struct.unpack_from(f"<{t}I", data, pos))
+        pos += 4 * t
+        (k,) = struct.unpack_from("<H", data, pos)
+        pos += 2
+    else:
+        lengths = []
+        for _ in range(_tiles(fixed)):
+            n, pos = _read_varint(data, pos)
+            lengths.append(n)
+        k = data[pos]
+        pos += 1
     chunks = []
     for _ in range(k):
         ctype = data[pos : pos + 4]
-        (clen,) = struct.unpack_from("<I", data, pos + 4)
-        chunks.append((ctype, data[pos + 8 : pos + 8 + clen]))
-        pos += 8 + clen
+        if v1:
+            (clen,) = struct.unpack_from("<I", data, pos + 4)
+            start = pos + 8
+        else:
+            clen, start = _read_varint(data, pos + 4)
+        chunks.append((ctype, data[start : start + clen]))
+        pos = start + clen
     pos += 4  # header CRC
     streams = []
     for ln in lengths:
@@ -64,11 +100,17 @@ def split(data: bytes) -> Parts:
 def assemble(p: Parts) -> bytes:
     """Parts -> bytes, with both CRCs computed over what is there."""
     head = bytearray(FIXED.pack(*p.fixed)) + p.name + p.model_hash
-    head += struct.pack("<I", len(p.lengths) if p.tile_count is None else p.tile_count)
-    head += struct.pack(f"<{len(p.lengths)}I", *p.lengths)
-    head += struct.pack("<H", len(p.chunks))
-    for t, d in p.chunks:
-        head += t + struct.pack("<I", len(d)) + d
+    if p.major == 1:
+        head += struct.pack("<I", len(p.lengths) if p.tile_count is None else p.tile_count)
+        head += struct.pack(f"<{len(p.lengths)}I", *p.lengths)
+        head += struct.pack("<H", len(p.chunks))
+        for t, d in p.chunks:
+            head += t + struct.pack("<I", len(d)) + d
+    else:
+        head += b"".join(leb128(n) for n in p.lengths)  # also past the 4-byte limit
+        head += bytes([len(p.chunks) % 256])
+        for t, d in p.chunks:
+            head += t + leb128(len(d)) + d
     head += struct.pack("<I", zlib.crc32(head))
     payload = b"".join(p.streams)
     return bytes(head) + payload + struct.pack("<I", zlib.crc32(payload)) + p.extra
@@ -101,9 +143,14 @@ def mutate(data: bytes, rng: np.random.Generator, kind: str | None = None, forei
         p.name = bytes(rng.choice(list(b"abcdefqz0189_.-A~ \x00\xff"), int(rng.integers(0, 40))).tolist())
         p.fixed[-1] = len(p.name) if rng.random() < 0.8 else _value(rng, 255)
     elif kind == "hash":
-        p.model_hash = _rand_bytes(rng, 32)
-    elif kind == "tile_count":
+        p.model_hash = _rand_bytes(rng, len(p.model_hash))
+    elif kind == "tile_count" and p.major == 1:
         p.tile_count = _value(rng, 2**32 - 1)
+    elif kind == "tile_count":  # 2.0 stores no count: a table entry too many or too few
+        if rng.random() < 0.5 or not p.lengths:
+            p.lengths.append(_value(rng, 600))
+        else:
+            p.lengths.pop(int(rng.integers(0, len(p.lengths))))
     elif kind == "lengths" and p.lengths:
         i = int(rng.integers(0, len(p.lengths)))
         p.lengths[i] = _value(rng, 2**32 - 1) if rng.random() < 0.3 else max(0, p.lengths[i] + int(rng.integers(-8, 9)))

@@ -68,7 +68,7 @@ class TestEncodeDecode:
         d = json.loads(r.stdout)
         assert d["width"] == 37 and d["height"] == 29 and d["checksums"] == "ok"
         assert d["bytes"] == photo.with_suffix(".bsq").stat().st_size
-        assert d["version"] == "1.2" and d["preset"] == "tiny" and "tCRC" in d["chunks"]
+        assert d["version"] == "2.0" and d["preset"] == "tiny" and "tCRC" in d["chunks"]
         r = run("info", photo.with_suffix(".bsq"))
         assert r.exit_code == 0 and "model" in r.stdout
 

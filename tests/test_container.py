@@ -18,9 +18,11 @@ def headers(draw):
     groups = draw(st.integers(1, 3))
     bits = groups * draw(st.integers(1, 12 if groups * 12 <= 32 else 32 // groups))
     name = draw(st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,20}", fullmatch=True))
+    major = draw(st.sampled_from(sorted(container.MINORS)))
     h = Header(width, height, patch, bits, groups, draw(st.integers(1, 64)), draw(st.integers(1, 64)), name,
-               draw(st.binary(min_size=32, max_size=32)),
-               chunks=draw(st.lists(st.tuples(st.sampled_from([b"iCCP", b"exIf", b"meta"]), st.binary(max_size=40)), max_size=3)))
+               draw(st.binary(min_size=container.HASH_BYTES[major], max_size=container.HASH_BYTES[major])),
+               chunks=draw(st.lists(st.tuples(st.sampled_from([b"iCCP", b"exIf", b"meta"]),
+                                              st.binary(max_size=200)), max_size=3)), major=major)
     return h
 
 
@@ -33,26 +35,27 @@ class TestContainer:
     def test_round_trip(self, h, data):
         if not small(h):
             return
-        streams = [data.draw(st.binary(max_size=12)) for _ in range(h.tiles)]
+        streams = [data.draw(st.binary(max_size=300)) for _ in range(h.tiles)]
         blob = container.pack(h, streams)
         h2, s2 = container.unpack(blob)
         assert s2 == streams
-        assert (h2.width, h2.height, h2.patch, h2.bits, h2.groups, h2.tile_rows, h2.tile_cols, h2.preset,
-                h2.model_hash, h2.chunks) == (h.width, h.height, h.patch, h.bits, h.groups, h.tile_rows,
-                                              h.tile_cols, h.preset, h.model_hash, h.chunks)
+        assert h2 == h
 
-    def _blob(self):
-        h = Header(40, 30, 4, 12, 2, 4, 5, "tiny", bytes(range(32)), chunks=[(b"iCCP", b"profile")])
-        return container.pack(h, [bytes([i]) * 4 for i in range(h.tiles)])
+    def _blob(self, major=container.MAJOR):
+        h = Header(40, 30, 4, 12, 2, 4, 5, "tiny", bytes(range(container.HASH_BYTES[major])),
+                   chunks=[(b"iCCP", b"profile")], major=major)
+        return container.pack(h, [bytes([i]) * (4 + 50 * i) for i in range(h.tiles)])  # lengths of 1 and 2 bytes
 
-    def test_every_truncation_is_rejected(self):
-        blob = self._blob()
+    @pytest.mark.parametrize("major", [1, 2])
+    def test_every_truncation_is_rejected(self, major):
+        blob = self._blob(major)
         for n in range(len(blob)):
             with pytest.raises(FormatError):
                 container.unpack(blob[:n])
 
-    def test_every_single_byte_change_is_detected(self):
-        blob = self._blob()
+    @pytest.mark.parametrize("major", [1, 2])
+    def test_every_single_byte_change_is_detected(self, major):
+        blob = self._blob(major)
         for i in range(len(blob)):
             for delta in (1, 0x80):
                 bad = bytearray(blob)
@@ -66,9 +69,41 @@ class TestContainer:
             container.unpack(container.MAGIC + rest)
 
     def test_invalid_version(self):
-        blob = bytearray(self._blob())
-        blob[4] = 2
-        with pytest.raises(VersionError, match="version 2"):
+        for major in (0, 3):
+            blob = bytearray(self._blob())
+            blob[4] = major
+            with pytest.raises(VersionError, match=f"version {major}"):
+                container.unpack(bytes(blob))
+
+    def test_version_2_header_is_the_1_2_header_less_its_fixed_width_fields(self):
+        # kodim01's layout: 24 streams of 200..600 bytes, a tCRC chunk
+        streams = [bytes(200 + 17 * i) for i in range(24)]
+        chunks = [(container.TOKEN_CRC, bytes(4))]
+        old = Header(768, 512, 8, 16, 2, 16, 16, "default", bytes(32), minor=2, chunks=chunks, major=1)
+        new = Header(768, 512, 8, 16, 2, 16, 16, "default", bytes(16), chunks=chunks, major=2)
+        a, b = container.header_size(container.pack(old, streams)), container.header_size(container.pack(new, streams))
+        # 16 hash bytes, the 4-byte tile count, 2 of each 4-byte length, 1 of the chunk count, 3 of the chunk length
+        assert (a, a - b) == (182, 16 + 4 + 2 * 24 + 1 + 3)
+
+    @pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 16383, 16384, 2**28 - 1])
+    def test_varints(self, n):
+        b = container.varint(n)
+        assert len(b) == max(1, -(-n.bit_length() // 7))
+        r = container._Reader(b)
+        assert r.varint("tile table") == n and r.pos == len(b)
+
+    def test_bad_varints_are_refused(self):
+        with pytest.raises(ValueError):
+            container.varint(2**28)
+        for bad, why in ((b"\x80\x00", "shortest"), (b"\xff\xff\xff\xff\x01", "over 4"), (b"\x80", "truncated")):
+            with pytest.raises(FormatError, match=why):
+                container._Reader(bad).varint("tile table")
+
+    @pytest.mark.parametrize("offset, size", [(17, 1), (20, 2), (22, 2)])  # patch, tile rows, tile cols
+    def test_a_version_2_geometry_without_tiles_is_refused_before_the_table(self, offset, size):
+        blob = bytearray(self._blob(2))
+        blob[offset : offset + size] = bytes(size)  # 0: no tile count follows from it
+        with pytest.raises(FormatError, match="geometry"):
             container.unpack(bytes(blob))
 
     def test_invalid_payload_checksum(self):
@@ -79,7 +114,7 @@ class TestContainer:
 
     def test_invalid_dimensions(self):
         with pytest.raises(LimitError):
-            Header(container.MAX_DIM + 1, 1, 4, 12, 2, 4, 5, "x", bytes(32)).validate()
+            Header(container.MAX_DIM + 1, 1, 4, 12, 2, 4, 5, "x", bytes(16)).validate()
 
     def _rebuild(self, blob: bytes, mutate) -> bytes:
         """Change the header fields and fix the header CRC, to reach the semantic checks."""

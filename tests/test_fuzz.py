@@ -25,14 +25,17 @@ def files(tiny_model):
     for w, h, icc in ((1, 1, None), (16, 12, b"icc"), (45, 33, None)):
         enc = codec.encode_array(np.asarray(smooth_image(rng, w, h)), tiny_model, icc)
         out.append((enc.data, enc.tokens))
+    header, streams = container.unpack(out[-1][0])  # and the last one as a version 1.2 file
+    header.major, header.minor, header.model_hash = 1, 2, tiny_model.sha256
+    out.append((container.pack(header, streams), out[-1][1]))
     return out
 
 
 @settings(max_examples=200)
-@given(st.integers(0, 2**32 - 1), st.sampled_from(KINDS), st.integers(0, 2))
+@given(st.integers(0, 2**32 - 1), st.sampled_from(KINDS), st.integers(0, 3))
 def test_mutated_files_are_rejected_or_harmless(tiny_model, files, seed, kind, which):
     data, tokens = files[which]
-    mutated, _ = mutate(data, np.random.default_rng(seed), kind, foreign=files[(which + 1) % 3][0])
+    mutated, _ = mutate(data, np.random.default_rng(seed), kind, foreign=files[(which + 1) % 4][0])
     t0 = time.perf_counter()
     outcome, detail = classify(data, tokens, mutated, lambda d: codec.decode_detailed(d, [tiny_model]))
     assert outcome in ("rejected", "accepted_same", "accepted_header_variant"), (outcome, detail)

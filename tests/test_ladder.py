@@ -111,16 +111,18 @@ def test_nested_rejects_bad_budgets(tmp_path):
     assert r.exit_code == 1 and "--nested" in r.output
 
 
-def test_48_bit_tokens_round_trip_as_version_1_2():
+def test_48_bit_tokens_round_trip_in_version_2_and_1_2():
     cfg = ModelConfig(name="wide", tokenizer=dataclasses.replace(TINY.tokenizer, bits=48),
                       prior=dataclasses.replace(TINY.prior, bits=48, groups=6))
     m = weights.random_model(cfg, seed=3)
     arr = np.asarray(smooth_image(np.random.default_rng(1), 30, 22))
     enc = codec.encode_array(arr, m)
-    header, _ = container.unpack(enc.data)
-    assert (header.minor, header.bits) == (2, 48)  # 1.2: the token checksum chunk; 1.1: 48 bits
+    header, streams = container.unpack(enc.data)
+    assert (header.major, header.minor, header.bits) == (2, 0, 48)
     assert torch.equal(codec.decode_detailed(enc.data, [m])[1], enc.tokens)
     assert int(enc.tokens.max()) >= 2**32  # really wider than 32 bits
+    header.major, header.minor, header.model_hash = 1, 2, m.sha256  # 1.2: the token checksum chunk; 1.1: 48 bits
+    assert torch.equal(codec.decode_detailed(container.pack(header, streams), [m])[1], enc.tokens)
     assert container.lowest_minor(48) == 1 and container.lowest_minor(32) == 0  # without the checksum chunk
     header.minor = 0  # a 1.0 header may not claim more than 32 bits
     with pytest.raises(FormatError):

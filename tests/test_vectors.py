@@ -1,6 +1,7 @@
 """Conformance: the files in formats/vectors/ must decode to their recorded tokens, forever.
 
-Regenerate them only on purpose, for a new format version: BSQ_REGENERATE_VECTORS=1 pytest tests/test_vectors.py
+They are never regenerated within a major version. The 2.0 files were written once, from the same
+conformance model and images as the 1.x ones: BSQ_REGENERATE_VECTORS=2 pytest tests/test_vectors.py
 """
 
 import json
@@ -16,8 +17,10 @@ import bsqcodec
 from bsqcodec import codec, container, weights
 
 VEC = Path(__file__).resolve().parent.parent / "formats" / "vectors"
-CASES = {"v1-1x1": (1, 1, None), "v1-37x23-icc": (37, 23, b"not a real ICC profile"), "v1-70x100": (70, 100, None)}
-REGEN = os.environ.get("BSQ_REGENERATE_VECTORS") == "1"
+IMAGES = {"1x1": (1, 1, None), "37x23-icc": (37, 23, b"not a real ICC profile"), "70x100": (70, 100, None)}
+MAJORS = (1, 2)
+CASES = {f"v{major}-{name}": case for major in MAJORS for name, case in IMAGES.items()}
+REGEN = os.environ.get("BSQ_REGENERATE_VECTORS")  # "2": write the 2.0 files (once, when 2.0 was defined)
 
 
 def _image(w: int, h: int) -> np.ndarray:
@@ -25,14 +28,15 @@ def _image(w: int, h: int) -> np.ndarray:
     return np.stack([(xx * 255 // max(1, w - 1)), (yy * 255 // max(1, h - 1)), (xx + yy) % 256], -1).astype(np.uint8)
 
 
-def _regenerate():
-    from conftest import TINY
-
-    VEC.mkdir(parents=True, exist_ok=True)
-    model = weights.random_model(TINY, seed=2024)
-    weights.save(model, VEC / "tiny-model.safetensors")
-    for name, (w, h, icc) in CASES.items():
-        enc = codec.encode_array(_image(w, h), model, icc)
+def _regenerate(major: str):
+    """The files of the version this encoder writes, from the conformance model (random, seed 2024, as
+    written with the 1.0 files: weights.random_model(conftest.TINY, seed=2024))."""
+    if major != str(container.MAJOR):
+        raise RuntimeError(f"this encoder writes version {container.MAJOR}, not {major}")
+    model = weights.load(VEC / "tiny-model.safetensors")
+    for name, (w, h, icc) in IMAGES.items():
+        name = f"v{major}-{name}"
+        enc = codec.encode_array(_image(w, h), model, icc, effort=1)  # the tokens of the 1.0 files
         (VEC / f"{name}.bsq").write_bytes(enc.data)
         (VEC / f"{name}.tokens.json").write_text(json.dumps({"grid": list(enc.tokens.shape), "tokens": enc.tokens.reshape(-1).tolist()}) + "\n")
 
@@ -40,7 +44,7 @@ def _regenerate():
 @pytest.fixture(scope="module")
 def vector_model():
     if REGEN:
-        _regenerate()
+        _regenerate(REGEN)
     path = VEC / "tiny-model.safetensors"
     if not path.exists():
         pytest.fail(f"missing conformance model {path}")
@@ -59,7 +63,7 @@ def test_vector_decodes_to_recorded_tokens(vector_model, name):
         header, tokens, arr = codec.decode_detailed(data, [vector_model], batch_tiles=bt)
         assert torch.equal(tokens, want)
     w, h, icc = CASES[name]
-    assert (header.width, header.height) == (w, h) and arr.shape == (h, w, 3)
+    assert header.major == int(name[1]) and (header.width, header.height) == (w, h) and arr.shape == (h, w, 3)
     assert header.chunk(b"iCCP") == icc
     # the encoder still produces the very same bytes from the same tokens
     streams, _ = codec.encode_tokens(vector_model, header, want)
@@ -69,6 +73,20 @@ def test_vector_decodes_to_recorded_tokens(vector_model, name):
 def test_vector_model_hash_is_stable(vector_model):
     h, _ = container.unpack((VEC / "v1-1x1.bsq").read_bytes())
     assert h.model_hash == vector_model.sha256
+    h, _ = container.unpack((VEC / "v2-1x1.bsq").read_bytes())
+    assert h.model_hash == vector_model.sha256[:16]
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_version_2_changes_only_the_header(name):
+    """The 2.0 file of an image holds the 1.0 file's streams and chunks under the smaller header, and the
+    token checksum chunk that 1.0 files lack."""
+    (h1, s1), (h2, s2) = (container.unpack((VEC / f"v{m}-{name}.bsq").read_bytes()) for m in MAJORS)
+    assert s1 == s2 and (h1.major, h1.minor, h2.major, h2.minor) == (1, 0, 2, 0)
+    assert h2.chunks == h1.chunks + [(container.TOKEN_CRC, h2.chunk(container.TOKEN_CRC))]
+    n1, n2 = ((VEC / f"v{m}-{name}.bsq").stat().st_size for m in MAJORS)
+    saved = 16 + 4 + sum(4 - len(container.varint(len(s))) for s in s1) + 1 + 3 * len(h1.chunks)
+    assert n1 - n2 == saved - (4 + 1 + 4)
 
 
 # ---- one vector per shipped preset: any change that alters how a shipped model decodes fails here ----
