@@ -111,7 +111,7 @@ def encode_tokens(model: weights.Model, header: Header, tokens: torch.Tensor, pr
         for b, i in enumerate(batch):
             s = sym[b].reshape(-1).numpy()
             t = tabs[b].reshape(len(s), -1)
-            streams[i] = entropy.encode(s, t)
+            streams[i] = entropy.encode(s, t, trimmed=header.major >= 2)
             est += entropy.bits(s, t)
         done += len(batch)
         if progress:
@@ -269,7 +269,7 @@ def decode_streams(model: weights.Model, header: Header, streams: list[bytes], b
         for k in range(0, len(idxs), batch_tiles):
             part = idxs[k : k + batch_tiles]
             shapes = [(slices[i][0].stop - slices[i][0].start, slices[i][1].stop - slices[i][1].start) for i in part]
-            decs = [_tile_decoder(streams[i], i) for i in part]
+            decs = [_tile_decoder(streams[i], i, header.major >= 2) for i in part]
 
             def choose(b, t, j, earlier, table, decs=decs, part=part):
                 try:
@@ -304,8 +304,8 @@ def decode_streams(model: weights.Model, header: Header, streams: list[bytes], b
     return tokens
 
 
-def _tile_decoder(stream: bytes, tile: int) -> entropy.Decoder:
-    return _verified(lambda: entropy.Decoder(stream), tile)
+def _tile_decoder(stream: bytes, tile: int, trimmed: bool) -> entropy.Decoder:
+    return _verified(lambda: entropy.Decoder(stream, trimmed), tile)
 
 
 def _verified(fn, tile: int):

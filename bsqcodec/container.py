@@ -2,7 +2,8 @@
 
 Version 2.0 (written since bsqcodec 0.4) keeps 1.x's layout and makes its header smaller: a 16-byte model
 hash, no tile count (the geometry gives it), stream and chunk lengths as LEB128 varints and a one-byte
-chunk count. Files of every 1.x version are still read.
+chunk count (its streams are also trimmed to the byte: entropy.py). Files of every 1.x version are
+still read.
 
 Standard library only. `formats/bsq.md` is the normative description; this module follows it
 field by field. All integers are little-endian.

@@ -1,7 +1,11 @@
 """The only user of constriction: (symbols, integer probability tables) <-> bytes.
 
 Tables are arrays of positive integers, one row per symbol; constriction's Categorical with
-perfect=False quantizes each row deterministically. Streams are little-endian uint32 words.
+perfect=False quantizes each row deterministically. The coder writes uint32 words. A stream of format
+1.x is those words, little-endian. A *trimmed* stream (format 2.0) is the words big-endian, so that the
+bytes read as one binary fraction, cut to the shortest byte string (then the smallest) that, padded
+with zero bytes, still decodes to the same symbols: it saves the coder's word rounding, about 1.8 bytes
+a stream.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ def _rows(tables: np.ndarray) -> np.ndarray:
     return t
 
 
-def encode(symbols: np.ndarray, tables: np.ndarray) -> bytes:
-    """Range-code symbols[i] under tables[i]; returns the stream's bytes."""
+def encode(symbols: np.ndarray, tables: np.ndarray, trimmed: bool = False) -> bytes:
+    """Range-code symbols[i] under tables[i]; returns the stream's bytes (trimmed: as format 2.0 stores it)."""
     symbols = np.ascontiguousarray(symbols, dtype=np.int32).reshape(-1)
     tables = _rows(tables)
     if len(symbols) != len(tables):
@@ -35,7 +39,41 @@ def encode(symbols: np.ndarray, tables: np.ndarray) -> bytes:
     enc = constriction.stream.queue.RangeEncoder()
     if len(symbols):
         enc.encode(symbols, _family(), tables)
-    return enc.get_compressed().astype("<u4").tobytes()
+    words = enc.get_compressed()
+    return trim(words, symbols, tables) if trimmed else words.astype("<u4").tobytes()
+
+
+def _decodes_to(data: bytes, symbols: np.ndarray, tables: np.ndarray) -> bool:
+    """Whether trimmed bytes, padded with zero bytes, decode to exactly these symbols."""
+    words = np.frombuffer(data + bytes(-len(data) % 4), ">u4").astype(np.uint32)
+    try:
+        out = constriction.stream.queue.RangeDecoder(words).decode(_family(), tables)
+    except (ValueError, RuntimeError, AssertionError):
+        return False
+    return np.array_equal(out, symbols)
+
+
+def trim(words: np.ndarray, symbols: np.ndarray, tables: np.ndarray) -> bytes:
+    """The trimmed stream of the coder's words for these symbols and tables (formats/bsq.md, section 4).
+
+    With B the words as big-endian bytes, the stream is, for the smallest m that has one, the first of
+    B[:m] and B[:m] + 1 (as an m-byte number) that decodes to the symbols. Any value that decodes to them
+    lies in one interval that holds B, so these two are the smallest m-byte values that can, and an
+    m that has none means no shorter one has either.
+    """
+    data = np.asarray(words, dtype=np.uint32).astype(">u4").tobytes()
+    symbols = np.asarray(symbols, dtype=np.int32).reshape(-1)
+    while data:
+        m = len(data) - 1
+        shorter = [data[:m]]
+        up = int.from_bytes(data[:m], "big") + 1
+        if m and up < 256**m:
+            shorter.append(up.to_bytes(m, "big"))
+        fits = [c for c in shorter if _decodes_to(c, symbols, tables)]
+        if not fits:
+            break
+        data = fits[0]
+    return data
 
 
 class Decoder:
@@ -47,10 +85,16 @@ class Decoder:
     than the stream (check()).
     """
 
-    def __init__(self, data: bytes) -> None:
-        if len(data) % 4:
-            raise FormatError("stream length is not a multiple of 4 bytes")
-        self._words = np.frombuffer(data, "<u4").astype(np.uint32)
+    def __init__(self, data: bytes, trimmed: bool = False) -> None:
+        self._data, self._trimmed = data, trimmed
+        if trimmed:  # the words the decoder reads: zero bytes pad the last one
+            self._words = np.frombuffer(data + bytes(-len(data) % 4), ">u4").astype(np.uint32)
+            self._rows: list[np.ndarray] = []  # every table, to check that the stream is the shortest
+            self._syms: list[np.ndarray] = []
+        else:
+            if len(data) % 4:
+                raise FormatError("stream length is not a multiple of 4 bytes")
+            self._words = np.frombuffer(data, "<u4").astype(np.uint32)
         self._dec = constriction.stream.queue.RangeDecoder(self._words)
         self._enc = constriction.stream.queue.RangeEncoder()
         self._family = _family()
@@ -64,6 +108,9 @@ class Decoder:
             raise FormatError(f"corrupt stream: {e}") from None
         if len(out):
             self._enc.encode(out, self._family, tables)
+            if self._trimmed:
+                self._rows.append(tables)
+                self._syms.append(out.copy())
         return out.astype(np.int64)
 
     def decode_row(self, table: np.ndarray) -> int:
@@ -74,23 +121,36 @@ class Decoder:
         except (ValueError, RuntimeError, AssertionError) as e:
             raise FormatError(f"corrupt stream: {e}") from None
         self._enc.encode(self._sym, self._family, t)
+        if self._trimmed:
+            self._rows.append(t.copy())
+            self._syms.append(self._sym.copy())
         return int(self._sym[0])
 
     def check(self) -> None:
         """Raise FormatError if the symbols so far already need more words than the stream has."""
-        if self._enc.num_words() > len(self._words):
+        # not for a trimmed stream: where the coder's words end in zeros, its stream may be far shorter
+        # (a flat tile whose symbols are all the first of their tables codes to an empty stream)
+        if not self._trimmed and self._enc.num_words() > len(self._words):
             raise FormatError("the stream is not what an encoder writes (it ends too early)")
 
     def finish(self) -> None:
         """Raise FormatError unless the stream is exactly the encoding of the symbols decoded from it."""
         got = self._enc.get_compressed()
-        if len(got) != len(self._words) or not np.array_equal(got.astype(np.uint32), self._words):
+        if self._trimmed:
+            if not self._syms:
+                ok = not self._data and not len(got)
+            else:
+                rows = np.concatenate(self._rows)
+                ok = trim(got, np.concatenate(self._syms), rows) == self._data
+        else:
+            ok = len(got) == len(self._words) and np.array_equal(got.astype(np.uint32), self._words)
+        if not ok:
             raise FormatError("the stream is not what an encoder writes for the symbols it decodes to")
 
 
-def decode(data: bytes, tables: np.ndarray) -> np.ndarray:
+def decode(data: bytes, tables: np.ndarray, trimmed: bool = False) -> np.ndarray:
     """All symbols of a stream whose tables are known up front (tests, conformance); the stream is verified."""
-    dec = Decoder(data)
+    dec = Decoder(data, trimmed)
     out = dec.decode(tables)
     dec.finish()
     return out

@@ -41,12 +41,31 @@ def model_file(tmp_path_factory, tiny_model):
     return p
 
 
-def empty_streams_file(model, width: int, height: int) -> bytes:
-    """A well-formed file of the model's geometry whose every stream is empty (a crafted file)."""
+def empty_streams_file(model, width: int, height: int, major: int | None = None) -> bytes:
+    """A well-formed file of the model's geometry whose every stream is empty (a crafted file), in the
+    encoder's format version or as a 1.2 file (major=1)."""
     from bsqcodec import codec, container
 
     h = codec.make_header(model, width, height)
+    if major == 1:
+        h = as_version_1_2(h, model)
     return container.pack(h, [b""] * h.tiles)
+
+
+def as_version_1_2(header, model):
+    """A copy of a header as format 1.2 writes it (the whole model hash)."""
+    import dataclasses
+
+    return dataclasses.replace(header, major=1, minor=2 if header.chunks else 0, model_hash=model.sha256)
+
+
+def repack_1_2(data: bytes, model) -> bytes:
+    """The 1.2 file of the same tokens as a file of the encoder's version (streams coded again)."""
+    from bsqcodec import codec, container
+
+    header, tokens, _ = codec.decode_detailed(data, [model])
+    h = as_version_1_2(header, model)
+    return container.pack(h, codec.encode_tokens(model, h, tokens)[0])
 
 
 @pytest.fixture(autouse=True)

@@ -34,6 +34,47 @@ class TestEntropy:
         out = [int(dec.decode(tables[i : i + 1])[0]) for i in range(len(symbols))]
         assert out == list(symbols)
 
+    @given(problems())
+    def test_trimmed_round_trip_and_canonical_form(self, prob):
+        symbols, tables = prob
+        full = entropy.encode(symbols, tables)
+        data = entropy.encode(symbols, tables, trimmed=True)
+        assert len(data) <= len(full) and (not data or data[-1] != 0)  # a zero last byte would go
+        assert np.array_equal(entropy.decode(data, tables, trimmed=True), symbols)
+        dec = entropy.Decoder(data, trimmed=True)  # row by row, as the codec decodes
+        assert [dec.decode_row(tables[i].astype(np.float64)) for i in range(len(symbols))] == list(symbols)
+        dec.finish()
+        with pytest.raises(FormatError):  # the same symbols, but not the shortest form
+            entropy.decode(data + b"\0", tables, trimmed=True)
+        if len(symbols):  # other bytes are refused, or are another stream (of other symbols)
+            for other in (data + b"\x01", np.frombuffer(full, "<u4").astype(">u4").tobytes()):
+                if other != data:
+                    try:
+                        assert not np.array_equal(entropy.decode(other, tables, trimmed=True), symbols)
+                    except FormatError:
+                        pass
+
+    def test_trimming_saves_the_word_rounding(self):
+        rng = np.random.default_rng(3)
+        saved = []
+        for _ in range(50):
+            tables = rng.integers(1, 2**16, size=(300, 256))
+            symbols = rng.integers(0, 256, 300)
+            saved.append(len(entropy.encode(symbols, tables)) - len(entropy.encode(symbols, tables, trimmed=True)))
+        assert min(saved) >= 0 and np.mean(saved) > 1.5  # about 2 bytes of a word's rounding, on average
+
+    def test_a_tile_of_certain_first_symbols_trims_to_nothing(self):
+        """The coder's words can end in zeros (here all of them): the stream may be much shorter than they are."""
+        tables = np.tile(np.array([16, 1, 1, 1]), (2000, 1))  # about 0.25 bits a symbol, all words zero
+        symbols = np.zeros(2000, dtype=np.int64)
+        assert len(entropy.encode(symbols, tables)) >= 8 and entropy.encode(symbols, tables, trimmed=True) == b""
+        dec = entropy.Decoder(b"", trimmed=True)
+        for i in range(2000):
+            assert dec.decode_row(tables[i].astype(np.float64)) == 0
+            if i % 16 == 15:
+                dec.check()
+        dec.finish()
+
     def test_size_close_to_ideal(self):
         rng = np.random.default_rng(1)
         tables = rng.integers(1, 2**16, size=(5000, 256))

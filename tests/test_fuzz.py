@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from bsqcodec import codec, container, weights
 from bsqcodec.errors import ModelError
 
-from conftest import smooth_image
+from conftest import repack_1_2, smooth_image
 from mutate import KINDS, MODEL_KINDS, classify, mutate, mutate_model
 
 
@@ -25,9 +25,7 @@ def files(tiny_model):
     for w, h, icc in ((1, 1, None), (16, 12, b"icc"), (45, 33, None)):
         enc = codec.encode_array(np.asarray(smooth_image(rng, w, h)), tiny_model, icc)
         out.append((enc.data, enc.tokens))
-    header, streams = container.unpack(out[-1][0])  # and the last one as a version 1.2 file
-    header.major, header.minor, header.model_hash = 1, 2, tiny_model.sha256
-    out.append((container.pack(header, streams), out[-1][1]))
+    out.append((repack_1_2(out[-1][0], tiny_model), out[-1][1]))  # and the last one as a version 1.2 file
     return out
 
 

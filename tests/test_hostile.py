@@ -89,11 +89,18 @@ class TestStreams:
         assert torch.equal(tokens, encoded.tokens)
 
     def test_empty_streams_for_a_large_image_fail_within_seconds(self, tiny_model, tmp_path):
-        data = empty_streams_file(tiny_model, 2000, 1600)
+        data = empty_streams_file(tiny_model, 2000, 1600, major=1)  # a 1.x stream is whole words
         t0 = time.perf_counter()
         with pytest.raises(FormatError, match="tile"):
             codec.decode_detailed(data, [tiny_model])
         assert time.perf_counter() - t0 < 10
+
+    def test_empty_trimmed_streams_are_the_tokens_a_zero_point_decodes_to(self, tiny_model):
+        """In 2.0 an empty stream is the trimmed form of every stream whose words are all zero: a file of
+        empty streams decodes, and its tokens code back to empty streams."""
+        data = empty_streams_file(tiny_model, 40, 24)
+        header, tokens, _ = codec.decode_detailed(data, [tiny_model])
+        assert codec.encode_tokens(tiny_model, header, tokens)[0] == [b""] * header.tiles
 
     def test_entropy_decode_checks_its_stream(self):
         tables = np.full((5, 4), 1.0)

@@ -15,7 +15,7 @@ from bsqcodec.config import LADDER, ModelConfig, PriorConfig, TokenizerConfig
 from bsqcodec.errors import FormatError
 from bsqcodec.tokenizer import Tokenizer, resize_bits
 from bsqcodec.train import TrainOptions, train
-from conftest import TINY, smooth_image
+from conftest import TINY, repack_1_2, smooth_image
 
 runner = CliRunner()
 
@@ -121,8 +121,9 @@ def test_48_bit_tokens_round_trip_in_version_2_and_1_2():
     assert (header.major, header.minor, header.bits) == (2, 0, 48)
     assert torch.equal(codec.decode_detailed(enc.data, [m])[1], enc.tokens)
     assert int(enc.tokens.max()) >= 2**32  # really wider than 32 bits
-    header.major, header.minor, header.model_hash = 1, 2, m.sha256  # 1.2: the token checksum chunk; 1.1: 48 bits
-    assert torch.equal(codec.decode_detailed(container.pack(header, streams), [m])[1], enc.tokens)
+    old = repack_1_2(enc.data, m)  # 1.2: the token checksum chunk; 1.1: 48 bits
+    assert torch.equal(codec.decode_detailed(old, [m])[1], enc.tokens)
+    header = container.unpack(old)[0]
     assert container.lowest_minor(48) == 1 and container.lowest_minor(32) == 0  # without the checksum chunk
     header.minor = 0  # a 1.0 header may not claim more than 32 bits
     with pytest.raises(FormatError):

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import bsqcodec
-from bsqcodec import codec, container, weights
+from bsqcodec import codec, container, entropy, weights
 
 VEC = Path(__file__).resolve().parent.parent / "formats" / "vectors"
 IMAGES = {"1x1": (1, 1, None), "37x23-icc": (37, 23, b"not a real ICC profile"), "70x100": (70, 100, None)}
@@ -78,15 +78,22 @@ def test_vector_model_hash_is_stable(vector_model):
 
 
 @pytest.mark.parametrize("name", sorted(IMAGES))
-def test_version_2_changes_only_the_header(name):
-    """The 2.0 file of an image holds the 1.0 file's streams and chunks under the smaller header, and the
-    token checksum chunk that 1.0 files lack."""
+def test_version_2_is_a_smaller_header_and_trimmed_streams(vector_model, name):
+    """The 2.0 file of an image: the 1.0 file's tokens and chunks (and the token checksum chunk that 1.0
+    files lack) under the smaller header, each stream its 1.0 words trimmed (entropy.trim)."""
     (h1, s1), (h2, s2) = (container.unpack((VEC / f"v{m}-{name}.bsq").read_bytes()) for m in MAJORS)
-    assert s1 == s2 and (h1.major, h1.minor, h2.major, h2.minor) == (1, 0, 2, 0)
+    assert (h1.major, h1.minor, h2.major, h2.minor) == (1, 0, 2, 0)
     assert h2.chunks == h1.chunks + [(container.TOKEN_CRC, h2.chunk(container.TOKEN_CRC))]
-    n1, n2 = ((VEC / f"v{m}-{name}.bsq").stat().st_size for m in MAJORS)
-    saved = 16 + 4 + sum(4 - len(container.varint(len(s))) for s in s1) + 1 + 3 * len(h1.chunks)
+    n1, n2 = (container.header_size((VEC / f"v{m}-{name}.bsq").read_bytes()) for m in MAJORS)
+    saved = 16 + 4 + sum(4 - len(container.varint(len(s))) for s in s2) + 1 + 3 * len(h1.chunks)
     assert n1 - n2 == saved - (4 + 1 + 4)
+    tokens = codec.decode_detailed((VEC / f"v1-{name}.bsq").read_bytes(), [vector_model])[1]
+    for batch, sym, tabs in codec._tile_tables(vector_model, h1, tokens):
+        for b, i in enumerate(batch):
+            symbols = sym[b].reshape(-1).numpy()
+            tables = tabs[b].reshape(len(symbols), -1).numpy().astype(np.float64)
+            assert entropy.trim(np.frombuffer(s1[i], "<u4"), symbols, tables) == s2[i]
+            assert len(s2[i]) <= len(s1[i])
 
 
 # ---- one vector per shipped preset: any change that alters how a shipped model decodes fails here ----
