@@ -58,22 +58,29 @@ def trim(words: np.ndarray, symbols: np.ndarray, tables: np.ndarray) -> bytes:
 
     With B the words as big-endian bytes, the stream is, for the smallest m that has one, the first of
     B[:m] and B[:m] + 1 (as an m-byte number) that decodes to the symbols. Any value that decodes to them
-    lies in one interval that holds B, so these two are the smallest m-byte values that can, and an
-    m that has none means no shorter one has either.
+    lies in one interval that holds B, so these two are the smallest m-byte values that can; and if an
+    m has one, so has m + 1, so m is found by bisection (a tile of zero words, which a crafted file can
+    ask for, costs a few dozen trial decodes, not one per byte).
     """
     data = np.asarray(words, dtype=np.uint32).astype(">u4").tobytes()
     symbols = np.asarray(symbols, dtype=np.int32).reshape(-1)
-    while data:
-        m = len(data) - 1
+
+    def fit(m: int) -> bytes | None:
         shorter = [data[:m]]
         up = int.from_bytes(data[:m], "big") + 1
         if m and up < 256**m:
             shorter.append(up.to_bytes(m, "big"))
-        fits = [c for c in shorter if _decodes_to(c, symbols, tables)]
-        if not fits:
-            break
-        data = fits[0]
-    return data
+        return next((c for c in shorter if _decodes_to(c, symbols, tables)), None)
+
+    lo, hi, best = 0, len(data), data  # fit(len(data)) is the words themselves
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found = fit(mid)
+        if found is None:
+            lo = mid + 1
+        else:
+            hi, best = mid, found
+    return best
 
 
 class Decoder:

@@ -75,6 +75,15 @@ class TestEntropy:
                 dec.check()
         dec.finish()
 
+    def test_trimming_a_long_run_of_zero_words_takes_few_trial_decodes(self, monkeypatch):
+        tables = np.ones((20000, 256))  # 8 bits a symbol, all symbols 0: 5,000 zero words
+        symbols = np.zeros(20000, dtype=np.int64)
+        calls = []
+        real = entropy._decodes_to
+        monkeypatch.setattr(entropy, "_decodes_to", lambda *a: calls.append(1) or real(*a))
+        assert entropy.encode(symbols, tables, trimmed=True) == b""
+        assert len(calls) <= 2 * 16
+
     def test_size_close_to_ideal(self):
         rng = np.random.default_rng(1)
         tables = rng.integers(1, 2**16, size=(5000, 256))
