@@ -6,7 +6,9 @@ a *token* is the integer sum(bits * basis) with the basis most significant bit f
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import numpy as np
 import torch
@@ -132,14 +134,20 @@ class Tokenizer(nn.Module):
         h = self.enc_conv(F.gelu(self.patchify(x - 0.5)))
         return self.to_code(self.enc_blocks(h))
 
-    def decode_code(self, code: torch.Tensor, up: bool = True) -> torch.Tensor:
-        """Pixels of a code; up=False leaves out the up stage (a cheaper approximation, for the search)."""
-        h = self.dec_conv(self.from_code(code * math.sqrt(self.cfg.bits)))
-        h = F.gelu(self.dec_blocks(h))
+    def decode_code(self, code: torch.Tensor, up: bool = True, bf16: bool = False) -> torch.Tensor:
+        """Pixels of a code; up=False leaves out the up stage (a cheaper approximation, for the search).
+
+        bf16: the 3x3 convolutions (nearly all the work) in bfloat16 autocast on the CPU; the layers
+        that make pixels stay in float32, so only the features are rounded to bfloat16.
+        """
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            h = self.dec_conv(self.from_code(code * math.sqrt(self.cfg.bits)))
+            h = F.gelu(self.dec_blocks(h))
+            u = F.gelu(self.up_blocks(self.up(h))) if self.cfg.up_channels and up else None
         size = (code.shape[-2] * self.cfg.patch, code.shape[-1] * self.cfg.patch)
-        y = self.unpatchify(h)[..., : size[0], : size[1]]  # longer only with overlap and an odd patch
-        if self.cfg.up_channels and up:
-            y = y + self.up_out(F.gelu(self.up_blocks(self.up(h))))[..., : size[0], : size[1]]
+        y = self.unpatchify(h.float())[..., : size[0], : size[1]]  # longer only with overlap and an odd patch
+        if u is not None:
+            y = y + self.up_out(u.float())[..., : size[0], : size[1]]
         return y + 0.5
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,31 +208,35 @@ class Tokenizer(nn.Module):
             yield self.encode_latent(x)[..., r0 - a : r1 - a, :]
 
     @torch.no_grad()
-    def _decode_strip(self, tokens: torch.Tensor, r0: int) -> torch.Tensor:
+    def _decode_strip(self, tokens: torch.Tensor, r0: int, bf16: bool) -> torch.Tensor:
         p, halo, h = self.cfg.patch, self.cfg.halo, tokens.shape[0]
         r1 = min(h, r0 + self.STRIP)
         a, b = max(0, r0 - halo), min(h, r1 + halo)
         code = self.quant.tokens_to_codes(tokens[None, a:b])
-        return to_uint8(self.decode_code(code)[0, :, (r0 - a) * p : (r1 - a) * p])
+        return to_uint8(self.decode_code(code, bf16=bf16)[0, :, (r0 - a) * p : (r1 - a) * p])
 
     @torch.no_grad()
-    def tokens_to_image(self, tokens: torch.Tensor) -> torch.Tensor:
+    def tokens_to_image(self, tokens: torch.Tensor, bf16: bool | None = None) -> torch.Tensor:
         """(h, w) tokens -> (H, W, 3) uint8 pixels.
 
         Float convolutions may round differently with different intra-op thread counts, so every
         strip is computed by single-threaded kernels; strips run in parallel Python threads instead.
         The pixels are then the same for any thread count and any tile batching.
+        bf16: convolutions in bfloat16 autocast, about twice as fast where the CPU has bfloat16 dot
+        products, within 2 levels of float32's pixels; None = where that pays (native_bf16()).
         """
+        if bf16 is None:
+            bf16 = tokens.device.type == "cpu" and native_bf16()
         starts = list(range(0, tokens.shape[0], self.STRIP))
         workers = max(1, min(len(starts), torch.get_num_threads()))
         with single_threaded_kernels():
             if workers == 1:
-                out = [self._decode_strip(tokens, r0) for r0 in starts]
+                out = [self._decode_strip(tokens, r0, bf16) for r0 in starts]
             else:
                 from concurrent.futures import ThreadPoolExecutor
 
                 with ThreadPoolExecutor(workers) as pool:
-                    out = list(pool.map(lambda r0: self._decode_strip(tokens, r0), starts))
+                    out = list(pool.map(lambda r0: self._decode_strip(tokens, r0, bf16), starts))
         return torch.cat(out, 0)
 
 
@@ -255,6 +267,25 @@ def resize_bits(state: dict, bits: int) -> dict:
     out["to_code.bias"] = torch.cat([b, torch.zeros(bits - old, dtype=b.dtype)])
     out["from_code.weight"] = torch.cat([d, torch.zeros((d.shape[0], bits - old, *d.shape[2:]), dtype=d.dtype)], 1)
     return out
+
+
+FLOAT32_ENV = "BSQ_FLOAT32_DECODER"  # set to 1: the pixel decoder always runs in float32
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """True where the CPU has bfloat16 dot products (x86 AVX-512 BF16 or AMX) and FLOAT32_ENV is not 1.
+
+    Elsewhere bfloat16 convolutions are emulated and slower than float32, so they are not used.
+    """
+    if os.environ.get(FLOAT32_ENV) == "1":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class single_threaded_kernels:

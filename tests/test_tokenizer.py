@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bsqcodec.config import TokenizerConfig
+from bsqcodec import tokenizer as tokenizer_mod
 from bsqcodec.tokenizer import BSQ, Tokenizer, bits_to_tokens, join_groups, split_groups, tokens_to_bits
 
 
@@ -19,7 +20,7 @@ def _randomize(tok: Tokenizer) -> Tokenizer:
 
 def _assert_strip_decode_matches(tok: Tokenizer, toks: torch.Tensor) -> torch.Tensor:
     """tokens_to_image (strips with a halo) against one decode of the whole grid; returns the image."""
-    img = tok.tokens_to_image(toks)
+    img = tok.tokens_to_image(toks, bf16=False)
     with torch.no_grad():
         ref = tok.decode_code(tok.quant.tokens_to_codes(toks[None]))[0]
     diff = (img.float() - (ref.clamp(0, 1) * 255).permute(1, 2, 0)).abs().max()
@@ -98,6 +99,34 @@ class TestUpStage:
         img = _assert_strip_decode_matches(tok, torch.randint(0, 2**10, (10, 6)))
         assert img.shape == (40, 24, 3)
         assert tok.unpatchify.stride == (4, 4) and tok.up_out.stride == (2, 2) and tok.up.out_channels == 6
+
+    def test_bfloat16_decoding_is_within_two_levels_of_float32(self):
+        torch.manual_seed(2)
+        cfg = TokenizerConfig(patch=4, channels=16, bits=10, enc_blocks=1, dec_blocks=2, up_channels=8, up_blocks=1)
+        tok = Tokenizer(cfg).eval()  # trained-like magnitudes (default init): features near 1
+        with torch.no_grad():
+            tok.up_out.weight.normal_(0, 0.02)  # the stage contributes
+        toks = torch.randint(0, 2**10, (12, 9))
+        f32, b16 = tok.tokens_to_image(toks, bf16=False), tok.tokens_to_image(toks, bf16=True)
+        diff = (f32.int() - b16.int()).abs()
+        assert diff.max() >= 1  # bfloat16 is really used
+        assert diff.max() <= 2 and diff.float().mean() < 0.2  # within a level or two, on a few pixels
+        code = tok.quant.tokens_to_codes(toks[None])
+        with torch.no_grad():  # strips in bfloat16 compute the whole image's bfloat16 decode
+            whole = (tok.decode_code(code, bf16=True)[0].clamp(0, 1) * 255).permute(1, 2, 0)
+        assert (b16.float() - whole).abs().max() <= 1.0
+
+    def test_float32_decoder_switch(self, monkeypatch):
+        monkeypatch.setenv(tokenizer_mod.FLOAT32_ENV, "1")
+        tokenizer_mod.native_bf16.cache_clear()
+        try:
+            assert not tokenizer_mod.native_bf16()
+            tok = _randomize(Tokenizer(TokenizerConfig(patch=4, channels=8, bits=10, enc_blocks=1, dec_blocks=1)))
+            toks = torch.randint(0, 2**10, (5, 4))
+            assert torch.equal(tok.tokens_to_image(toks), tok.tokens_to_image(toks, bf16=False))
+        finally:
+            monkeypatch.delenv(tokenizer_mod.FLOAT32_ENV)
+            tokenizer_mod.native_bf16.cache_clear()
 
     def test_without_the_up_stage_the_decoder_is_the_one_with_a_silent_stage(self):
         torch.manual_seed(3)
