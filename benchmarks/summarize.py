@@ -123,6 +123,10 @@ def robustness_section() -> str:
                 f"numpy, Pillow, constriction, typer and rich (best of {dl['runs']}); beside {dl['busy_processes']} "
                 f"CPU-bound processes the slowest of {dl['runs']} took {dl['busy_slowest']:.2f} s, "
                 f"{dl['busy_slowest_over_idle_best']:.2f}x the idle time.", ""]
+        if "net_idle_best_vs_ordinary_exit" in dl:
+            out[-2] += (f" The import is timed as a process that leaves without unloading them, as bsqc does; "
+                        f"against a process that imports them and exits the ordinary way (the baseline of "
+                        f"earlier runs) the net time is {dl['net_idle_best_vs_ordinary_exit']:.2f} s.")
         old = load("decode-load-default-30a1dd8.json")
         if old:
             out[-2] += (f" Before the single-threaded prior and its worker processes (commit 30a1dd8): "

@@ -65,22 +65,44 @@ def trim(words: np.ndarray, symbols: np.ndarray, tables: np.ndarray) -> bytes:
     data = np.asarray(words, dtype=np.uint32).astype(">u4").tobytes()
     symbols = np.asarray(symbols, dtype=np.int32).reshape(-1)
 
-    def fit(m: int) -> bytes | None:
-        shorter = [data[:m]]
-        up = int.from_bytes(data[:m], "big") + 1
-        if m and up < 256**m:
-            shorter.append(up.to_bytes(m, "big"))
-        return next((c for c in shorter if _decodes_to(c, symbols, tables)), None)
-
     lo, hi, best = 0, len(data), data  # fit(len(data)) is the words themselves
     while lo < hi:
         mid = (lo + hi) // 2
-        found = fit(mid)
+        found = _fit(data, mid, symbols, tables)
         if found is None:
             lo = mid + 1
         else:
             hi, best = mid, found
     return best
+
+
+def _fit(data: bytes, m: int, symbols: np.ndarray, tables: np.ndarray) -> bytes | None:
+    """The first of data[:m] and data[:m] + 1 (as an m-byte number) that decodes to the symbols, or None."""
+    shorter = [data[:m]]
+    up = int.from_bytes(data[:m], "big") + 1
+    if m and up < 256**m:
+        shorter.append(up.to_bytes(m, "big"))
+    return next((c for c in shorter if _decodes_to(c, symbols, tables)), None)
+
+
+def is_trimmed(stream: bytes, words: np.ndarray, symbols: np.ndarray, tables: np.ndarray) -> bool:
+    """Whether stream == trim(words, symbols, tables), in at most four trial decodes.
+
+    The m-byte candidates that work are those of the smallest m and every longer one (trim's
+    argument), so the stream is trim's result exactly when it is the candidate of its own length and
+    the length one byte shorter has none: no bisection needed.
+    """
+    data = np.asarray(words, dtype=np.uint32).astype(">u4").tobytes()
+    symbols = np.asarray(symbols, dtype=np.int32).reshape(-1)
+    m = len(stream)
+    if m > len(data):
+        return False
+    if m == len(data):  # trim's starting point: the words themselves, unless a shorter candidate exists
+        if stream != data:
+            return False
+    elif _fit(data, m, symbols, tables) != stream:
+        return False
+    return m == 0 or _fit(data, m - 1, symbols, tables) is None
 
 
 class Decoder:
@@ -148,7 +170,7 @@ class Decoder:
                 ok = not self._data and not len(got)
             else:
                 rows = np.concatenate(self._rows)
-                ok = trim(got, np.concatenate(self._syms), rows) == self._data
+                ok = is_trimmed(self._data, got, np.concatenate(self._syms), rows)
         else:
             ok = len(got) == len(self._words) and np.array_equal(got.astype(np.uint32), self._words)
         if not ok:

@@ -54,6 +54,22 @@ class TestEntropy:
                     except FormatError:
                         pass
 
+    @given(problems(), st.integers(0, 2**32 - 1))
+    def test_the_decoders_check_of_the_shortest_form_is_trims_answer(self, prob, seed):
+        """is_trimmed (four trial decodes) accepts exactly what trim (a bisection) writes."""
+        symbols, tables = prob[0], prob[1].astype(np.float64)
+        words = np.frombuffer(entropy.encode(symbols, tables), "<u4")
+        data = entropy.trim(words, symbols, tables)
+        assert entropy.is_trimmed(data, words, symbols, tables)
+        full = words.astype(">u4").tobytes()
+        rng = np.random.default_rng(seed)
+        others = {data + b"\0", data[:-1], full, full[: len(data) + 1], data + bytes([int(rng.integers(1, 256))])}
+        if data:
+            n = int.from_bytes(data, "big")
+            others |= {(n + d).to_bytes(len(data), "big") for d in (-1, 1, 2) if 0 <= n + d < 256 ** len(data)}
+        for other in others - {data}:
+            assert not entropy.is_trimmed(other, words, symbols, tables)
+
     def test_trimming_saves_the_word_rounding(self):
         rng = np.random.default_rng(3)
         saved = []
