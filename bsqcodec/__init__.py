@@ -12,5 +12,5 @@ from .errors import BsqError
 
 _pillow_plugin.register()
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 __all__ = ["encode", "decode", "BsqError", "__version__"]
