@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bsqcodec.config import PriorConfig
-from bsqcodec import entropy, intprior
+from bsqcodec import entropy, intprior, intstep
 from bsqcodec.intprior import IntPrior, export, int_layernorm
 from bsqcodec.prior import Prior
 
@@ -93,6 +93,28 @@ class TestIntegerExactness:
             intprior.QUERY_BLOCK = saved
         for a, b in zip(*results):
             assert torch.equal(a, b)
+
+    @given(st.integers(0, 10**6), st.sampled_from([(12, 2), (10, 1), (15, 3)]), st.integers(1, 4), st.integers(1, 5),
+           st.booleans())
+    def test_numpy_and_torch_steps_equal_teacher_forcing(self, seed, bg, rows, cols, int_mm):
+        """The decoder's step (NumPy on the CPU, torch elsewhere) gives teacher forcing's tables, int8 products or not."""
+        bits, groups = bg
+        p, ip = make(seed % 5, groups=groups, bits=bits)
+        if not int_mm:  # the float64 products of a torch without _int_mm
+            for lin in [*(L[k] for L in ip.layers for k in ("qkv", "proj", "fc1", "fc2")), *ip.heads]:
+                lin.w8 = None
+        g = torch.Generator().manual_seed(seed)
+        sym = p.symbols(torch.randint(0, 2**bits, (3, rows, cols), generator=g))
+        want = ip.tables(sym, rows, cols)
+        B, T, G = sym.shape
+        for step in (intstep.NumpyStep(ip, B, T), intstep.TorchStep(ip, B, T)):
+            s = sym.numpy()
+            for t in range(T):
+                tt = np.full(B, t)
+                h = step.hidden(step.embed(None if t == 0 else s[:, t - 1], tt // cols, tt % cols), t)
+                for j in range(G):
+                    tab = step.table(h, j, s[:, t, :j])
+                    assert tab.dtype == np.float64 and np.array_equal(tab, want[j][:, t].numpy()), (type(step), t, j)
 
     @pytest.mark.parametrize("att_scale", [1e-6, 1e-9])
     def test_masked_keys_get_no_weight_at_any_attention_scale(self, att_scale):

@@ -1,0 +1,143 @@
+"""One position of the integer prior at a time, for B tiles together: the decoder's and sampler's step.
+
+A step is a few hundred operations on arrays of a few thousand values, so it costs what the library
+charges per operation, not arithmetic. NumPy charges a fraction of what torch does, so on the CPU the
+step runs in NumPy (NumpyStep), with torch only for the int8 matrix products that NumPy lacks; on
+other devices it runs IntPrior's torch operations (TorchStep). Both compute exactly IntPrior's
+integers (tests compare every table): the same IEEE 754 element-wise operations on the same values,
+and matrix products that are exact in any summation order (see intprior's module docstring).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+
+from .intprior import LN_EPS, LN_SCALE, QMAX, RES_MAX, IntLinear, IntPrior, OUT_LEN
+
+
+def stepper(ip: IntPrior, B: int, T: int) -> "NumpyStep | TorchStep":
+    """The fastest exact step for this prior's device: B tiles of at most T positions."""
+    return NumpyStep(ip, B, T) if ip.device.type == "cpu" else TorchStep(ip, B, T)
+
+
+class TorchStep:
+    """IntPrior's own operations, with its KV cache."""
+
+    def __init__(self, ip: IntPrior, B: int, T: int) -> None:
+        self.ip, self.cache = ip, ip.new_cache(B, T)
+
+    def embed(self, prev: np.ndarray | None, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        """Inputs (B, 1, D) of positions (rows, cols) after tokens of symbols prev (B, G); None = start."""
+        dev = self.ip.device
+        r, c = torch.from_numpy(rows)[:, None].to(dev), torch.from_numpy(cols)[:, None].to(dev)
+        if prev is None:
+            return self.ip.embed(None, r, c).expand(len(rows), 1, -1)
+        return self.ip.embed(torch.from_numpy(prev)[:, None].to(dev), r, c)
+
+    def hidden(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        return self.ip.hidden(x, self.cache, pos)[:, 0]
+
+    def table(self, h: torch.Tensor, j: int, earlier: np.ndarray) -> np.ndarray:
+        """Group j's tables (B, 2^g) as float64 integers, given the earlier groups' symbols (B, j)."""
+        e = torch.from_numpy(earlier).to(self.ip.device) if j else None
+        return self.ip.group_table(h, j, e).cpu().numpy().astype(np.float64)
+
+
+class _Linear:
+    """IntLinear on NumPy float64 integers (n, in) -> (n, out)."""
+
+    def __init__(self, lin: IntLinear) -> None:
+        self.w8 = lin.w8  # torch int8 (in, out), or None where torch has no int8 product
+        self.w64 = lin.wt.numpy()
+        self.scale = lin.scale.numpy()
+        self.offset = lin.offset.numpy()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.w8 is None:
+            return np.floor(x @ self.w64 * self.scale + self.offset)
+        n = len(x)
+        xi = x.astype(np.int16)
+        digits = np.concatenate([xi >> 6, xi & 63]).astype(np.int8)  # as IntLinear: x = 64 hi + lo
+        r = torch._int_mm(torch.from_numpy(digits), self.w8).numpy()
+        acc = r[n:] + r[:n] * 64  # int32, exact (IntLinear's bound)
+        return np.floor(acc * self.scale + self.offset)  # acc * scale is exact: one rounding, as addcmul's
+
+
+def _clamp(x: np.ndarray, m: float) -> np.ndarray:
+    """x clamped to [-m, m] in place (a fresh array): two ufuncs cost less than np.clip's wrapper."""
+    return np.minimum(np.maximum(x, -m, out=x), m, out=x)
+
+
+def _layernorm(x: np.ndarray) -> np.ndarray:
+    """intprior.int_layernorm on (B, D) float64 integers, operation for operation."""
+    D = x.shape[-1]
+    c = x - np.floor(x.sum(-1, keepdims=True) / D)  # an exact integer quotient's floor (|sum| < 2^30)
+    var = np.einsum("bi,bi->b", c, c)[:, None] / D  # an exact sum in any order
+    n = np.round(c * float(LN_SCALE) / np.sqrt(var + LN_EPS))  # half to even, as torch.round
+    return _clamp(n, QMAX)
+
+
+class _Params:
+    """A prior's tensors as NumPy arrays, built once per IntPrior."""
+
+    def __init__(self, ip: IntPrior) -> None:
+        if ip.device.type != "cpu":
+            raise ValueError("NumpyStep runs priors on the CPU")
+        self.tok_emb, self.start = ip.tok_emb.numpy(), ip.start.numpy()
+        self.row_emb, self.col_emb, self.cond_emb = ip.row_emb.numpy(), ip.col_emb.numpy(), ip.cond_emb.numpy()
+        self.offs = np.arange(ip.cfg.groups) * ip.n
+        self.out_exp = ip.out_exp.numpy()
+        self.layers = [(_Linear(L["qkv"]), _Linear(L["proj"]), _Linear(L["fc1"]), _Linear(L["fc2"]),
+                        L["gelu"].numpy(), L["att_scale"]) for L in ip.layers]
+        self.heads = [_Linear(h) for h in ip.heads]
+
+
+_PARAMS: "weakref.WeakKeyDictionary[IntPrior, _Params]" = weakref.WeakKeyDictionary()
+
+
+class NumpyStep:
+    """IntPrior's step in NumPy on the CPU, with a KV cache of IntPrior's layout (float32 integers)."""
+
+    def __init__(self, ip: IntPrior, B: int, T: int) -> None:
+        self.ip = ip
+        self.p = _PARAMS.get(ip) or _PARAMS.setdefault(ip, _Params(ip))
+        cache = ip.new_cache(B, T)
+        self.k, self.v = cache.k.numpy(), cache.v.numpy()  # (layers, B, heads, T, hs (+1 column of ones))
+
+    def embed(self, prev: np.ndarray | None, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Inputs (B, D) of positions (rows, cols) after tokens of symbols prev (B, G); None = start."""
+        p = self.p
+        pos = p.row_emb[rows] + p.col_emb[cols]
+        x = p.start + pos if prev is None else p.tok_emb[prev + p.offs].sum(-2) + pos
+        return _clamp(x, RES_MAX)
+
+    def hidden(self, x: np.ndarray, pos: int) -> np.ndarray:
+        """Residual integers (B, D) at position pos -> outputs (B, D); fills the cache at pos."""
+        B, C = x.shape
+        H = self.ip.cfg.heads
+        hs = C // H
+        for li, (qkv_l, proj, fc1, fc2, gelu, att_scale) in enumerate(self.p.layers):
+            qkv = _clamp(qkv_l(_layernorm(x)), QMAX).astype(np.float32)  # float32 holds these exactly
+            q = qkv[:, :C].reshape(B, H, 1, hs)
+            self.k[li, :, :, pos] = qkv[:, C : 2 * C].reshape(B, H, hs)
+            self.v[li, :, :, pos, :-1] = qkv[:, 2 * C :].reshape(B, H, hs)
+            o = self.ip._attend_one_np(q, self.k[li, :, :, : pos + 1], self.v[li, :, :, : pos + 1], att_scale)
+            x = _clamp(x + proj(o.reshape(B, C)), RES_MAX)
+            h = _clamp(fc1(_layernorm(x)), QMAX)
+            g = gelu[(h + QMAX).astype(np.int64)]  # integers: the conversion is exact
+            x = _clamp(x + fc2(g), RES_MAX)
+        return x
+
+    def table(self, h: np.ndarray, j: int, earlier: np.ndarray) -> np.ndarray:
+        """Group j's tables (B, 2^g) as float64 integers, given the earlier groups' symbols (B, j)."""
+        p = self.p
+        z = h
+        for k in range(j):
+            z = z + p.cond_emb[earlier[:, k] + k * self.ip.n]
+        logits = p.heads[j](_layernorm(z))  # logits at scale 1/EXP_STEP
+        gap = np.minimum(logits.max(-1, keepdims=True) - logits, OUT_LEN)
+        return np.maximum(p.out_exp[gap.astype(np.int64)], 1).astype(np.float64)
+
