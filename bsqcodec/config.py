@@ -112,7 +112,9 @@ SEED = ModelConfig(
     tokenizer=TokenizerConfig(patch=5, channels=128, bits=10, enc_blocks=0, dec_blocks=0, overlap=False),
     prior=PriorConfig(bits=10, groups=1, dim=128, layers=6, heads=4, tile_rows=16, tile_cols=16),
 )
-DEFAULT = ModelConfig(name="default", tokenizer=TokenizerConfig(), prior=PriorConfig())
+# the default rung's prior has 2 layers since 0.5.0: as good in bits as 4 once trained on (11.658 held-out
+# bits per token against 11.707), and decoding costs about half as much per token
+DEFAULT = ModelConfig(name="default", tokenizer=TokenizerConfig(), prior=PriorConfig(layers=2))
 
 
 def _rung(name: str, bits: int, groups: int) -> ModelConfig:

@@ -93,15 +93,15 @@ def _tokenizer_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 MAX_TOKENIZER_PARAMS = 50_000_000  # a model file may not make the decoder allocate more than this
 
 
-def tokenizer_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tokenizer parameter for a TokenizerConfig (built on the meta device: no memory)."""
+def _meta_tokenizer(cfg) -> Tokenizer:
+    """A Tokenizer with no weights yet (the meta device): no memory, no random initialisation to replace."""
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in Tokenizer(cfg).state_dict().items()}
+        return Tokenizer(cfg)
 
 
-def _check_tokenizer_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
-    """ModelError unless the tokenizer tensors are exactly the config's: names, shapes, dtypes, finite."""
-    want = tokenizer_shapes(config.tokenizer)
+def _check_tokenizer_tensors(tok: Tokenizer, tensors: dict[str, torch.Tensor]) -> None:
+    """ModelError unless the tokenizer tensors are exactly tok's: names, shapes, dtypes, finite."""
+    want = {k: tuple(v.shape) for k, v in tok.state_dict().items()}
     if sum(math.prod(s) for s in want.values()) > MAX_TOKENIZER_PARAMS:
         raise ModelError("bad model file: its tokenizer is too large")
     names = {f"tokenizer.{k}" for k in want} | {f"tokenizer.{k}.scale" for k, s in want.items() if len(s) >= 2}
@@ -132,9 +132,8 @@ def build(config: ModelConfig, tokenizer_state: dict, prior_tensors: dict, devic
 def from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], device="cpu") -> Model:
     if config.tokenizer.bits != config.prior.bits:
         raise ModelError("tokenizer and prior disagree on bits per token")
-    _check_tokenizer_tensors(config, tensors)
-    with torch.device("meta"):  # no random initialisation of weights about to be replaced
-        tok = Tokenizer(config.tokenizer)
+    tok = _meta_tokenizer(config.tokenizer)
+    _check_tokenizer_tensors(tok, tensors)
     tstate = _tokenizer_state(tensors)
     try:
         tok.load_state_dict(tstate, strict=True, assign=True)
@@ -285,10 +284,14 @@ def find(model_hash: bytes, name: str, extra: list[Model] | None = None) -> Mode
     )
 
 
-@lru_cache(maxsize=1)
 def retired() -> dict[str, dict[str, str]]:
     """Hex hash -> {"name", "release"} of models that earlier releases shipped and this one does not."""
-    return json.loads((MODELS_DIR / "retired.json").read_text())["models"]
+    return _retired(MODELS_DIR)
+
+
+@lru_cache(maxsize=4)
+def _retired(models_dir: Path) -> dict[str, dict[str, str]]:  # by folder: a test may point MODELS_DIR elsewhere
+    return json.loads((models_dir / "retired.json").read_text())["models"]
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
