@@ -110,8 +110,9 @@ class Decoder:
 
     Every decoded symbol is also encoded again under the same table. A stream is valid only if
     that re-encoding gives back exactly its bytes (finish()); random or truncated data that still
-    decodes to symbols fails there, and usually much earlier: as soon as the re-encoding is longer
-    than the stream (check()).
+    decodes to symbols fails there, and a 1.x stream usually much earlier: its symbols are re-encoded
+    as they are decoded, and it fails as soon as the re-encoding is longer than the stream (check()).
+    A trimmed stream's symbols are re-encoded at the end, in one call.
     """
 
     def __init__(self, data: bytes, trimmed: bool = False) -> None:
@@ -136,10 +137,11 @@ class Decoder:
         except (ValueError, RuntimeError, AssertionError) as e:  # constriction reports bad data this way
             raise FormatError(f"corrupt stream: {e}") from None
         if len(out):
-            self._enc.encode(out, self._family, tables)
             if self._trimmed:
                 self._rows.append(tables)
                 self._syms.append(out.copy())
+            else:
+                self._enc.encode(out, self._family, tables)
         return out.astype(np.int64)
 
     def decode_row(self, table: np.ndarray) -> int:
@@ -149,10 +151,11 @@ class Decoder:
             self._sym[0] = self._dec.decode(self._family, t)[0]
         except (ValueError, RuntimeError, AssertionError) as e:
             raise FormatError(f"corrupt stream: {e}") from None
-        self._enc.encode(self._sym, self._family, t)
-        if self._trimmed:
+        if self._trimmed:  # re-encoded all at once in finish()
             self._rows.append(t.copy())
             self._syms.append(self._sym.copy())
+        else:  # as it goes, so that check() sees the length
+            self._enc.encode(self._sym, self._family, t)
         return int(self._sym[0])
 
     def check(self) -> None:
@@ -164,14 +167,16 @@ class Decoder:
 
     def finish(self) -> None:
         """Raise FormatError unless the stream is exactly the encoding of the symbols decoded from it."""
-        got = self._enc.get_compressed()
         if self._trimmed:
             if not self._syms:
-                ok = not self._data and not len(got)
+                ok = not self._data
             else:
-                rows = np.concatenate(self._rows)
-                ok = is_trimmed(self._data, got, np.concatenate(self._syms), rows)
+                rows, syms = np.concatenate(self._rows), np.concatenate(self._syms)
+                enc = constriction.stream.queue.RangeEncoder()
+                enc.encode(syms, self._family, rows)  # one call: the same words as one symbol at a time
+                ok = is_trimmed(self._data, enc.get_compressed(), syms, rows)
         else:
+            got = self._enc.get_compressed()
             ok = len(got) == len(self._words) and np.array_equal(got.astype(np.uint32), self._words)
         if not ok:
             raise FormatError("the stream is not what an encoder writes for the symbols it decodes to")
