@@ -329,7 +329,7 @@ class IntPrior:
         matrices take a third of the time of torch's (speed only: every value is the same integer).
         """
         if self.device.type == "cpu":
-            return torch.from_numpy(self._attend_one_np(q.numpy(), K.numpy(), V.numpy(), L["att_scale"]))
+            return torch.from_numpy(self.attend_one_np(q.numpy(), K.numpy(), V.numpy(), L["att_scale"]))
         return self._attend_one_torch(q, K, V, L["att_scale"])
 
     def _attend_one_torch(self, q, K, V, att_scale: float) -> torch.Tensor:
@@ -343,7 +343,7 @@ class IntPrior:
         digits = _lookup(self.att_digits_t, idx[..., 0, :]).transpose(-1, -2)  # (B, nh, 3, keys)
         return self._weighted_mean(torch.matmul(digits, V).double())
 
-    def _attend_one_np(self, q: np.ndarray, K: np.ndarray, V: np.ndarray, att_scale: float) -> np.ndarray:
+    def attend_one_np(self, q: np.ndarray, K: np.ndarray, V: np.ndarray, att_scale: float) -> np.ndarray:
         """_attend_one's integers, computed by the same IEEE 754 operations in NumPy."""
         hi = np.floor(q / 64)
         r = np.matmul(np.concatenate([hi, q - 64 * hi], -2), K.swapaxes(-1, -2)).astype(np.float64)

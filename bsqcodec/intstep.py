@@ -124,7 +124,7 @@ class NumpyStep:
             q = qkv[:, :C].reshape(B, H, 1, hs)
             self.k[li, :, :, pos] = qkv[:, C : 2 * C].reshape(B, H, hs)
             self.v[li, :, :, pos, :-1] = qkv[:, 2 * C :].reshape(B, H, hs)
-            o = self.ip._attend_one_np(q, self.k[li, :, :, : pos + 1], self.v[li, :, :, : pos + 1], att_scale)
+            o = self.ip.attend_one_np(q, self.k[li, :, :, : pos + 1], self.v[li, :, :, : pos + 1], att_scale)
             x = _clamp(x + proj(o.reshape(B, C)), RES_MAX)
             h = _clamp(fc1(_layernorm(x)), QMAX)
             g = gelu[(h + QMAX).astype(np.int64)]  # integers: the conversion is exact

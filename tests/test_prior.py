@@ -200,10 +200,10 @@ def test_numpy_attention_equals_torch_attention(seed, keys, hs, extreme, spread)
     assert keys <= MAX_KEYS
     V = torch.cat([V, torch.ones(B, nh, keys, 1)], -1)  # the cache's column of ones
     want = ip._attend_one_torch(q, K, V, att_scale)
-    got = torch.from_numpy(ip._attend_one_np(q.numpy(), K.numpy(), V.numpy(), att_scale))
+    got = torch.from_numpy(ip.attend_one_np(q.numpy(), K.numpy(), V.numpy(), att_scale))
     assert got.dtype == want.dtype and torch.equal(got, want)
     # and through a strided view of a larger cache, as the decoder reads it
     big = torch.zeros(B, nh, MAX_KEYS, hs), torch.ones(B, nh, MAX_KEYS, hs + 1)
     big[0][..., :keys, :], big[1][..., :keys, :] = K, V
     Kv, Vv = big[0][..., :keys, :], big[1][..., :keys, :]
-    assert torch.equal(torch.from_numpy(ip._attend_one_np(q.numpy(), Kv.numpy(), Vv.numpy(), att_scale)), want)
+    assert torch.equal(torch.from_numpy(ip.attend_one_np(q.numpy(), Kv.numpy(), Vv.numpy(), att_scale)), want)
