@@ -95,12 +95,7 @@ def is_trimmed(stream: bytes, words: np.ndarray, symbols: np.ndarray, tables: np
     data = np.asarray(words, dtype=np.uint32).astype(">u4").tobytes()
     symbols = np.asarray(symbols, dtype=np.int32).reshape(-1)
     m = len(stream)
-    if m > len(data):
-        return False
-    if m == len(data):  # trim's starting point: the words themselves, unless a shorter candidate exists
-        if stream != data:
-            return False
-    elif _fit(data, m, symbols, tables) != stream:
+    if m > len(data) or _fit(data, m, symbols, tables) != stream:
         return False
     return m == 0 or _fit(data, m - 1, symbols, tables) is None
 
@@ -126,7 +121,7 @@ class Decoder:
                 raise FormatError("stream length is not a multiple of 4 bytes")
             self._words = np.frombuffer(data, "<u4").astype(np.uint32)
         self._dec = constriction.stream.queue.RangeDecoder(self._words)
-        self._enc = constriction.stream.queue.RangeEncoder()
+        self._enc = None if trimmed else constriction.stream.queue.RangeEncoder()  # trimmed: finish() makes one
         self._family = _family()
         self._sym = np.zeros(1, dtype=np.int32)
 
