@@ -127,3 +127,51 @@ def train_export(
 
     m = export_run(run, data, output, name=name, calib=calib, force=force)
     out_console.print(f"wrote {output}: preset {m.name}, model {m.hash_hex[:16]}", markup=False)
+
+
+@train_app.command("residual")
+@guarded
+def train_residual_cmd(
+    data: Data, out: Out,
+    base: Annotated[Path, typer.Option(help="The first stage: a model file (.safetensors), frozen.")],
+    patch: int = 4, channels: int = 128, bits: int = 24, enc_blocks: int = 2, dec_blocks: int = 4,
+    steps: int = 20000, batch: int = 16, crop: int = 64, lr: float = 5e-4, seed: int = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this residual checkpoint (tensors that fit).")] = None,
+    nested: Annotated[Optional[str], typer.Option(help="Comma-separated bit budgets drawn per sample, e.g. 4,8,16,24.")] = None,
+    ema: float = 0.999,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Where decoded crops and base pixels are cached.")] = None,
+    eval_every: int = 500, checkpoint_seconds: float = 300.0, threads: int = 0,
+) -> None:
+    """Train the second token stage (residual BSQ tokens on a finer grid) on a frozen first-stage model."""
+    from .residual import ResidualConfig
+    from .train_residual import ResidualOptions, train_residual
+
+    try:
+        levels = tuple(sorted(int(b) for b in nested.split(","))) if nested else ()
+    except ValueError:
+        raise typer.BadParameter("--nested takes comma-separated integers") from None
+    opts = ResidualOptions(
+        data=str(data), out=str(out), base=str(base),
+        config=ResidualConfig(patch=patch, channels=channels, bits=bits, enc_blocks=enc_blocks, dec_blocks=dec_blocks),
+        steps=steps, batch=batch, crop=crop, lr=lr, seed=seed, resume=resume, init=str(init) if init else None,
+        nested=levels, ema=ema, cache_dir=str(cache_dir) if cache_dir else None, threads=threads,
+        eval_every=eval_every, checkpoint_seconds=checkpoint_seconds)
+    t0, last = time.time(), [0.0]
+
+    def progress(step, loss=None, metric=None, eval=None, note=None):
+        now = time.time()
+        if note is not None and now - last[0] > 30:
+            last[0] = now
+            err_console.print(note, markup=False)
+        elif eval is not None:
+            err_console.print(f"step {step}: held-out PSNR " + "  ".join(f"{k}b {v:.3f}" for k, v in eval.items()), markup=False)
+        elif loss is not None and (now - last[0] > 30 or step == opts.steps):
+            last[0] = now
+            err_console.print(f"step {step}/{opts.steps}  loss {loss:.5f}  PSNR {metric:.3f}  {now - t0:.0f} s", markup=False)
+
+    res = train_residual(opts, progress)
+    if res["interrupted"]:
+        err_console.print(f"interrupted at step {res['step']}; checkpoint saved, continue with --resume", markup=False)
+    else:
+        out_console.print(f"residual: {res['step']} steps, checkpoint in {out}", markup=False)

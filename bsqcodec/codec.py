@@ -20,7 +20,8 @@ from .container import Header
 from .errors import FormatError, TargetError
 from .metrics import psnr  # noqa: F401  (re-exported: codec.psnr)
 from .autoregress import run_tiles
-from .tokenizer import join_groups, single_threaded_kernels, split_groups
+from .cpu import single_threaded_kernels
+from .tokenizer import join_groups, split_groups
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 

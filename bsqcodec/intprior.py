@@ -49,6 +49,9 @@ LN_EPS = float(round(1e-5 * 4**FRAC))  # LayerNorm epsilon in squared residual u
 CLAMP_GAP = float(2**30)
 MULT_BITS = 23  # multipliers M < 2^23, so |acc * M| < 2^53 for |acc| < 2^30
 _INT_MM = hasattr(torch, "_int_mm")  # exact int8 products on the CPU (a speed path; float64 otherwise)
+F32_MAX_IN = 2**24 // (63 * 128)  # 2,080: the widest input whose base-64 digit products are exact in float32
+PRODUCTS_ENV = "BSQ_PRODUCTS"  # int8, float32 or float64: force that path of the products where it applies
+PATHS = ("int8", "float32", "float64")
 
 
 def exp_table(one: int, length: int) -> torch.Tensor:
@@ -113,38 +116,77 @@ def _split64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, torch.add(x, hi, alpha=-64)
 
 
+def product_path(n_in: int, device) -> str:
+    """The fastest exact path for the products of a linear layer n_in wide (every path gives the same integers).
+
+    int8: torch's int8 products of base-64 digits, fast only where the CPU has int8 dot products (VNNI,
+    AMX; elsewhere oneDNN emulates them, 10-40x slower than float32). float32: the same digits as
+    float32 products, exact up to F32_MAX_IN inputs. float64: the plain product. Other devices take
+    float64 (a GPU may round float32 products through TF32). PRODUCTS_ENV forces a path where it applies.
+    """
+    import os
+
+    from . import cpu
+
+    forced = os.environ.get(PRODUCTS_ENV, "")
+    if forced and forced not in PATHS:
+        raise ValueError(f"{PRODUCTS_ENV} must be one of {', '.join(PATHS)}, not {forced!r}")
+    if torch.device(device).type != "cpu":
+        return "float64"
+    int8_ok = _INT_MM
+    float32_ok = n_in <= F32_MAX_IN and torch.get_float32_matmul_precision() == "highest"
+    if forced == "int8" and int8_ok or forced == "float32" and float32_ok or forced == "float64":
+        return forced
+    if int8_ok and cpu.has_any(cpu.INT8_FLAGS):
+        return "int8"
+    return "float32" if float32_ok else "float64"
+
+
 class IntLinear:
     def __init__(self, t: dict, name: str, device) -> None:
         w = t[f"{name}.w"]
         if w.shape[1] > MAX_IN:
             raise ValueError("linear layer too wide for exact products")
         self.wt = w.t().contiguous().to(device=device, dtype=torch.float64)  # int8 values, (in, out)
-        # on the CPU, int8 x int8 -> int32 products (oneDNN) are several times faster than float64 ones
-        self.w8 = None
-        if _INT_MM and self.wt.device.type == "cpu":  # a fresh (in, out) array: _int_mm misreads odd strides
-            self.w8 = torch.empty(w.shape[1], w.shape[0], dtype=torch.int8).copy_(w.t())
         m = t[f"{name}.m"].to(device=device, dtype=torch.float64)
         if float(m.abs().max()) >= 2**MULT_BITS:
             raise ValueError("multiplier out of range")
         self.scale = _scale(m, int(t[f"{name}.s"].item()))
         self.offset = t[f"{name}.b"].to(device=device, dtype=torch.float64) + 0.5
+        self.use(product_path(w.shape[1], self.wt.device))
+
+    def use(self, path: str) -> None:
+        """Compute the products by this path (see product_path); the weights it needs are made once."""
+        if path not in PATHS or path != "float64" and self.wt.device.type != "cpu":
+            raise ValueError(f"no {path} products on {self.wt.device}")
+        if path == "int8" and not _INT_MM or path == "float32" and self.wt.shape[0] > F32_MAX_IN:
+            raise ValueError(f"no exact {path} products for this layer here")
+        self.path = path
+        # fresh (in, out) arrays: _int_mm misreads odd strides
+        self.w8 = self.wt.to(torch.int8).contiguous() if path == "int8" else None
+        self.w32 = self.wt.float().contiguous() if path == "float32" else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: float64 integers with |x| <= QMAX, shape (..., in).
 
         The product is exact whatever the summation order. In float64: every partial sum is an
-        integer below QMAX * 127 * MAX_IN < 2^30. In int32: x is split into base-64 digits
-        (x = 64 hi + lo, |hi| <= 32, 0 <= lo < 64), each an int8, and |digit * w| summed over
-        MAX_IN inputs stays below 64 * 127 * 4096 < 2^31; the digits are recombined in float64.
+        integer below QMAX * 127 * MAX_IN < 2^30. Split into base-64 digits (x = 64 hi + lo,
+        |hi| <= 32, 0 <= lo < 64), each digit's products summed over n inputs stay below 63 * 128 * n:
+        below 2^31 in int32 for any n <= MAX_IN, below 2^24 in float32 for n <= F32_MAX_IN. The digits'
+        sums are recombined in float64.
         """
-        if self.w8 is None:
+        if self.path == "float64":
             return _requant(torch.matmul(x, self.wt), self.scale, self.offset)
         lead = x.shape[:-1]
-        xi = x.reshape(-1, x.shape[-1]).to(torch.int16)
-        n = xi.shape[0]
-        digits = torch.cat([xi >> 6, xi & 63]).to(torch.int8)  # arithmetic shift: floor(x / 64)
-        r = torch._int_mm(digits, self.w8)
-        acc = torch.add(r[n:], r[:n], alpha=64).double()  # |acc| < 2047 * 127 * 4096 < 2^31: exact in int32
+        x2 = x.reshape(-1, x.shape[-1])
+        n = x2.shape[0]
+        if self.path == "int8":
+            xi = x2.to(torch.int16)
+            r = torch._int_mm(torch.cat([xi >> 6, xi & 63]).to(torch.int8), self.w8)  # arithmetic shift: floor(x / 64)
+        else:
+            hi, lo = _split64(x2)
+            r = torch.matmul(torch.cat([hi, lo]).float(), self.w32)
+        acc = torch.add(r[n:].double(), r[:n].double(), alpha=64)  # |acc| < 2047 * 128 * 4096 < 2^31: exact
         # _requant in one operation: acc * scale is exact, so a fused multiply-add rounds just as the sum does
         return torch.addcmul(self.offset, acc, self.scale).floor_().view(*lead, -1)
 

@@ -2,8 +2,8 @@
 
 A step is a few hundred operations on arrays of a few thousand values, so it costs what the library
 charges per operation, not arithmetic. NumPy charges a fraction of what torch does, so on the CPU the
-step runs in NumPy (NumpyStep), with torch only for the int8 matrix products that NumPy lacks; on
-other devices it runs IntPrior's torch operations (TorchStep). Both compute exactly IntPrior's
+step runs in NumPy (NumpyStep), with torch only for the int8 matrix products that NumPy lacks (where
+those are the fastest path: intprior.product_path); on other devices it runs IntPrior's torch operations (TorchStep). Both compute exactly IntPrior's
 integers (tests compare every table): the same IEEE 754 element-wise operations on the same values,
 and matrix products that are exact in any summation order (see intprior's module docstring).
 """
@@ -47,22 +47,28 @@ class TorchStep:
 
 
 class _Linear:
-    """IntLinear on NumPy float64 integers (n, in) -> (n, out)."""
+    """IntLinear on NumPy float64 integers (n, in) -> (n, out), by the layer's path of products."""
 
     def __init__(self, lin: IntLinear) -> None:
-        self.w8 = lin.w8  # torch int8 (in, out), or None where torch has no int8 product
+        self.path = lin.path
+        self.w8 = lin.w8  # torch int8 (in, out) on the int8 path
+        self.w32 = lin.w32.numpy() if lin.w32 is not None else None  # float32 (in, out) on the float32 path
         self.w64 = lin.wt.numpy()
         self.scale = lin.scale.numpy()
         self.offset = lin.offset.numpy()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.w8 is None:
+        if self.path == "float64":
             return np.floor(x @ self.w64 * self.scale + self.offset)
         n = len(x)
-        xi = x.astype(np.int16)
-        digits = np.concatenate([xi >> 6, xi & 63]).astype(np.int8)  # as IntLinear: x = 64 hi + lo
-        r = torch._int_mm(torch.from_numpy(digits), self.w8).numpy()
-        acc = r[n:] + r[:n] * 64  # int32, exact (IntLinear's bound)
+        if self.path == "int8":
+            xi = x.astype(np.int16)
+            digits = np.concatenate([xi >> 6, xi & 63]).astype(np.int8)  # as IntLinear: x = 64 hi + lo
+            r = torch._int_mm(torch.from_numpy(digits), self.w8).numpy()
+        else:
+            hi = np.floor(x / 64)  # exact: a division by a power of two
+            r = np.concatenate([hi, x - 64 * hi]).astype(np.float32) @ self.w32
+        acc = r[n:].astype(np.float64) + r[:n] * 64.0  # exact (IntLinear's bound)
         return np.floor(acc * self.scale + self.offset)  # acc * scale is exact: one rounding, as addcmul's
 
 

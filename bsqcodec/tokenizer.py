@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu
 from .config import TokenizerConfig
 
 
@@ -229,7 +230,7 @@ class Tokenizer(nn.Module):
             bf16 = tokens.device.type == "cpu" and native_bf16()
         starts = list(range(0, tokens.shape[0], self.STRIP))
         workers = max(1, min(len(starts), torch.get_num_threads()))
-        with single_threaded_kernels():
+        with cpu.single_threaded_kernels():
             if workers == 1:
                 out = [self._decode_strip(tokens, r0, bf16) for r0 in starts]
             else:
@@ -278,25 +279,7 @@ def native_bf16() -> bool:
 
     Elsewhere bfloat16 convolutions are emulated and slower than float32, so they are not used.
     """
-    if os.environ.get(FLOAT32_ENV) == "1":
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:  # not Linux
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-class single_threaded_kernels:
-    """Context manager: torch intra-op parallelism off, restored on exit."""
-
-    def __enter__(self):
-        self.n = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.n)
+    return os.environ.get(FLOAT32_ENV) != "1" and cpu.has_any(cpu.BF16_FLAGS)
 
 
 def to_uint8(y: torch.Tensor) -> torch.Tensor:

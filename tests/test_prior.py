@@ -95,17 +95,23 @@ class TestIntegerExactness:
             assert torch.equal(a, b)
 
     @given(st.integers(0, 10**6), st.sampled_from([(12, 2), (10, 1), (15, 3)]), st.integers(1, 4), st.integers(1, 5),
-           st.booleans())
-    def test_numpy_and_torch_steps_equal_teacher_forcing(self, seed, bg, rows, cols, int_mm):
-        """The decoder's step (NumPy on the CPU, torch elsewhere) gives teacher forcing's tables, int8 products or not."""
+           st.sampled_from(intprior.PATHS), st.sampled_from(intprior.PATHS))
+    def test_numpy_and_torch_steps_equal_teacher_forcing(self, seed, bg, rows, cols, path, step_path):
+        """The decoder's step (NumPy on the CPU, torch elsewhere) gives teacher forcing's tables, whichever
+        path of products each of them takes."""
         bits, groups = bg
         p, ip = make(seed % 5, groups=groups, bits=bits)
-        if not int_mm:  # the float64 products of a torch without _int_mm
-            for lin in [*(L[k] for L in ip.layers for k in ("qkv", "proj", "fc1", "fc2")), *ip.heads]:
-                lin.w8 = None
+        if path == "int8" and not intprior._INT_MM or step_path == "int8" and not intprior._INT_MM:
+            return  # a torch without int8 products
+        lins = [*(L[k] for L in ip.layers for k in ("qkv", "proj", "fc1", "fc2")), *ip.heads]
+        for lin in lins:
+            lin.use(path)
         g = torch.Generator().manual_seed(seed)
         sym = p.symbols(torch.randint(0, 2**bits, (3, rows, cols), generator=g))
         want = ip.tables(sym, rows, cols)
+        for lin in lins:
+            lin.use(step_path)
+        intstep._PARAMS.pop(ip, None)  # NumpyStep reads the layers' paths when it first meets a prior
         B, T, G = sym.shape
         for step in (intstep.NumpyStep(ip, B, T), intstep.TorchStep(ip, B, T)):
             s = sym.numpy()
@@ -154,25 +160,53 @@ class TestIntegerExactness:
         assert (n - ref).abs().max() < 1 / sigma + 1 / 256 + 1e-3
 
 
-@given(st.integers(0, 2**31 - 1), st.sampled_from([1, 7, 192, 4096]), st.booleans())
-def test_int8_products_equal_float64_ones(seed, width, extreme):
-    """The CPU's int8 path of IntLinear computes exactly the float64 path's integers, extremes included."""
-    from bsqcodec.intprior import QMAX, IntLinear
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1, 7, 192, 2080, 4096]), st.booleans(), st.sampled_from(["int8", "float32"]))
+def test_digit_products_equal_float64_ones(seed, width, extreme, path):
+    """IntLinear's int8 and float32 paths (base-64 digits) compute exactly the float64 path's integers,
+    extremes included, up to the widest input each path takes."""
+    from bsqcodec.intprior import F32_MAX_IN, QMAX, IntLinear
 
     g = torch.Generator().manual_seed(seed)
-    if extreme:  # every product at its largest magnitude, all of one sign: the worst partial sums
-        w = torch.full((5, width), -127 if seed % 2 else 127, dtype=torch.int8)
-        x = torch.full((3, width), float(-QMAX if seed % 3 else QMAX), dtype=torch.float64)
+    if extreme:  # every product large and of one sign, at random: partial sums that a looser bound would round
+        w = torch.randint(100, 128, (5, width), generator=g, dtype=torch.int8) * (-1 if seed % 2 else 1)
+        x = (QMAX - torch.randint(0, 14, (3, width), generator=g)).double()  # low digits 50-63 (QMAX = 64 * 31 + 63)
+        x = -x if seed % 3 == 0 else x
     else:
         w = torch.randint(-127, 128, (5, width), generator=g, dtype=torch.int8)
         x = torch.randint(-QMAX, QMAX + 1, (3, width), generator=g).double()
-    t = {"l.w": w, "l.m": torch.randint(1, 2**23, (5,), generator=g), "l.s": torch.tensor(40), "l.b": torch.randint(-99, 99, (5,))}
+    # scales from 1/2 to 1: an error of one unit in a product shows in the output
+    t = {"l.w": w, "l.m": torch.randint(2**22, 2**23, (5,), generator=g), "l.s": torch.tensor(23), "l.b": torch.randint(-99, 99, (5,))}
     lin = IntLinear(t, "l", "cpu")
-    if lin.w8 is None:
-        pytest.skip("this torch has no int8 matrix product")
     ref = torch.floor(torch.matmul(x, lin.wt) * lin.scale + lin.offset)
+    if path == "int8" and not intprior._INT_MM or path == "float32" and width > F32_MAX_IN:
+        with pytest.raises(ValueError):
+            lin.use(path)
+        return
+    lin.use(path)
     assert torch.equal(lin(x), ref)
     assert torch.equal(lin(x[None]), ref[None])
+    step = intstep._Linear(lin)  # the decoder's NumPy step, by the same path
+    assert np.array_equal(step(x.numpy()), ref.numpy())
+
+
+def test_product_path_follows_the_cpu_and_the_switch(monkeypatch):
+    """int8 only where the CPU has int8 dot products, float32 digits where exact, float64 otherwise;
+    BSQ_PRODUCTS forces a path where it applies."""
+    from bsqcodec import cpu
+
+    monkeypatch.delenv(intprior.PRODUCTS_ENV, raising=False)
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset({"avx2", "fma"}))
+    assert intprior.product_path(192, "cpu") == "float32"
+    assert intprior.product_path(intprior.F32_MAX_IN + 1, "cpu") == "float64"
+    assert intprior.product_path(192, "meta") == "float64"
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    assert intprior.product_path(192, "cpu") == ("int8" if intprior._INT_MM else "float32")
+    for forced in intprior.PATHS:
+        monkeypatch.setenv(intprior.PRODUCTS_ENV, forced)
+        assert intprior.product_path(192, "cpu") == (forced if forced != "int8" or intprior._INT_MM else "float32")
+    monkeypatch.setenv(intprior.PRODUCTS_ENV, "float16")
+    with pytest.raises(ValueError):
+        intprior.product_path(192, "cpu")
 
 
 @given(st.integers(0, 2**31 - 1), st.sampled_from([2, 37, 512]), st.sampled_from([1, 16, 128]), st.booleans(),

@@ -1,0 +1,81 @@
+"""The second token stage: BSQ tokens for what the first stage's pixels miss (residual quantization).
+
+The first stage (a shipped rung) turns the image into its base pixels. This stage works on a finer grid
+of `patch` x `patch` pixels: its encoder sees the image and the base pixels and emits nested BSQ codes;
+its decoder sees the codes and the base pixels and adds a correction to the base pixels. Every
+convolution runs at the stage's patch resolution (pixel_unshuffle first). The base pixels enter as
+the uint8 pixels a decoder of the first stage outputs, so a file cut to its first grid decodes to
+exactly what this stage starts from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import _check_ints
+from .tokenizer import BSQ, ResBlock, _to_pixels
+
+
+@dataclass(frozen=True)
+class ResidualConfig:
+    patch: int = 4  # pixels per patch side of the second grid
+    channels: int = 128
+    bits: int = 24  # L, bits per token (nested: rungs keep a prefix)
+    enc_blocks: int = 2
+    dec_blocks: int = 4
+
+    def __post_init__(self) -> None:
+        _check_ints(self, patch=(2, 16), channels=(1, 1024), bits=(1, 48), enc_blocks=(0, 32), dec_blocks=(0, 32))
+        if self.patch % 2:
+            raise ValueError("the residual stage needs an even patch (its output overlaps by half a patch)")
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+
+class ResidualCoder(nn.Module):
+    """(image, base pixels) -> nested BSQ codes -> a correction added to the base pixels."""
+
+    def __init__(self, cfg: ResidualConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        p, c, L = cfg.patch, cfg.channels, cfg.bits
+        self.enc_in = nn.Conv2d(6 * p * p, c, 3, padding=1)  # the residual and the base, patch by patch
+        self.enc_blocks = nn.Sequential(*[ResBlock(c) for _ in range(cfg.enc_blocks)])
+        self.to_code = nn.Conv2d(c, L, 1)
+        self.quant = BSQ(L)
+        self.ctx_in = nn.Conv2d(3 * p * p, c, 3, padding=1)  # the decoder's view of the base pixels
+        self.from_code = nn.Conv2d(L, c, 1)
+        self.dec_blocks = nn.Sequential(*[ResBlock(c) for _ in range(cfg.dec_blocks)])
+        self.to_pixels = _to_pixels(c, p, True)
+        nn.init.zeros_(self.to_pixels.weight)  # starts as the identity on the base pixels
+        nn.init.zeros_(self.to_pixels.bias)
+
+    ENCODER = ("enc_in.", "enc_blocks.", "to_code.")
+
+    def encode_latent(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """x, base: (B, 3, H, W) in [0, 1], H and W multiples of the patch -> (B, L, H/p, W/p) projections."""
+        p = self.cfg.patch
+        h = torch.cat([F.pixel_unshuffle(x - base, p) * 4.0, F.pixel_unshuffle(base - 0.5, p)], 1)
+        return self.to_code(self.enc_blocks(F.gelu(self.enc_in(h))))
+
+    def decode_code(self, code: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """The base pixels plus the correction read from the code (a zeroed bit reads as 0)."""
+        h = F.gelu(self.ctx_in(F.pixel_unshuffle(base - 0.5, self.cfg.patch)))
+        h = self.dec_blocks(h + self.from_code(code * math.sqrt(self.cfg.bits)))
+        return base + self.to_pixels(F.gelu(h))
+
+    def forward(self, x: torch.Tensor, base: torch.Tensor, keep: torch.Tensor | None = None):
+        """Training pass: (reconstruction, code); keep: optional (B,) bit budgets (nested BSQ)."""
+        code = self.quant(self.encode_latent(x, base))
+        if keep is not None:
+            idx = torch.arange(self.cfg.bits, device=x.device)
+            code = code * (idx[None, :] < keep[:, None]).to(code.dtype)[:, :, None, None]
+        return self.decode_code(code, base), code
