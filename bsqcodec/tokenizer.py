@@ -180,7 +180,8 @@ class Tokenizer(nn.Module):
         return small.train(self.training)
 
     # ---- inference in horizontal strips, so memory stays bounded for any image height ----
-    STRIP = 32  # latent rows per strip; fixed so that results never depend on how a caller batches
+    STRIP = 128  # latent rows per strip (memory only: the pixels are the same for any strip height)
+    BAND = 16  # latent rows per band of a layer: fixed, so that the pixels never depend on the thread count
 
     @torch.no_grad()
     def image_to_tokens(self, pixels) -> torch.Tensor:
@@ -209,36 +210,95 @@ class Tokenizer(nn.Module):
             yield self.encode_latent(x)[..., r0 - a : r1 - a, :]
 
     @torch.no_grad()
-    def _decode_strip(self, tokens: torch.Tensor, r0: int, bf16: bool) -> torch.Tensor:
+    def _decode_strip(self, tokens: torch.Tensor, r0: int, bf16: bool, run) -> torch.Tensor:
         p, halo, h = self.cfg.patch, self.cfg.halo, tokens.shape[0]
         r1 = min(h, r0 + self.STRIP)
         a, b = max(0, r0 - halo), min(h, r1 + halo)
         code = self.quant.tokens_to_codes(tokens[None, a:b])
-        return to_uint8(self.decode_code(code, bf16=bf16)[0, :, (r0 - a) * p : (r1 - a) * p])
+        return to_uint8(self._decode_banded(code, bf16, run)[0, :, (r0 - a) * p : (r1 - a) * p])
+
+    def _decode_banded(self, code: torch.Tensor, bf16: bool, run) -> torch.Tensor:
+        """decode_code (with the up stage) layer by layer, each layer's output rows cut into bands of BAND rows.
+
+        run(fn, items) maps fn over the bands (in threads, or here). Each band of a layer reads its
+        rows of the layer's input plus the rows its kernel reaches (one latent row for a 3x3 or an
+        overlapping output convolution), so the work is the whole grid's plus a row per band edge
+        (a strip's halo, by contrast, recomputes every layer for its rows). The bands' shapes depend
+        on the image alone, so any thread count computes the same pixels.
+        """
+        n_bands = -(-code.shape[-2] // self.BAND)  # never the thread count: kernels may sum differently by shape
+
+        def layer(fn, x: torch.Tensor, radius: int, scale: int = 1, add: torch.Tensor | None = None,
+                  half: bool = bf16) -> torch.Tensor:
+            H = x.shape[-2]
+            step = H // code.shape[-2]  # 2 on the up stage's grid
+            cuts = [min(H, i * self.BAND * step) for i in range(n_bands + 1)]
+
+            def band(i: int) -> torch.Tensor:
+                a, b = cuts[i], cuts[i + 1]
+                lo, hi = max(0, a - radius), min(H, b + radius)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+                    y = fn(x[..., lo:hi, :])[..., (a - lo) * scale : (b - lo) * scale, :]
+                return y if add is None else add[..., a * scale : b * scale, :] + y
+
+            return torch.cat(run(band, range(n_bands)), -2)
+
+        def float_layer(mod):  # the layers that make pixels stay float32 (as in decode_code): half=False
+            return lambda x: mod(F.gelu(x).float())
+
+        h = layer(lambda c: self.dec_conv(self.from_code(c * math.sqrt(self.cfg.bits))), code, 1)
+        for blk in self.dec_blocks:
+            t = layer(lambda x, blk=blk: F.gelu(blk.conv1(x)), h, 1)
+            h = layer(blk.conv2, t, 1, add=h)
+        size = (code.shape[-2] * self.cfg.patch, code.shape[-1] * self.cfg.patch)
+        y = layer(float_layer(self.unpatchify), h, 1, self.cfg.patch, half=False)[..., : size[0], : size[1]]
+        if self.cfg.up_channels:
+            u = layer(lambda x: self.up(F.gelu(x)), h, 0, 2)
+            for blk in self.up_blocks:
+                t = layer(lambda x, blk=blk: F.gelu(blk.conv1(x)), u, 1)
+                u = layer(blk.conv2, t, 1, add=u)
+            y = y + layer(float_layer(self.up_out), u, 1, self.cfg.patch // 2, half=False)[..., : size[0], : size[1]]
+        return y.float() + 0.5
 
     @torch.no_grad()
     def tokens_to_image(self, tokens: torch.Tensor, bf16: bool | None = None) -> torch.Tensor:
         """(h, w) tokens -> (H, W, 3) uint8 pixels.
 
         Float convolutions may round differently with different intra-op thread counts, so every
-        strip is computed by single-threaded kernels; strips run in parallel Python threads instead.
-        The pixels are then the same for any thread count and any tile batching.
+        layer runs single-threaded kernels on bands of rows, the bands in parallel Python threads
+        (torch releases the interpreter lock in its kernels); tall images go in strips of STRIP rows
+        with a halo, so memory stays bounded. The pixels are then the same for any thread count.
         bf16: convolutions in bfloat16 autocast, about twice as fast where the CPU has bfloat16 dot
         products, within 2 levels of float32's pixels; None = where that pays (native_bf16()).
         """
         if bf16 is None:
             bf16 = tokens.device.type == "cpu" and native_bf16()
         starts = list(range(0, tokens.shape[0], self.STRIP))
-        workers = max(1, min(len(starts), torch.get_num_threads()))
+        workers = max(1, torch.get_num_threads())
         with cpu.single_threaded_kernels():
             if workers == 1:
-                out = [self._decode_strip(tokens, r0, bf16) for r0 in starts]
-            else:
-                from concurrent.futures import ThreadPoolExecutor
+                run = _Serial()
+                return torch.cat([self._decode_strip(tokens, r0, bf16, run) for r0 in starts], 0)
+            from concurrent.futures import ThreadPoolExecutor
 
-                with ThreadPoolExecutor(workers) as pool:
-                    out = list(pool.map(lambda r0: self._decode_strip(tokens, r0, bf16), starts))
-        return torch.cat(out, 0)
+            with ThreadPoolExecutor(workers) as pool:
+                run = _Pooled(pool, workers)
+                return torch.cat([self._decode_strip(tokens, r0, bf16, run) for r0 in starts], 0)
+
+
+class _Serial:
+    workers = 1
+
+    def __call__(self, fn, items):
+        return [fn(i) for i in items]
+
+
+class _Pooled:
+    def __init__(self, pool, workers: int) -> None:
+        self.pool, self.workers = pool, workers
+
+    def __call__(self, fn, items):
+        return list(self.pool.map(fn, items))
 
 
 def _to_pixels(channels: int, patch: int, overlap: bool) -> nn.ConvTranspose2d:

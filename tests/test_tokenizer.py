@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -64,6 +65,26 @@ class TestConversions:
 
 
 class TestTokenizer:
+    @pytest.mark.parametrize("up", [False, True])
+    def test_pixels_are_the_same_for_any_thread_count_and_strip_height(self, up):
+        """Bands of rows in threads and strips with a halo: bit for bit one single-threaded pass."""
+        cfg = TokenizerConfig(patch=4, channels=16, bits=10, enc_blocks=1, dec_blocks=2,
+                              up_channels=8 if up else 0, up_blocks=1 if up else 0)
+        tok = _randomize(Tokenizer(cfg)).eval()
+        toks = torch.randint(0, 2**10, (23, 7), generator=torch.Generator().manual_seed(5))
+        n = torch.get_num_threads()
+        imgs = []
+        try:
+            for threads, strip in ((1, 128), (2, 128), (3, 128), (3, 5), (1, 4)):
+                torch.set_num_threads(threads)
+                tok.STRIP = strip
+                imgs.append(tok.tokens_to_image(toks, bf16=False))
+        finally:
+            torch.set_num_threads(n)
+        for img in imgs[1:]:
+            assert torch.equal(img, imgs[0])
+        _assert_strip_decode_matches(tok, toks)
+
     def test_shapes_and_strips(self):
         torch.manual_seed(0)
         cfg = TokenizerConfig(patch=4, channels=8, bits=10, enc_blocks=1, dec_blocks=1)
