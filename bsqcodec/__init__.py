@@ -7,10 +7,19 @@
 """
 
 from . import pillow_plugin as _pillow_plugin
-from .codec import decode, encode
 from .errors import BsqError
 
 _pillow_plugin.register()
+
+
+def __getattr__(name: str):
+    """encode and decode import the codec (and torch) when first used, so light commands stay light."""
+    if name in ("encode", "decode"):
+        from . import codec
+
+        return getattr(codec, name)
+    raise AttributeError(f"module 'bsqcodec' has no attribute {name!r}")
+
 
 __version__ = "0.5.0"
 __all__ = ["encode", "decode", "BsqError", "__version__"]

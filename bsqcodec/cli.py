@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import gc
 
-# bsqcodec (imported before this module runs) has imported torch: hundreds of thousands of objects that
-# live as long as the process. Each full garbage collection would walk them all, about 40 ms, and
-# importing and parsing trigger several; frozen, the collector skips them (start-up 0.08 s faster).
+# What is imported lives as long as the process: torch alone is hundreds of thousands of objects. Each
+# full garbage collection would walk them all, about 40 ms, and importing and parsing trigger several;
+# frozen, the collector skips them (start-up 0.08 s faster). _Lazy freezes again after each import.
 gc.freeze()
 
+import importlib
 import json
 import os
 import sys
@@ -19,17 +20,48 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import codec, container, images, weights
+from . import container
 from .cli_common import err_console, error_line, fail, guarded, new_app, out_console
 from .cli_train import train_app
-from .config import LADDER
+from .config import DEFAULT_BATCH_TILES, DEFAULT_EFFORT, LADDER, MAX_BATCH_TILES, MAX_EFFORT, MIN_EFFORT
 from .errors import BsqError
 from .fileio import check_output, read_bytes, write_atomic
 from .progress import LazyProgress
-from .search import DEFAULT_EFFORT, MAX_EFFORT, MIN_EFFORT
+
+
+class _Lazy:
+    """A module of bsqcodec imported when a command first uses it: --help, --version, info and presets
+    never import torch (about 2 s on some machines)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        mod = importlib.import_module(f"{__package__}.{self._name}")
+        gc.freeze()  # what it imported lives as long as the process (see above)
+        return getattr(mod, attr)
+
+
+codec, images, weights = _Lazy("codec"), _Lazy("images"), _Lazy("weights")
 
 app = new_app("bsqc: a learned image codec (patch tokenizer + binary spherical quantization + transformer prior).")
 app.add_typer(train_app, name="train")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out_console.print(f"bsqc {__version__}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """bsqc: a learned image codec (patch tokenizer + binary spherical quantization + transformer prior)."""
 
 STDIO = Path("-")  # as an input: standard input; as an output: standard output
 
@@ -50,8 +82,13 @@ def _jobs(inputs: list[Path], output: Optional[Path], out_dir: Optional[Path], s
         raise BsqError("-o/--output names one output; with several inputs use --out-dir")
     if STDIO in inputs and len(inputs) > 1:
         raise BsqError("standard input (-) can only be the one input")
-    if out_dir is not None and not out_dir.is_dir():
-        raise BsqError(f"{out_dir}: no such directory")
+    if out_dir is not None:  # made as `mkdir -p` would
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise BsqError(f"{out_dir}: not a directory") from None
+        except OSError as e:
+            raise BsqError(f"{out_dir}: cannot create the directory: {e.strerror or e}") from None
     jobs = []
     for src in inputs:
         if output is not None:
@@ -214,7 +251,7 @@ def decode(
     model: Annotated[Optional[Path], typer.Option("--model", show_default=False, help="Model file, for files made with a model that is not installed.")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite outputs that exist.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file with the results.")] = False,
-    batch_tiles: Annotated[int, typer.Option("--batch-tiles", min=1, max=codec.MAX_BATCH_TILES, help="Tiles decoded together (speed and memory only; the pixels never change).")] = codec.DEFAULT_BATCH_TILES,
+    batch_tiles: Annotated[int, typer.Option("--batch-tiles", min=1, max=MAX_BATCH_TILES, help="Tiles decoded together (speed and memory only; the pixels never change).")] = DEFAULT_BATCH_TILES,
     threads: Annotated[int, typer.Option("--threads", min=0, help="CPU cores to use: worker processes for the prior, threads for the pixels (0 = all available; the pixels never change).")] = 0,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse files of more pixels than this, before decoding them.")] = container.DEFAULT_MAX_PIXELS,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar, no summary.")] = False,
@@ -291,11 +328,12 @@ def presets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     """List the models installed with bsqcodec."""
     rows = []
     rung = {c.name: q for q, c in enumerate(LADDER, 1)}
-    inst = weights.installed()
+    from .modelfile import installed, summary  # the standard library only: no torch
+
+    inst = installed()[0]
     for name in sorted(inst, key=lambda n: (rung.get(n, len(LADDER) + 1), n)):  # the ladder first, in order
         path, h = inst[name]
-        m = weights.preset(name)
-        t = m.config.tokenizer
+        t = summary(path)[0].tokenizer
         rows.append({"preset": name, "quality": rung.get(name), "model": h.hex(), "patch": t.patch, "token_bits": t.bits,
                      "raw_bpp": t.bits / t.patch**2, "file": Path(path).name})
     if as_json:

@@ -8,6 +8,7 @@ import sys
 
 import typer
 from rich.console import Console
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 from .errors import BsqError
 
@@ -15,10 +16,32 @@ out_console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+class _Command(TyperCommand):
+    """A command whose help names values as argparse does (`--out-dir OUT_DIR`, `IMAGE...`), instead of
+    typer's type placeholders (`--out-dir <path>`, `IMAGE... <list[Path]>`, `{IMAGE...}...`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for p in self.params:
+            if isinstance(p, TyperArgument):
+                name = p.metavar or p.name.upper() + ("..." if p.nargs != 1 else "")
+                p.metavar = name
+                p.display_type_rich = lambda ctx: None
+                p._usage_display_name = lambda name=name, required=p.required: name if required else f"[{name}]"
+            elif isinstance(p, TyperOption) and p.metavar is None and not p.is_flag and not p.count:
+                p.metavar = p.name.upper()
+
+
+class _Typer(typer.Typer):
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
 def new_app(help: str) -> typer.Typer:
     # rich_markup_mode=None: plain help text (no "[default: ...]" eaten as markup, no <bool> placeholders)
-    return typer.Typer(help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                       rich_markup_mode=None)
+    return _Typer(help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
 
 
 def error_line(e: BaseException) -> str:

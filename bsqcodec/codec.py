@@ -15,7 +15,7 @@ from PIL import Image
 
 from . import container, entropy, images, search, weights
 from . import workers as workers_mod
-from .config import LADDER
+from .config import DEFAULT_BATCH_TILES, LADDER, MAX_BATCH_TILES
 from .container import Header
 from .errors import FormatError, TargetError
 from .metrics import psnr  # noqa: F401  (re-exported: codec.psnr)
@@ -26,8 +26,6 @@ from .tokenizer import join_groups, split_groups
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 ENCODE_BATCH = 8  # tiles per teacher-forced pass; affects speed only, never the bytes
-DEFAULT_BATCH_TILES = 128  # a 768x512 photo is one batch; memory stays around 200 MB
-MAX_BATCH_TILES = 4096
 
 
 @dataclass

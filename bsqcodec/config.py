@@ -5,6 +5,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+# The integer prior's arithmetic (formats/intprior.md): model files name the version they were exported for
+INTPRIOR_VERSION = "1"
+# the encoder's search (search.py): effort levels
+MIN_EFFORT, MAX_EFFORT = 1, 9
+DEFAULT_EFFORT = 4
+# decoding (codec.py): tiles whose prior steps run together
+DEFAULT_BATCH_TILES = 128  # a 768x512 photo is one batch; memory stays around 200 MB
+MAX_BATCH_TILES = 4096
+
 
 def _check_ints(cfg, **bounds: tuple[int, int]) -> None:
     """ValueError unless every named field is an int within its bounds (configs come from files)."""

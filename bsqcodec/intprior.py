@@ -26,12 +26,12 @@ import math
 import numpy as np
 import torch
 
-from .config import PriorConfig
+from .config import INTPRIOR_VERSION, PriorConfig
 
 # The arithmetic below is the versioned definition in formats/intprior.md. Any change to a constant, a
 # rounding or an operation's order that alters a table is a new version: model files name the version
 # they were exported for ("intprior" metadata) and a model of another version is refused.
-VERSION = "1"
+VERSION = INTPRIOR_VERSION
 
 FRAC = 10
 RES_MAX = 2**20  # |x| <= 2^20 keeps sum((x - mean)^2) below 2^53 for dim <= 1024

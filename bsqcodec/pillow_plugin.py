@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from PIL import Image, ImageFile
 
-from . import codec, container, search
-from .config import LADDER
+from . import container
+from .config import DEFAULT_EFFORT, LADDER
 
 FORMAT = "BSQ"
 
@@ -44,6 +44,8 @@ class _BsqDecoder(ImageFile.PyDecoder):
     _pulls_fd = True
 
     def decode(self, buffer):
+        from . import codec
+
         self.fd.seek(0)
         _, _, arr = codec.decode_detailed(self.fd.read())
         self.set_as_raw(arr.tobytes())
@@ -63,8 +65,10 @@ def _save(im: Image.Image, fp, filename) -> None:
     if icc:
         im = im.copy()
         im.info["icc_profile"] = icc
+    from . import codec
+
     fp.write(codec.encode(im, model or preset, target_size=info.get("target_size"),
-                          target_psnr=info.get("target_psnr"), effort=info.get("effort", search.DEFAULT_EFFORT)))
+                          target_psnr=info.get("target_psnr"), effort=info.get("effort", DEFAULT_EFFORT)))
 
 
 def register() -> None:

@@ -24,10 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import DEFAULT_EFFORT, MAX_EFFORT, MIN_EFFORT  # noqa: F401 - defined there, light for the CLI
 from .tokenizer import Tokenizer, tokens_to_bits
 
-MIN_EFFORT, MAX_EFFORT = 1, 9
-DEFAULT_EFFORT = 4
 # gradient steps per effort. A step decodes without the decoder's up stage (a third cheaper; on 7 training
 # photos at 6 steps the same bytes and PSNR as with it), so the default effort affords 8 steps in the time
 # 6 took with the stage: about 2% fewer bytes at equal PSNR on the default rung

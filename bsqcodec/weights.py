@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 
+from . import modelfile
 from .config import ModelConfig
 from .errors import ModelError, ModelNotFoundError
 from .intprior import VERSION as INTPRIOR_VERSION
 from .intprior import IntPrior
 from .tokenizer import Tokenizer
 
-MODELS_DIR = Path(__file__).parent / "models"
-FORMAT = "bsqcodec-model-1"
+MODELS_DIR = modelfile.MODELS_DIR
+FORMAT = modelfile.FORMAT
 
 
 @dataclass
@@ -184,15 +185,7 @@ def _read(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]
 
 @lru_cache(maxsize=None)
 def _installed_cached(key: tuple) -> tuple[dict[str, tuple[str, bytes]], dict[str, str]]:
-    out, broken = {}, {}
-    for p in sorted(MODELS_DIR.glob("*.safetensors")):
-        try:
-            config, tensors = _read(p)  # name and hash only; a model is built when it is used
-        except ModelError as e:  # a broken file affects only the files that need it
-            broken[p.stem] = str(e)
-            continue
-        out[config.name] = (str(p), canonical_hash(config, tensors))
-    return out, broken
+    return modelfile.installed(MODELS_DIR)  # name and hash only; a model is built when it is used
 
 
 def _installed_files() -> tuple:

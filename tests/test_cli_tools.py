@@ -1,6 +1,7 @@
 """bsqc in a user's tools: pipes, several files per call, targets, bench outputs, the Pillow plugin."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -194,3 +195,43 @@ def test_help_is_plain_text():
     r = run("encode", "--help")
     assert r.exit_code == 0
     assert "<bool>" not in r.stdout and "file ." not in r.stdout and "--target-size" in r.stdout
+
+
+class TestLightCommands:
+    @pytest.mark.parametrize("args", [["--help"], ["--version"], ["encode", "--help"], ["presets", "--json"], ["info", "FILE"]])
+    def test_commands_that_need_no_model_do_not_import_torch(self, args, model_file, tmp_path):
+        if "FILE" in args:
+            src = tmp_path / "a.png"
+            smooth_image(np.random.default_rng(1), 16, 16).save(src)
+            assert run("encode", src, "--model", model_file, "--quiet").exit_code == 0
+            args = [str(src.with_suffix(".bsq")) if a == "FILE" else a for a in args]
+        code = ("import sys; from bsqcodec.cli import app\n"
+                f"try: app({args!r})\nexcept SystemExit as e: assert not e.code, e.code\n"
+                "print('torch' in sys.modules)")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[-1] == "False"
+
+    def test_version(self):
+        r = run("--version")
+        assert r.exit_code == 0 and r.stdout.strip() == f"bsqc {bsqcodec.__version__}"
+
+    def test_presets_lists_the_installed_models_with_their_hashes(self):
+        rows = json.loads(run("presets", "--json").stdout)["presets"]
+        assert {r["preset"]: bytes.fromhex(r["model"]) for r in rows} == {n: h for n, (_, h) in weights.installed().items()}
+        assert all(weights.preset(r["preset"]).sha256.hex() == r["model"] for r in rows)
+
+    def test_help_names_values_without_type_placeholders(self):
+        for cmd in ("encode", "decode", "bench"):
+            text = run(cmd, "--help").stdout
+            assert not re.search(r"<[a-z]|\{[A-Z]|\]\.\.\.", text), text  # <path>, {IMAGE...}...
+        assert "--out-dir OUT_DIR" in run("encode", "--help").stdout
+
+    def test_out_dir_is_created(self, photos, model_file, tmp_path):
+        out = tmp_path / "new" / "folder"
+        r = run("encode", *photos[:2], "--out-dir", out, "--model", model_file, "--quiet")
+        assert r.exit_code == 0, r.output
+        assert sorted(p.name for p in out.iterdir()) == ["p0.bsq", "p1.bsq"]
+        (tmp_path / "plain").write_text("x")
+        r = run("encode", *photos[:2], "--out-dir", tmp_path / "plain", "--model", model_file, "--quiet")
+        assert r.exit_code == 1 and "not a directory" in r.stderr

@@ -1,0 +1,96 @@
+"""A model file's config and identity, read with the standard library alone (no torch).
+
+A model file is a safetensors file: an 8-byte little-endian header length, a JSON header (each tensor's
+dtype, shape and byte range, and `__metadata__` holding the format name, the integer prior's version
+and the config as JSON), then the tensors' bytes, little-endian. The model's identity is the SHA-256 of
+its canonical serialization (weights.canonical_hash), computed here from the raw bytes, so `bsqc
+presets` and the registry of installed models never wait for torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+from .config import INTPRIOR_VERSION, ModelConfig
+from .errors import ModelError
+
+MODELS_DIR = Path(__file__).parent / "models"
+FORMAT = "bsqcodec-model-1"
+MAX_HEADER = 1 << 24
+# safetensors dtype -> (torch's name, as the canonical hash spells it; bytes per element)
+DTYPES = {"BOOL": ("torch.bool", 1), "U8": ("torch.uint8", 1), "I8": ("torch.int8", 1), "I16": ("torch.int16", 2),
+          "I32": ("torch.int32", 4), "I64": ("torch.int64", 8), "F16": ("torch.float16", 2),
+          "BF16": ("torch.bfloat16", 2), "F32": ("torch.float32", 4), "F64": ("torch.float64", 8)}
+
+
+def _header(f, path, size: int) -> tuple[dict, int]:
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise ModelError(f"cannot read model file {path}: too short")
+    n = struct.unpack("<Q", raw)[0]
+    if n > min(MAX_HEADER, size - 8):
+        raise ModelError(f"cannot read model file {path}: bad header length")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, ValueError):
+        raise ModelError(f"cannot read model file {path}: bad header") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"cannot read model file {path}: bad header")
+    return header, 8 + n
+
+
+def summary(path: str | os.PathLike) -> tuple[ModelConfig, bytes]:
+    """(config, canonical SHA-256) of a model file; ModelError for anything that is not a readable one."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header, start = _header(f, path, size)
+            meta = header.pop("__metadata__", None) or {}
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                raise ModelError(f"{path} is not a bsqcodec model file")
+            version = meta.get("intprior", "1")
+            if version != INTPRIOR_VERSION:
+                raise ModelError(f"{path} needs integer prior arithmetic version {version}; this bsqcodec "
+                                 f"implements version {INTPRIOR_VERSION} (formats/intprior.md)")
+            try:
+                config = ModelConfig.from_dict(json.loads(meta["config"]))
+            except (KeyError, TypeError, ValueError, ArithmeticError) as e:
+                raise ModelError(f"bad model file {path}: bad config ({e})") from None
+            h = hashlib.sha256()
+            h.update(FORMAT.encode())
+            h.update(json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")).encode())
+            for name in sorted(header):
+                t = header[name]
+                try:
+                    dtype, width = DTYPES[t["dtype"]]
+                    shape = tuple(int(d) for d in t["shape"])
+                    a, b = (int(v) for v in t["data_offsets"])
+                except (KeyError, TypeError, ValueError):
+                    raise ModelError(f"cannot read model file {path}: bad entry for {name!r}") from None
+                if not 0 <= a <= b <= size - start or b - a != math.prod(shape) * width:
+                    raise ModelError(f"cannot read model file {path}: tensor {name!r} out of bounds")
+                h.update(f"\n{name}|{dtype}|{shape}\n".encode())
+                f.seek(start + a)
+                h.update(f.read(b - a))
+    except OSError as e:
+        raise ModelError(f"cannot read model file {path}: {e.strerror or e}") from None
+    return config, h.digest()
+
+
+def installed(models_dir: Path = MODELS_DIR) -> tuple[dict[str, tuple[str, bytes]], dict[str, str]]:
+    """({preset name: (file, hash)} of every readable model file in models_dir, {file stem: error} of the rest)."""
+    out, broken = {}, {}
+    for p in sorted(Path(models_dir).glob("*.safetensors")):
+        try:
+            config, digest = summary(p)
+        except ModelError as e:  # a broken file affects only the files that need it
+            broken[p.stem] = str(e)
+            continue
+        out[config.name] = (str(p), digest)
+    return out, broken
