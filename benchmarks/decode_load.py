@@ -18,7 +18,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -47,6 +46,19 @@ def _spin() -> None:
         pass
 
 
+def _machine(preset: str) -> dict:
+    import machine  # benchmarks/machine.py (imports torch: only here, never in a timed process)
+    from bsqcodec import weights
+
+    return machine.describe(weights.preset(preset))
+
+
+def _suffix() -> str:
+    import machine
+
+    return machine.suffix()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("image")
@@ -73,14 +85,14 @@ def main() -> None:
                 p.join()
     res = {
         "image": os.path.basename(args.image), "preset": args.preset, "runs": args.runs, "busy_processes": args.busy,
-        "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "machine": _machine(args.preset),
         "import_seconds": imports, "import_and_ordinary_exit_seconds": imports_exit,
         "decode_seconds_idle": idle, "decode_seconds_busy": loaded,
         "net_idle_best": min(idle) - min(imports), "whole_idle_best": min(idle),
         "net_idle_best_vs_ordinary_exit": min(idle) - min(imports_exit),
         "busy_slowest": max(loaded), "busy_slowest_over_idle_best": max(loaded) / min(idle),
     }
-    path = HERE / "results" / f"decode-load-{args.preset}.json"
+    path = HERE / "results" / f"decode-load-{args.preset}{_suffix()}.json"
     path.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=1))
 

@@ -12,8 +12,6 @@ peak < 4 GB.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ import torch
 from PIL import Image
 
 import bsqcodec
+import machine  # benchmarks/machine.py
 from bsqcodec import codec, search, weights
 
 HERE = Path(__file__).resolve().parent
@@ -91,11 +90,10 @@ def main() -> None:
         "bpp": len(enc.data) * 8 / (arr.shape[0] * arr.shape[1]),
         "encode_seconds": enc_s, "effort": search.DEFAULT_EFFORT, **results, "pixels_identical_across_threads": same,
         "encode_8192x8192_seconds": big["seconds"], "encode_8192x8192_peak_bytes": big["peak_bytes"],
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "processor": platform.processor(), "torch": torch.__version__},
+        "machine": {**machine.describe(model), "torch_threads": torch.get_num_threads()},
         "targets": {"decode_seconds_max": 3.0, "encode_8192_peak_bytes_max": 4 * 10**9},
     }
-    out = HERE / "results" / f"speed-{preset}.json"
+    out = HERE / "results" / f"speed-{preset}{machine.suffix()}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))

@@ -77,13 +77,15 @@ def results_section(bench: dict) -> str:
                 "no entropy coding): mean RGB PSNR when every token keeps its first k bits.", "",
                 "| kept bits | raw bpp | PSNR (dB) |", "|---|---|---|",
                 *[f"| {r['bits']} | {r['raw_bpp']:.3f} | {r['mean_psnr']:.2f} |" for r in nb["levels"]], ""]
-    speeds = [load(f"speed-{p}.json") for p in bench["totals"]]
-    speeds = [sp for sp in speeds if sp and sp["model"] == bench["models"][sp["preset"]]]
-    if speeds:
+    for suffix in ("", "-avx2"):
+        speeds = [load(f"speed-{p}{suffix}.json") for p in bench["totals"]]
+        speeds = [sp for sp in speeds if sp and sp["model"] == bench["models"][sp["preset"]]]
+        if not speeds:
+            continue
         sp0 = speeds[0]
-        out += [f"### Speed and memory (`results/speed-PRESET.json`)", "",
+        out += [f"### Speed and memory, {_cpu_words(sp0['machine'])} (`results/speed-PRESET{suffix}.json`)", "",
                 f"{sp0['image']} ({sp0['width']}x{sp0['height']}), {sp0['machine']['cpus']}-core CPU, torch "
-                f"{sp0['machine']['torch']}; decode is the best of 3. Targets: decode under 3 s on 2 cores, "
+                f"{sp0['machine']['torch']}; decode is the best of 3, in process. Targets: decode under 3 s on 2 cores, "
                 "8192x8192 encode under 4 GB.", "",
                 "| preset | encode | decode, 2 threads | decode, 1 thread | same pixels, 1 and 2 threads | 8192x8192 encode: peak, time |",
                 "|---|---|---|---|---|---|"]
@@ -94,6 +96,16 @@ def results_section(bench: dict) -> str:
                        f"{sp['decode_seconds_1_threads']:.2f} s | {str(sp['pixels_identical_across_threads']).lower()} | {big} |")
         out.append("")
     return "\n".join(out)
+
+
+def _cpu_words(m: dict) -> str:
+    """The machine a speed result came from, in words: its processor and the paths it took."""
+    if "cpu" not in m:  # results written before benchmarks recorded the processor
+        return "an AVX-512 machine with VNNI and bfloat16 (processor not recorded), measured with 0.5.0's code"
+    flags = [f for f, on in m["cpu"]["flags"].items() if on and f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")]
+    how = " (AVX-512 capped: ONEDNN_MAX_CPU_ISA=AVX2 and the float32 paths forced)" if m.get("emulated") else ""
+    return (f"{m['cpu']['model']} ({', '.join(flags)}){how}; prior products {m['paths']['prior_products']}, "
+            f"pixel decoder {m['paths']['pixel_decoder']}")
 
 
 def other_dataset_section(bench: dict) -> str:
@@ -115,10 +127,13 @@ def other_dataset_section(bench: dict) -> str:
 
 def robustness_section() -> str:
     out = []
-    dl = load("decode-load-default.json")
-    if dl:
-        out += ["### Decoding as a whole process, idle and under load (`results/decode-load-default.json`)", "",
-                f"`bsqc decode` of {dl['image']} with the {dl['preset']} preset on {dl['cpus']} cores: "
+    for suffix in ("", "-avx2"):
+        dl = load(f"decode-load-default{suffix}.json")
+        if not dl:
+            continue
+        machine = _cpu_words(dl["machine"]) if isinstance(dl.get("machine"), dict) else _cpu_words({})
+        out += [f"### Decoding as a whole process, idle and under load (`results/decode-load-default{suffix}.json`)", "",
+                f"Machine: {machine}. `bsqc decode` of {dl['image']} with the {dl['preset']} preset on {dl['cpus']} cores: "
                 f"{dl['whole_idle_best']:.2f} s as a whole process, {dl['net_idle_best']:.2f} s net of importing torch, "
                 f"numpy, Pillow, constriction, typer and rich (best of {dl['runs']}); beside {dl['busy_processes']} "
                 f"CPU-bound processes the slowest of {dl['runs']} took {dl['busy_slowest']:.2f} s, "
@@ -127,7 +142,7 @@ def robustness_section() -> str:
             out[-2] += (f" The import is timed as a process that leaves without unloading them, as bsqc does; "
                         f"against a process that imports them and exits the ordinary way (the baseline of "
                         f"earlier runs) the net time is {dl['net_idle_best_vs_ordinary_exit']:.2f} s.")
-        old = load("decode-load-default-30a1dd8.json")
+        old = load("decode-load-default-30a1dd8.json") if not suffix else None
         if old:
             out[-2] += (f" Before the single-threaded prior and its worker processes (commit 30a1dd8): "
                         f"{old['net_idle_best']:.2f} s net, {old['busy_slowest_over_idle_best']:.1f}x under load.")
@@ -193,16 +208,18 @@ def ladder_table(bench: dict) -> str:
     """The README's quality table: one row per rung that the bench ran."""
     from bsqcodec.config import LADDER
 
-    rows = ["| `-q` | preset | token bits (groups) | Kodak bpp | Kodak PSNR (dB) | MS-SSIM | decode 768x512, 2 cores |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| `-q` | preset | token bits (groups) | Kodak bpp | Kodak PSNR (dB) | MS-SSIM | decode 768x512, 2 cores: AVX-512 | AVX2 |",
+            "|---|---|---|---|---|---|---|---|"]
     for q, cfg in enumerate(LADDER, 1):
         t = bench["totals"].get(cfg.name)
         if t is None:
             continue
-        sp = load(f"speed-{cfg.name}.json")
-        dec = f"{sp['decode_seconds_2_threads']:.2f} s" if sp and sp["model"] == bench["models"][cfg.name] else "-"
+        decs = []
+        for suffix in ("", "-avx2"):
+            sp = load(f"speed-{cfg.name}{suffix}.json")
+            decs.append(f"{sp['decode_seconds_2_threads']:.2f} s" if sp and sp["model"] == bench["models"][cfg.name] else "-")
         rows.append(f"| {q} | {cfg.name} | {cfg.tokenizer.bits} ({cfg.prior.groups}) | {t['bpp']:.3f} | {t['mean_psnr']:.2f} | "
-                    f"{t['mean_ms_ssim']:.4f} | {dec} |")
+                    f"{t['mean_ms_ssim']:.4f} | {' | '.join(decs)} |")
     bd = ", ".join(f"{c.upper()} {v:+.1f}%" if v is not None else f"{c.upper()} undefined ({_why(bench, c)})"
                    for c, v in bench["bd_rate_psnr"].items())
     note = f"\n\nMeasured by `bsqc bench` at encoder effort {bench.get('effort', 1)}."
