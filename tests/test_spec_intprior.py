@@ -97,3 +97,17 @@ def test_spec_tables_equal_bsqcodec_tables():
         ours = torch.stack(ip.tables(sym, rows, cols), 2)[0]  # (T, G, n)
         spec = spec_tables(cfg, t, sym[0].tolist(), rows, cols)
         assert ours.tolist() == spec
+
+
+def test_roundhalfup_of_either_sign_is_the_floor_of_2p_plus_q_over_2q():
+    """intprior.md section 1: halves towards +inf for any sign of p (-2.5 -> -2), as bsqcodec computes it."""
+    import itertools
+
+    t = weights.random_model(TINY, seed=3).tensors
+    ip = IntPrior(TINY.prior, {k[len("prior."):]: v for k, v in t.items() if k.startswith("prior.")})
+    for p, q in itertools.product(range(-50, 51), (1, 2, 3, 4, 10, 4095, 4096)):
+        # _weighted_mean's operations on r = (p, q) as its three digits' products recombined (256 r0 + 16 r1 + r2)
+        r = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [float(p), float(q)]]], dtype=torch.float64)
+        got = int(ip._weighted_mean(r)[0, 0, 0])
+        assert got == (2 * p + q) // (2 * q) == math.floor(Fraction(p, q) + Fraction(1, 2))
+    assert (2 * -5 + 2) // (2 * 2) == -2  # -2.5 -> -2: not half away from zero (-3), not truncation of (2p+q)/2q
