@@ -47,11 +47,15 @@ def _run(stage: str, **kw) -> dict:
                 err_console.print(f"step {step}/{opts.steps}  {info}", markup=False)
 
         res = train(opts, progress)
+    _report_end(stage, res, opts.out)
+    return res
+
+
+def _report_end(stage: str, res: dict, out) -> None:
     if res["interrupted"]:
         err_console.print(f"interrupted at step {res['step']}; checkpoint saved, continue with --resume", markup=False)
     else:
-        out_console.print(f"{stage}: {res['step']} steps, checkpoint in {opts.out}", markup=False)
-    return res
+        out_console.print(f"{stage}: {res['step']} steps, checkpoint in {out}", markup=False)
 
 
 @train_app.command("tokenizer")
@@ -170,8 +174,4 @@ def train_residual_cmd(
             last[0] = now
             err_console.print(f"step {step}/{opts.steps}  loss {loss:.5f}  PSNR {metric:.3f}  {now - t0:.0f} s", markup=False)
 
-    res = train_residual(opts, progress)
-    if res["interrupted"]:
-        err_console.print(f"interrupted at step {res['step']}; checkpoint saved, continue with --resume", markup=False)
-    else:
-        out_console.print(f"residual: {res['step']} steps, checkpoint in {out}", markup=False)
+    _report_end("residual", train_residual(opts, progress), out)

@@ -54,11 +54,16 @@ def crop_cache(files: list[Path], size: int, per_image: int, seed: int, cache_di
     rng = np.random.default_rng(seed)
     arr = np.concatenate([_crops_of(f, size, per_image, rng) for f in files], 0)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, path)
+        save_atomic(path, arr)
     return arr
+
+
+def save_atomic(path: Path, arr: np.ndarray) -> None:
+    """np.save to path through a temporary file, so that a cache file is whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
 
 
 def batch_from(arr: np.ndarray, idx: np.ndarray, rng: np.random.Generator):

@@ -44,6 +44,21 @@ def _header(f, path, size: int) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def config_of(path, meta) -> ModelConfig:
+    """The config a model file's metadata holds, after checking its format and integer prior version."""
+    meta = meta or {}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelError(f"{path} is not a bsqcodec model file")
+    version = meta.get("intprior", "1")  # files from before the key existed are version 1
+    if version != INTPRIOR_VERSION:
+        raise ModelError(f"{path} needs integer prior arithmetic version {version}; this bsqcodec "
+                         f"implements version {INTPRIOR_VERSION} (formats/intprior.md)")
+    try:
+        return ModelConfig.from_dict(json.loads(meta["config"]))
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:
+        raise ModelError(f"bad model file {path}: bad config ({e})") from None
+
+
 def summary(path: str | os.PathLike) -> tuple[ModelConfig, bytes]:
     """(config, canonical SHA-256) of a model file; ModelError for anything that is not a readable one."""
     path = Path(path)
@@ -51,17 +66,7 @@ def summary(path: str | os.PathLike) -> tuple[ModelConfig, bytes]:
         size = path.stat().st_size
         with open(path, "rb") as f:
             header, start = _header(f, path, size)
-            meta = header.pop("__metadata__", None) or {}
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                raise ModelError(f"{path} is not a bsqcodec model file")
-            version = meta.get("intprior", "1")
-            if version != INTPRIOR_VERSION:
-                raise ModelError(f"{path} needs integer prior arithmetic version {version}; this bsqcodec "
-                                 f"implements version {INTPRIOR_VERSION} (formats/intprior.md)")
-            try:
-                config = ModelConfig.from_dict(json.loads(meta["config"]))
-            except (KeyError, TypeError, ValueError, ArithmeticError) as e:
-                raise ModelError(f"bad model file {path}: bad config ({e})") from None
+            config = config_of(path, header.pop("__metadata__", None))
             h = hashlib.sha256()
             h.update(FORMAT.encode())
             h.update(json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")).encode())

@@ -33,7 +33,9 @@ class ResidualOptions:
     config: ResidualConfig = field(default_factory=ResidualConfig)
     steps: int = 20000
     batch: int = 16
-    crop: int = 64  # sub-crop trained on (cut from the cached 128-pixel crops and their base pixels)
+    crop: int = 64  # sub-crop trained on (cut from the cached crops and their base pixels)
+    cache_crop: int = 128  # side of the cached crops (a multiple of the first stage's patch)
+    per_image: int = 16  # cached crops per training image
     lr: float = 5e-4
     warmup: int = 200
     seed: int = 0
@@ -65,10 +67,7 @@ def base_pixels(tok, arr: np.ndarray, cache_dir: str | None, key_src: str, name:
         if progress is not None:
             progress(f"base pixels ({name}) {min(len(arr), i + 32)}/{len(arr)}")
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, out)
-        os.replace(tmp, path)
+        data_mod.save_atomic(path, out)
     return out
 
 
@@ -148,11 +147,15 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
     if not files:
         raise BsqError(f"no .png or .jpg images under {opts.data}")
     train_files, eval_files = data_mod.split_holdout(files)
-    tr = data_mod.crop_cache(train_files, 128, 16, opts.seed, opts.cache_dir)
-    ev = data_mod.crop_cache(eval_files, 128, 2, opts.seed + 1, opts.cache_dir)
+    if not train_files:
+        train_files, eval_files = files, []
+    tr = data_mod.crop_cache(train_files, opts.cache_crop, opts.per_image, opts.seed, opts.cache_dir)
     note = (lambda s: progress(step=step, note=s)) if progress is not None else None
     tr_base = base_pixels(base_model, tr, opts.cache_dir, opts.base, "train", note)
-    ev_base = base_pixels(base_model, ev, opts.cache_dir, opts.base, "eval", note)
+    ev = ev_base = None
+    if eval_files:
+        ev = data_mod.crop_cache(eval_files, opts.cache_crop, 2, opts.seed + 1, opts.cache_dir)
+        ev_base = base_pixels(base_model, ev, opts.cache_dir, opts.base, "eval", note)
     eval_bits = opts.eval_bits or tuple(sorted({0, *nested}))
 
     stop = _Stop()
@@ -184,7 +187,7 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
             _ema_update(ema, model, min(opts.ema, (1 + step) / (10 + step)))
             if progress is not None:
                 progress(step=step, loss=loss.item(), metric=10 * math.log10(1 / max(loss.item(), 1e-10)))
-            if step % opts.eval_every == 0 or step == opts.steps:
+            if ev is not None and (step % opts.eval_every == 0 or step == opts.steps):
                 res = evaluate(ema, ev, ev_base, eval_bits)
                 opts.log.append({"step": step, "eval": res})
                 if progress is not None:

@@ -170,17 +170,7 @@ def _read(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]
         tensors = load_file(str(path))
     except (OSError, SafetensorError, ValueError) as e:
         raise ModelError(f"cannot read model file {path}: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise ModelError(f"{path} is not a bsqcodec model file")
-    version = meta.get("intprior", "1")  # files from before the key existed are version 1
-    if version != INTPRIOR_VERSION:
-        raise ModelError(f"{path} needs integer prior arithmetic version {version}; this bsqcodec "
-                         f"implements version {INTPRIOR_VERSION} (formats/intprior.md)")
-    try:
-        config = ModelConfig.from_dict(json.loads(meta["config"]))
-    except (KeyError, TypeError, ValueError, ArithmeticError) as e:
-        raise ModelError(f"bad model file {path}: bad config ({e})") from None
-    return config, tensors
+    return modelfile.config_of(path, meta), tensors
 
 
 @lru_cache(maxsize=None)

@@ -101,24 +101,7 @@ def encode_v1(symbols, tables, wrong=frozenset(), stats=None) -> bytes:
 
 def decodes_to(words: list[int], symbols, tables, wrong=frozenset()) -> bool:
     """Whether these words decode to exactly these symbols under these tables (q >= 2^24: they do not)."""
-    it = iter(words[2:])
-    w = words[:2] + [0] * (2 - len(words[:2]))
-    point, lower, rng = (w[0] << 32) | w[1], 0, M64
-    for sym, table in zip(symbols, tables):
-        c = cums(table, wrong)
-        sc = rng >> 24
-        q = ((point - lower) & M64) // sc
-        if q >= 2**24:
-            return False
-        i = max(j for j in range(len(table)) if c[j] <= q)
-        if i != sym:
-            return False
-        lower = (lower + sc * c[i]) & M64
-        rng = sc * (c[i + 1] - c[i])
-        if rng < 2**32:
-            lower, rng = (lower << 32) & M64, rng << 32
-            point = ((point << 32) & M64) | next(it, 0)
-    return True
+    return _decode_words(words, tables, wrong) == list(symbols)
 
 
 def _as_words(data: bytes) -> list[int]:
@@ -148,9 +131,11 @@ def decode(data: bytes, tables, major: int, wrong=frozenset()) -> list[int] | No
     if major == 1:
         if len(data) % 4:
             return None
-        words = list(struct.unpack(f"<{len(data) // 4}I", data))
-    else:
-        words = _as_words(data)
+        return _decode_words(list(struct.unpack(f"<{len(data) // 4}I", data)), tables, wrong)
+    return _decode_words(_as_words(data), tables, wrong)
+
+
+def _decode_words(words: list[int], tables, wrong=frozenset()) -> list[int] | None:
     it = iter(words[2:])
     w = words[:2] + [0] * (2 - len(words[:2]))
     point, lower, rng, out = (w[0] << 32) | w[1], 0, M64, []

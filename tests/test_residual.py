@@ -1,0 +1,72 @@
+"""The second token stage (residual.py) and its training loop (train_residual.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+from bsqcodec import weights
+from bsqcodec.residual import ResidualCoder, ResidualConfig
+from bsqcodec.train_residual import ResidualOptions, base_pixels, train_residual
+
+from conftest import smooth_image
+
+CFG = ResidualConfig(patch=2, channels=8, bits=6, enc_blocks=1, dec_blocks=1)
+
+
+def test_a_fresh_stage_returns_the_base_pixels_and_zeroed_bits_read_as_nothing():
+    torch.manual_seed(0)
+    res = ResidualCoder(CFG).eval()
+    x, base = torch.rand(2, 3, 12, 8), torch.rand(2, 3, 12, 8)
+    y, code = res(x, base)
+    assert torch.equal(y, base) and code.shape == (2, 6, 6, 4)  # the output layer starts at zero
+    with torch.no_grad():
+        for p in res.parameters():
+            p.normal_(0, 0.3)
+    keep = torch.tensor([2, 6])
+    y, code = res(x, base, keep)
+    assert (code[0, 2:] == 0).all() and (code[1] != 0).all()
+    full = res.quant(res.encode_latent(x, base))
+    cut = full * (torch.arange(6) < 2).float()[None, :, None, None]
+    assert torch.allclose(y[0], res.decode_code(cut, base)[0:1][0])  # a kept prefix is the code with the rest zeroed
+    assert not torch.allclose(res.decode_code(full, base)[0], y[0])
+
+
+def test_odd_patches_are_refused():
+    with pytest.raises(ValueError):
+        ResidualConfig(patch=3)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rdata")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        smooth_image(rng, 48 + 8 * i, 40).save(root / f"im{i}.png")
+    return root
+
+
+def _opts(data, out, model_file, **kw):
+    base = dict(data=str(data), out=str(out), base=str(model_file), config=CFG, steps=4, batch=2, crop=16,
+                cache_crop=32, per_image=2, warmup=1, eval_every=2, nested=(2, 6), checkpoint_seconds=1e9)
+    base.update(kw)
+    return ResidualOptions(**base)
+
+
+def test_training_lowers_the_error_and_resumes_exactly(data, model_file, tmp_path):
+    a = train_residual(_opts(data, tmp_path / "a", model_file, steps=4))
+    b1 = train_residual(_opts(data, tmp_path / "b", model_file, steps=2))
+    b2 = train_residual(_opts(data, tmp_path / "b", model_file, steps=4, resume=True))
+    assert (a["step"], b1["step"], b2["step"]) == (4, 2, 4)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b2["model"][k]), k
+    assert any(not torch.equal(v, ResidualCoder(CFG).state_dict()[k]) for k, v in a["model"].items())
+
+
+def test_base_pixels_are_the_first_stage_decoders_and_cached(model_file, tmp_path):
+    tok = weights.load(model_file).tokenizer.eval()
+    crops = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    got = base_pixels(tok, crops, str(tmp_path), str(model_file), "t")
+    for i in range(3):
+        want = tok.tokens_to_image(tok.image_to_tokens(crops[i]), bf16=False).numpy()
+        assert np.abs(got[i].astype(int) - want.astype(int)).max() <= 1
+    assert list(tmp_path.glob("base-*.npy")) and np.array_equal(base_pixels(tok, crops, str(tmp_path), str(model_file), "t"), got)
