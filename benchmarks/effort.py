@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -27,6 +25,8 @@ import torch
 from bsqcodec import codec, images, search, weights
 from bsqcodec.bench import find_images
 from bsqcodec.metrics import bd_rate, psnr
+
+import machine  # benchmarks/machine.py
 
 HERE = Path(__file__).resolve().parent
 EFFORTS = list(range(search.MIN_EFFORT, search.MAX_EFFORT + 1))
@@ -88,6 +88,7 @@ def main() -> None:
         res = json.loads(out.read_text())
         res["timing_image"] = Path(args.timing_image).name
         res["encode_seconds"] = timing(args.timing_image, args.timing_presets.split(","), args.repeat)
+        res["timing_machine"] = machine.describe()
         out.write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {out}")
         return
@@ -95,7 +96,7 @@ def main() -> None:
     presets = args.preset or [m.name for m in codec.ladder_models()]
     res = {"schema": "bsqcodec-effort-1", "dataset": Path(args.folder).name, "images": len(files),
            "efforts": search.steps(), "default_effort": search.DEFAULT_EFFORT,
-           "lr": search.schedule(), "rate_weight": search.RATE_WEIGHT, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "lr": search.schedule(), "rate_weight": search.RATE_WEIGHT, "machine": machine.describe(),
            "torch": torch.__version__, "rungs": {}, "curves": {}, "bd_rate_vs_effort1": {}}
     t0 = time.perf_counter()
     for name in presets:
