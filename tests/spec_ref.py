@@ -7,6 +7,8 @@ Switches (a set of names in `wrong`):
 - "carry_first_only": a carry resolves only the first pending word (f + 1), the rest stay 0xFFFFFFFF;
 - "no_extra_word": a 1.x stream never ends with the extra word 0;
 - "pending_as_words": pending words are emitted at once as they are (no carry ever reaches them);
+- "drop_pending_at_end": the end forgets the words still pending;
+- "empty_invalid": an empty (2.0) stream is taken for a truncated one;
 - "no_wrap_shift": the encoder's shift lower << 32 keeps its high bits (no wrap modulo 2^64). (A decoder
   that leaves point << 32 unwrapped but wraps point ⊖ lower computes the same q: no file can tell.)
 """
@@ -85,7 +87,8 @@ def words_of(symbols, tables, wrong=frozenset(), stats: Stats | None = None) -> 
         pt = (lower + 2**32 - 1) & M64
         if pending:
             stats.pending_at_end = True
-            flush(not pt >= lower)
+            if "drop_pending_at_end" not in wrong:
+                flush(not pt >= lower)
         words.append(pt >> 32)
         if ((lower + rng) & M64) >> 32 == pt >> 32:
             stats.extra_word = True
@@ -158,6 +161,8 @@ def _decode_words(words: list[int], tables, wrong=frozenset()) -> list[int] | No
 def stream_ok(data: bytes, symbols, tables, major: int, wrong=frozenset()) -> bool:
     """Whether a decoder following these rules accepts the stream as the encoding of these symbols:
     it decodes to them and is exactly what its encoder writes for them."""
+    if not data and "empty_invalid" in wrong:
+        return False
     if decode(data, tables, major, wrong) != list(symbols):
         return False
     enc = encode_v1 if major == 1 else encode_v2

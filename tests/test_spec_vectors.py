@@ -207,7 +207,8 @@ def test_the_spec_coder_accepts_every_vector(coded):
             assert spec_ref.stream_ok(stream, sym, tabs, major), (name, i)
 
 
-@pytest.mark.parametrize("wrong", ["exact_cum", "carry_first_only", "no_extra_word", "pending_as_words", "no_wrap_shift"])
+@pytest.mark.parametrize("wrong", ["exact_cum", "carry_first_only", "no_extra_word", "pending_as_words", "no_wrap_shift",
+                                   "drop_pending_at_end", "empty_invalid"])
 def test_every_wrong_reading_of_the_coder_fails_a_vector(coded, wrong):
     failed = [(name, i) for name, major, tiles in coded for i, (stream, sym, tabs) in enumerate(tiles)
               if not spec_ref.stream_ok(stream, sym, tabs, major, frozenset({wrong}))]
