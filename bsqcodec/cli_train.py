@@ -144,6 +144,8 @@ def train_residual_cmd(
     init: Annotated[Optional[Path], typer.Option(help="Start from this residual checkpoint (tensors that fit).")] = None,
     nested: Annotated[Optional[str], typer.Option(help="Comma-separated bit budgets drawn per sample, e.g. 4,8,16,24.")] = None,
     ema: float = 0.999,
+    rate_weight: Annotated[float, typer.Option(help="Train a bit prior with the stage and add this weight times its "
+                                                    "bits per pixel to the squared error (0: no rate term).")] = 0.0,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where decoded crops and base pixels are cached.")] = None,
     eval_every: int = 500, checkpoint_seconds: float = 300.0, threads: int = 0,
 ) -> None:
@@ -159,7 +161,7 @@ def train_residual_cmd(
         data=str(data), out=str(out), base=str(base),
         config=ResidualConfig(patch=patch, channels=channels, bits=bits, enc_blocks=enc_blocks, dec_blocks=dec_blocks),
         steps=steps, batch=batch, crop=crop, lr=lr, seed=seed, resume=resume, init=str(init) if init else None,
-        nested=levels, ema=ema, cache_dir=str(cache_dir) if cache_dir else None, threads=threads,
+        nested=levels, ema=ema, rate_weight=rate_weight, cache_dir=str(cache_dir) if cache_dir else None, threads=threads,
         eval_every=eval_every, checkpoint_seconds=checkpoint_seconds)
     t0, last = time.time(), [0.0]
 
@@ -169,7 +171,8 @@ def train_residual_cmd(
             last[0] = now
             err_console.print(note, markup=False)
         elif eval is not None:
-            err_console.print(f"step {step}: held-out PSNR " + "  ".join(f"{k}b {v:.3f}" for k, v in eval.items()), markup=False)
+            err_console.print(f"step {step}: held-out PSNR " + "  ".join(
+                f"{k}b {v[0]:.3f} ({v[1]:.3f} bpp)" if isinstance(v, tuple) else f"{k}b {v:.3f}" for k, v in eval.items()), markup=False)
         elif loss is not None and (now - last[0] > 30 or step == opts.steps):
             last[0] = now
             err_console.print(f"step {step}/{opts.steps}  loss {loss:.5f}  PSNR {metric:.3f}  {now - t0:.0f} s", markup=False)

@@ -79,3 +79,39 @@ class ResidualCoder(nn.Module):
             idx = torch.arange(self.cfg.bits, device=x.device)
             code = code * (idx[None, :] < keep[:, None]).to(code.dtype)[:, :, None, None]
         return self.decode_code(code, base), code
+
+
+class BitPrior(nn.Module):
+    """A float context model of the second stage's bits: the rate term of training, and a probe of the prior to come.
+
+    Each bit of a second-stage token gets a probability from the co-located first-stage token (its L1 bits,
+    +-1), the token's position within that first-stage patch, its checkerboard pass, and, on the second pass,
+    the kept bits of its four neighbours (all of the first pass). So a decoder could code every token of a
+    pass at once: two passes per image. Bits of one token are independent given that context.
+    """
+
+    def __init__(self, base_bits: int, ratio: int, bits: int, width: int = 256) -> None:
+        super().__init__()
+        self.ratio, self.bits = ratio, bits
+        ctx = base_bits + ratio * ratio + 1 + 4 * bits
+        self.net = nn.Sequential(nn.Conv2d(ctx, width, 1), nn.GELU(), nn.Conv2d(width, width, 1), nn.GELU(),
+                                 nn.Conv2d(width, bits, 1))
+
+    def logits(self, base_code: torch.Tensor, bits01: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """base_code (B, L1, h, w) as +-1; bits01 (B, L, H, W) in {0, 1}; kept (B, L, 1, 1) 0/1 -> (B, L, H, W) logits."""
+        B, _, H, W = bits01.shape
+        r = self.ratio
+        up = base_code.repeat_interleave(r, 2).repeat_interleave(r, 3)[..., :H, :W]
+        yy, xx = torch.meshgrid(torch.arange(H, device=bits01.device), torch.arange(W, device=bits01.device), indexing="ij")
+        pos = F.one_hot((yy % r) * r + (xx % r), r * r).permute(2, 0, 1).float().expand(B, -1, -1, -1)
+        second = ((yy + xx) % 2).float().expand(B, 1, H, W)  # 1 on the second pass
+        s = (bits01 * 2 - 1) * kept * (1 - second)  # first-pass bits only, kept ones only
+        p = F.pad(s, (1, 1, 1, 1))
+        neigh = [p[:, :, 1:-1, :-2], p[:, :, 1:-1, 2:], p[:, :, :-2, 1:-1], p[:, :, 2:, 1:-1]]  # left, right, up, down
+        return self.net(torch.cat([up, pos, second, *(n * second for n in neigh)], 1))
+
+    def bits_of(self, base_code: torch.Tensor, bits01: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """(B,) code length in bits of each sample's kept bits."""
+        lg = self.logits(base_code, bits01, kept)
+        nll = F.binary_cross_entropy_with_logits(lg, bits01, reduction="none") * kept
+        return nll.sum((1, 2, 3)) / math.log(2)

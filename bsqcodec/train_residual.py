@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from .errors import BsqError
-from .residual import ResidualCoder, ResidualConfig
+from .residual import BitPrior, ResidualCoder, ResidualConfig
+from .tokenizer import tokens_to_bits
 from .train import _ema_update, _main_thread, _Stop, lr_at, save_checkpoint
 from .weights import load_checkpoint
 
@@ -47,6 +48,8 @@ class ResidualOptions:
     threads: int = 0
     eval_every: int = 500
     eval_bits: tuple[int, ...] = ()
+    rate_weight: float = 0.0  # > 0: a BitPrior is trained with the stage and its code length weighs in (per bpp, MSE units)
+    prior_width: int = 256
     checkpoint_seconds: float = 300.0
     log: list = field(default_factory=list)
 
@@ -71,40 +74,86 @@ def base_pixels(tok, arr: np.ndarray, cache_dir: str | None, key_src: str, name:
     return out
 
 
-def _batch(arr, base, idx, rng, crop):
-    """Random sub-crops (the same window and flip for image and base) -> two (B, 3, crop, crop) tensors."""
+@torch.no_grad()
+def base_tokens(tok, arr: np.ndarray, cache_dir: str | None, key_src: str, name: str, progress=None) -> np.ndarray:
+    """The first stage's tokens (its tokenizer's signs) of every crop in arr: (N, S/P, S/P) int64, cached on disk."""
+    st = os.stat(key_src)
+    key = hashlib.sha256(repr((key_src, st.st_size, st.st_mtime_ns, arr.shape, int(arr[:64].sum()), name, "tokens")).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"base-tokens-{key}.npy" if cache_dir else None
+    if path is not None and path.exists():
+        return np.load(path, mmap_mode="r")
+    parts = []
+    for i in range(0, len(arr), 32):
+        x = torch.from_numpy(np.array(arr[i : i + 32])).permute(0, 3, 1, 2).float().div(255)
+        parts.append(tok.quant.codes_to_tokens(tok.quant(tok.encode_latent(x))).numpy())
+        if progress is not None:
+            progress(f"base tokens ({name}) {min(len(arr), i + 32)}/{len(arr)}")
+    out = np.concatenate(parts)
+    if path is not None:
+        data_mod.save_atomic(path, out)
+    return out
+
+
+def _batch(arr, base, idx, rng, crop, toks=None, patch=1):
+    """Random sub-crops (the same window and flip for image, base pixels and base tokens; the window on the
+    first stage's patch grid) -> (x, base) (B, 3, crop, crop), and base tokens (B, crop/P, crop/P) or None."""
     idx = np.sort(idx)
     x, b = np.array(arr[idx]), np.array(base[idx])
     S = x.shape[1]
-    y0, x0 = (int(v) for v in rng.integers(0, S - crop + 1, 2))
+    y0, x0 = (int(v) * patch for v in rng.integers(0, (S - crop) // patch + 1, 2))
     x, b = x[:, y0 : y0 + crop, x0 : x0 + crop], b[:, y0 : y0 + crop, x0 : x0 + crop]
-    flip = rng.random(len(idx)) < 0.5
-    x[flip], b[flip] = x[flip, :, ::-1], b[flip, :, ::-1]
+    t1 = None
+    if toks is None:  # flips only without tokens: a flipped image's tokens are not its tokens flipped
+        flip = rng.random(len(idx)) < 0.5
+        x[flip], b[flip] = x[flip, :, ::-1], b[flip, :, ::-1]
+    else:
+        t1 = torch.from_numpy(np.array(toks[idx])[:, y0 // patch : (y0 + crop) // patch, x0 // patch : (x0 + crop) // patch])
 
     def t(a):
         return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float().div_(255)
 
-    return t(x), t(b)
+    return t(x), t(b), t1
 
 
 @torch.no_grad()
-def evaluate(model: ResidualCoder, arr, base, bits: tuple[int, ...]) -> dict[int, float]:
-    """Held-out PSNR for each bit budget (0: the base pixels alone)."""
+def _kept(keep: torch.Tensor, bits: int) -> torch.Tensor:
+    """(B,) budgets -> (B, bits, 1, 1) 1 for the kept bits."""
+    return (torch.arange(bits)[None, :] < keep[:, None]).float()[:, :, None, None]
+
+
+def _base_code(t1: torch.Tensor, base_bits: int) -> torch.Tensor:
+    """First-stage tokens (B, h, w) -> their codes as +-1 (B, L1, h, w)."""
+    return (tokens_to_bits(t1, base_bits).float() * 2 - 1).permute(0, 3, 1, 2)
+
+
+def _bits01(code: torch.Tensor, bits: int) -> torch.Tensor:
+    """A (kept-bit) code (+-1/sqrt(L) or 0) -> 0/1 bits, straight-through as the code is (0 where not kept: 1/2)."""
+    return (code * math.sqrt(bits) + 1) / 2
+
+
+@torch.no_grad()
+def evaluate(model: ResidualCoder, arr, base, bits: tuple[int, ...], prior: BitPrior | None = None, toks=None,
+             base_bits: int = 0) -> dict[int, float | tuple[float, float]]:
+    """Held-out PSNR for each bit budget (0: the base pixels alone); with a bit prior, (PSNR, its bpp)."""
     model.eval()
     out = {}
     try:
         for k in bits:
-            tot = 0.0
+            tot, rate = 0.0, 0.0
             for i in range(0, len(arr), 32):
                 x = torch.from_numpy(np.array(arr[i : i + 32])).permute(0, 3, 1, 2).float().div(255)
                 b = torch.from_numpy(np.array(base[i : i + 32])).permute(0, 3, 1, 2).float().div(255)
                 if k:
                     keep = torch.full((len(x),), k)
-                    y, _ = model(x, b, keep)
+                    y, code = model(x, b, keep)
+                    if prior is not None:
+                        c1 = _base_code(torch.from_numpy(np.array(toks[i : i + 32])), base_bits)
+                        rate += float(prior.bits_of(c1, _bits01(code, model.cfg.bits), _kept(keep, model.cfg.bits)).sum())
                 else:
                     y = b
                 tot += F.mse_loss((y.clamp(0, 1) * 255).round() / 255, x, reduction="sum").item()
-            out[k] = 10 * math.log10(1 / max(tot / (arr.shape[0] * arr[0].size), 1e-10))
+            p = 10 * math.log10(1 / max(tot / (arr.shape[0] * arr[0].size), 1e-10))
+            out[k] = (p, rate / (arr.shape[0] * arr.shape[1] * arr.shape[2])) if prior is not None else p
     finally:
         model.train()
     return out
@@ -124,11 +173,17 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
         raise BsqError(f"--nested takes bit budgets from 1 to {cfg.bits}")
     torch.manual_seed(opts.seed)
     model = ResidualCoder(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    base_model = load(opts.base).tokenizer.eval()
+    lam = state.get("rate_weight", 0.0) if state is not None else opts.rate_weight
+    prior = BitPrior(base_model.cfg.bits, base_model.cfg.patch // cfg.patch, cfg.bits, opts.prior_width) if lam else None
+    params = list(model.parameters()) + (list(prior.parameters()) if prior is not None else [])
+    opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng = np.random.default_rng(opts.seed)
     step = 0
     if state is not None:
         model.load_state_dict(state["model"])
+        if prior is not None:
+            prior.load_state_dict(state["bit_prior"])
         opt.load_state_dict(state["opt"])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
@@ -142,7 +197,6 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
     ema.load_state_dict(state["ema"] if state is not None else model.state_dict())
     ema.eval()
 
-    base_model = load(opts.base).tokenizer.eval()
     files = data_mod.find_images(opts.data)
     if not files:
         raise BsqError(f"no .png or .jpg images under {opts.data}")
@@ -152,10 +206,15 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
     tr = data_mod.crop_cache(train_files, opts.cache_crop, opts.per_image, opts.seed, opts.cache_dir)
     note = (lambda s: progress(step=step, note=s)) if progress is not None else None
     tr_base = base_pixels(base_model, tr, opts.cache_dir, opts.base, "train", note)
-    ev = ev_base = None
+    ev = ev_base = tr_toks = ev_toks = None
+    if prior is not None:
+        tr_toks = base_tokens(base_model, tr, opts.cache_dir, opts.base, "train", note)
     if eval_files:
         ev = data_mod.crop_cache(eval_files, opts.cache_crop, 2, opts.seed + 1, opts.cache_dir)
         ev_base = base_pixels(base_model, ev, opts.cache_dir, opts.base, "eval", note)
+        if prior is not None:
+            ev_toks = base_tokens(base_model, ev, opts.cache_dir, opts.base, "eval", note)
+    P, L1 = base_model.cfg.patch, base_model.cfg.bits
     eval_bits = opts.eval_bits or tuple(sorted({0, *nested}))
 
     stop = _Stop()
@@ -166,7 +225,8 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
         save_checkpoint(ckpt_path, {
             "step": step, "config": cfg.to_dict(), "stage": "residual", "base": opts.base,
             "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-            "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "rate_weight": lam,
+            **({"bit_prior": prior.state_dict()} if prior is not None else {}),
         })
 
     try:
@@ -175,20 +235,23 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             idx = rng.integers(0, len(tr), opts.batch)
-            x, b = _batch(tr, tr_base, idx, rng, opts.crop)
+            x, b, t1 = _batch(tr, tr_base, idx, rng, opts.crop, tr_toks, P)
             keep = torch.from_numpy(np.asarray(nested)[rng.integers(0, len(nested), len(idx))])
-            y, _ = model(x, b, keep)
+            y, code = model(x, b, keep)
             loss = F.mse_loss(y, x)
+            if prior is not None:  # + lambda x bits per pixel of the kept bits under the bit prior
+                bits = prior.bits_of(_base_code(t1, L1), _bits01(code, cfg.bits), _kept(keep, cfg.bits))
+                loss = loss + lam * bits.sum() / (x.shape[0] * x.shape[2] * x.shape[3])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
             _ema_update(ema, model, min(opts.ema, (1 + step) / (10 + step)))
             if progress is not None:
                 progress(step=step, loss=loss.item(), metric=10 * math.log10(1 / max(loss.item(), 1e-10)))
             if ev is not None and (step % opts.eval_every == 0 or step == opts.steps):
-                res = evaluate(ema, ev, ev_base, eval_bits)
+                res = evaluate(ema, ev, ev_base, eval_bits, prior, ev_toks, L1)
                 opts.log.append({"step": step, "eval": res})
                 if progress is not None:
                     progress(step=step, eval=res)
@@ -201,4 +264,5 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return {"step": step, "config": cfg.to_dict(), "model": ema.state_dict(), "interrupted": step < opts.steps}
+    return {"step": step, "config": cfg.to_dict(), "model": ema.state_dict(), "interrupted": step < opts.steps,
+            **({"bit_prior": prior.state_dict()} if prior is not None else {})}

@@ -70,3 +70,36 @@ def test_base_pixels_are_the_first_stage_decoders_and_cached(model_file, tmp_pat
         want = tok.tokens_to_image(tok.image_to_tokens(crops[i]), bf16=False).numpy()
         assert np.abs(got[i].astype(int) - want.astype(int)).max() <= 1
     assert list(tmp_path.glob("base-*.npy")) and np.array_equal(base_pixels(tok, crops, str(tmp_path), str(model_file), "t"), got)
+
+
+def test_the_rate_term_trains_a_bit_prior_and_resumes_exactly(data, model_file, tmp_path):
+    from bsqcodec.residual import BitPrior
+
+    a = train_residual(_opts(data, tmp_path / "a", model_file, steps=4, rate_weight=1e-3, crop=16))
+    b1 = train_residual(_opts(data, tmp_path / "b", model_file, steps=2, rate_weight=1e-3, crop=16))
+    b2 = train_residual(_opts(data, tmp_path / "b", model_file, steps=4, resume=True))  # the rate term is the run's
+    for k in a["bit_prior"]:
+        assert torch.equal(a["bit_prior"][k], b2["bit_prior"][k]), k
+    assert weights.load_checkpoint(tmp_path / "b" / "residual.ckpt")["rate_weight"] == 1e-3
+
+
+def test_bit_prior_sees_only_what_a_decoder_has():
+    """A second-pass token's probabilities change with its first-pass neighbours' kept bits; nothing changes them
+    for first-pass tokens, and unkept bits change nothing."""
+    from bsqcodec.residual import BitPrior
+
+    torch.manual_seed(0)
+    prior = BitPrior(base_bits=5, ratio=2, bits=4, width=16)
+    base = torch.randint(0, 2, (1, 5, 3, 3)).float() * 2 - 1
+    bits = torch.randint(0, 2, (1, 4, 6, 6)).float()
+    kept = torch.tensor([1.0, 1, 0, 0])[None, :, None, None]
+    lg = prior.logits(base, bits, kept)
+    flipped = bits.clone()
+    flipped[0, 0, 2, 2] = 1 - flipped[0, 0, 2, 2]  # a first-pass token ((2 + 2) even), a kept bit
+    lg2 = prior.logits(base, flipped, kept)
+    changed = (lg2 != lg).any(1)[0]
+    assert changed[2, 1] and changed[2, 3] and changed[1, 2] and changed[3, 2]  # its second-pass neighbours
+    assert changed.sum() == 4 and not changed[2, 2]
+    unkept = bits.clone()
+    unkept[0, 3] = 1 - unkept[0, 3]
+    assert torch.equal(prior.logits(base, unkept, kept), lg)
