@@ -5,9 +5,9 @@
 The first stage is the checkpoint's base model file: each image is encoded by it (at --effort; 1 is the
 tokenizer's own tokens) and decoded to its uint8 pixels; the second stage then codes what they miss with
 the first k bits of each of its tokens. Reports mean RGB PSNR of the base pixels and after each budget,
-the raw bits per pixel of the stage (k / patch^2), the base file's real bits per pixel, and the mean
-binary entropy of each kept bit (a rough bound for a prior that sees no context: an estimate, not a rate).
-No entropy coding of the second stage yet. Writes benchmarks/results/residual-bits-NAME.json.
+the raw bits per pixel of the stage (k / patch^2), the base file's real bits per pixel, the mean
+binary entropy of each kept bit (a rough bound for a prior that sees no context), and, for a run trained
+with a rate term, the code length its float bit prior gives the stage (an estimate: no file is coded). Writes benchmarks/results/residual-bits-NAME.json.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from bsqcodec import codec, weights
-from bsqcodec.residual import ResidualCoder, ResidualConfig
+from bsqcodec.residual import BitPrior, ResidualCoder, ResidualConfig
+from bsqcodec.tokenizer import tokens_to_bits
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,10 +46,17 @@ def main() -> None:
     res = ResidualCoder(cfg).eval()
     res.load_state_dict(weights.trained_state(st))
     base_model = weights.load(st["base"]) if str(st["base"]).endswith(".safetensors") else weights.preset(st["base"])
+    prior = None
+    if "bit_prior" in st:  # a run with a rate term: its bit prior estimates the stage's rate
+        L1, ratio = base_model.config.tokenizer.bits, base_model.config.tokenizer.patch // cfg.patch
+        width = st["bit_prior"]["net.0.weight"].shape[0]
+        prior = BitPrior(L1, ratio, cfg.bits, width).eval()
+        prior.load_state_dict(st["bit_prior"])
     files = sorted(Path(args.folder).glob("*.png"))
     budgets = [int(b) for b in args.bits.split(",") if int(b) <= cfg.bits]
     base_ps, base_bpp, ps = [], [], {k: [] for k in budgets}
     ones = {k: np.zeros(k) for k in budgets}
+    est = {k: [] for k in budgets}
     count = 0
     for f in files:
         a = np.asarray(Image.open(f).convert("RGB"))
@@ -71,6 +79,12 @@ def main() -> None:
             out[:h, :w] = y
             ps[k].append(psnr(out, a))
             ones[k] += bits[:k].sum(1).numpy()
+            if prior is not None:
+                t1 = enc.tokens[: h // base_model.config.tokenizer.patch, : w // base_model.config.tokenizer.patch]
+                c1 = (tokens_to_bits(t1[None], L1).float() * 2 - 1).permute(0, 3, 1, 2)
+                kept_mask = (torch.arange(cfg.bits) < k).float()[None, :, None, None]
+                b01 = (code > 0).float()
+                est[k].append(float(prior.bits_of(c1, b01, kept_mask)[0]) / (a.shape[0] * a.shape[1]))
         print(f.name, f"base {base_ps[-1]:.2f}", " ".join(f"{k}b {ps[k][-1]:.2f}" for k in budgets), flush=True)
 
     def h2(q):
@@ -78,7 +92,10 @@ def main() -> None:
 
     rows = [{"bits": k, "raw_bpp": k / cfg.patch**2, "mean_psnr": float(np.mean(ps[k])),
              "gain_db": float(np.mean(ps[k]) - np.mean(base_ps)),
-             "marginal_entropy_bpp": sum(h2(q) for q in ones[k] / count) / cfg.patch**2} for k in budgets]
+             "marginal_entropy_bpp": sum(h2(q) for q in ones[k] / count) / cfg.patch**2,
+             **({"bit_prior_bpp": float(np.mean(est[k])),
+                 "total_bpp_estimate": float(np.mean(base_bpp) + np.mean(est[k]))} if prior is not None else {})}
+            for k in budgets]
     out = {"checkpoint_step": st["step"], "config": cfg.to_dict(), "base": Path(str(st["base"])).name,
            "base_effort": args.effort, "dataset": Path(args.folder).name, "images": len(files),
            "base_mean_psnr": float(np.mean(base_ps)), "base_bpp": float(np.mean(base_bpp)), "levels": rows}
