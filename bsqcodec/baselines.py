@@ -1,14 +1,14 @@
-"""Classical codecs through Pillow, for comparison: encode at a quality, or at a target PSNR."""
+"""Classical codecs through Pillow, for comparison: encode at a quality, or at a target PSNR (or other score)."""
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, features
 
-from .metrics import psnr
+from .metrics import METRICS, psnr
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,14 @@ class Point:
     bytes: int
     psnr: float
     data: bytes
+    scores: dict = field(default_factory=dict)  # metric name -> score, computed when first asked for
+
+    def score(self, arr: np.ndarray, metric: str) -> float:
+        if metric == "psnr":
+            return self.psnr
+        if metric not in self.scores:
+            self.scores[metric] = METRICS[metric](arr, decode(self.data))
+        return self.scores[metric]
 
 
 def at_quality(arr: np.ndarray, codec: Codec, quality: int) -> Point:
@@ -76,32 +84,34 @@ def at_quality(arr: np.ndarray, codec: Codec, quality: int) -> Point:
     return Point(quality, len(data), psnr(arr, decode(data)), data)
 
 
-def matched(arr: np.ndarray, codec: Codec, target_psnr: float, cache: dict[int, Point] | None = None) -> Point | None:
-    """The smallest file of this codec whose PSNR reaches target_psnr (None if no quality does).
+def matched(arr: np.ndarray, codec: Codec, target: float, cache: dict[int, Point] | None = None,
+            metric: str = "psnr") -> Point | None:
+    """The smallest file of this codec whose score (PSNR, or another of metrics.METRICS) reaches target
+    (None if no quality does).
 
-    Binary search for the lowest quality that reaches the target (PSNR grows with quality), then a
-    look at the neighbouring qualities, since size and PSNR are not strictly monotone. `cache`
+    Binary search for the lowest quality that reaches the target (the score grows with quality), then a
+    look at the neighbouring qualities, since size and score are not strictly monotone. `cache`
     (quality -> Point of this image and codec) lets several searches on one image share encodes.
     """
     cache = {} if cache is None else cache
     seen: dict[int, Point] = {}  # only this search's qualities decide, whatever else the cache holds
 
-    def at(q: int) -> Point:
+    def at(q: int) -> float:
         if q not in cache:
             cache[q] = at_quality(arr, codec, q)
         seen[q] = cache[q]
-        return seen[q]
+        return seen[q].score(arr, metric)
 
     lo, hi = codec.qmin, codec.qmax
-    if at(hi).psnr < target_psnr:
+    if at(hi) < target:
         return None
     while lo < hi:
         mid = (lo + hi) // 2
-        if at(mid).psnr >= target_psnr:
+        if at(mid) >= target:
             hi = mid
         else:
             lo = mid + 1
     for q in range(max(codec.qmin, lo - 2), min(codec.qmax, lo + 2) + 1):
         at(q)
-    ok = [p for p in seen.values() if p.psnr >= target_psnr]
-    return min(ok, key=lambda p: (p.bytes, -p.psnr))
+    ok = [p for p in seen.values() if p.score(arr, metric) >= target]
+    return min(ok, key=lambda p: (p.bytes, -p.score(arr, metric)))

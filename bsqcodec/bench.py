@@ -13,7 +13,7 @@ from PIL import Image
 from . import baselines, codec, images, search, weights
 from .config import LADDER
 from .errors import BsqError
-from .metrics import bd_rate, ms_ssim, overlap, psnr
+from .metrics import METRICS, bd_rate, ms_ssim, overlap, psnr
 
 SCHEMA = "bsqcodec-bench-1"
 LADDER_NAMES = {c.name for c in LADDER}
@@ -39,8 +39,14 @@ def find_images(root: Path, limit: int | None = None) -> list[Path]:
 
 
 def run(root: Path, models: list[weights.Model], limit: int | None = None, codecs=baselines.LOSSY,
-        progress=None, sweep: bool | None = None, effort: int = search.DEFAULT_EFFORT) -> dict:
-    """The whole benchmark as a JSON-ready dict (schema in benchmarks/README.md); bsqc encodes at `effort`."""
+        progress=None, sweep: bool | None = None, effort: int = search.DEFAULT_EFFORT, metric: str = "psnr") -> dict:
+    """The whole benchmark as a JSON-ready dict (schema in benchmarks/README.md); bsqc encodes at `effort`.
+
+    metric: the score codecs are matched at, image by image ("psnr" or another of metrics.METRICS); the
+    curves and BD-rates are in it too.
+    """
+    if metric not in METRICS:
+        raise BsqError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     files = find_images(Path(root), limit)
     usable, notes = [], []
     for c in codecs:
@@ -64,24 +70,26 @@ def run(root: Path, models: list[weights.Model], limit: int | None = None, codec
             p = psnr(arr, out)
             row["bsqc"][m.name] = {"bytes": len(data), "bpp": len(data) * 8 / (w * h), "psnr": p,
                                    "ms_ssim": ms_ssim(arr, out), "encode_seconds": t1 - t0, "decode_seconds": t2 - t1}
+            score = p if metric == "psnr" else row["bsqc"][m.name].setdefault(metric, METRICS[metric](arr, out))
             row["matched"][m.name] = {}
             for c in usable:
-                pt = baselines.matched(arr, c, p, seen[c.name])
+                pt = baselines.matched(arr, c, score, seen[c.name], metric)
                 row["matched"][m.name][c.name] = None if pt is None else {
                     "quality": pt.quality, "bytes": pt.bytes, "bpp": pt.bytes * 8 / (w * h), "psnr": pt.psnr,
-                    "ms_ssim": ms_ssim(arr, baselines.decode(pt.data))}
+                    "ms_ssim": ms_ssim(arr, baselines.decode(pt.data)),
+                    **({metric: pt.score(arr, metric)} if metric != "psnr" else {})}
         if sweep:
             for c in usable:
                 for q in SWEEP[c.name]:
                     pt = seen[c.name].get(q) or baselines.at_quality(arr, c, q)
-                    curve_pts[c.name].setdefault(q, []).append((pt.bytes * 8 / (w * h), pt.psnr))
+                    curve_pts[c.name].setdefault(q, []).append((pt.bytes * 8 / (w * h), pt.score(arr, metric)))
         per_image.append(row)
         if progress:
             progress("bench", i + 1, len(files))
-    return _summarize(root, models, usable, per_image, curve_pts, sweep, notes, effort)
+    return _summarize(root, models, usable, per_image, curve_pts, sweep, notes, effort, metric)
 
 
-def _summarize(root, models, usable, per_image, curve_pts, sweep, notes, effort) -> dict:
+def _summarize(root, models, usable, per_image, curve_pts, sweep, notes, effort, metric="psnr") -> dict:
     totals = {}
     for m in models:
         b = [r["bsqc"][m.name] for r in per_image]
@@ -90,6 +98,8 @@ def _summarize(root, models, usable, per_image, curve_pts, sweep, notes, effort)
              "mean_psnr": float(np.mean([x["psnr"] for x in b])), "mean_ms_ssim": float(np.mean([x["ms_ssim"] for x in b])),
              "encode_seconds": sum(x["encode_seconds"] for x in b), "decode_seconds": sum(x["decode_seconds"] for x in b),
              "png_bytes": sum(r["png_bytes"] for r in per_image), "matched": {}}
+        if metric != "psnr":
+            t[f"mean_{metric}"] = float(np.mean([x[metric] for x in b]))
         t["png_ratio"] = t["png_bytes"] / t["bsqc_bytes"]
         for c in usable:
             ok = [(r["matched"][m.name][c.name], r["bsqc"][m.name]) for r in per_image if r["matched"][m.name][c.name]]
@@ -100,40 +110,44 @@ def _summarize(root, models, usable, per_image, curve_pts, sweep, notes, effort)
     # bsqc's curve is its quality ladder when two or more rungs ran; other presets stay single points
     rungs = [m for m in models if m.name in LADDER_NAMES]
     curve_models = rungs if len(rungs) >= 2 else models
-    curves = {"bsqc": sorted(({"preset": m.name, "bpp": totals[m.name]["bpp"], "psnr": totals[m.name]["mean_psnr"]}
+    curves = {"bsqc": sorted(({"preset": m.name, "bpp": totals[m.name]["bpp"], metric: totals[m.name][f"mean_{metric}"]}
                               for m in curve_models), key=lambda d: d["bpp"])}
     bd, bd_range = {}, {}
     if sweep:
         for c in usable:
-            curves[c.name] = [{"quality": q, "bpp": float(np.mean([v[0] for v in pts])), "psnr": float(np.mean([v[1] for v in pts]))}
+            curves[c.name] = [{"quality": q, "bpp": float(np.mean([v[0] for v in pts])), metric: float(np.mean([v[1] for v in pts]))}
                               for q, pts in sorted(curve_pts[c.name].items())]
-            pa, pb = [d["psnr"] for d in curves[c.name]], [d["psnr"] for d in curves["bsqc"]]
+            pa, pb = [d[metric] for d in curves[c.name]], [d[metric] for d in curves["bsqc"]]
             if pa and pb:
                 bd_range[c.name] = list(overlap(pa, pb))
             try:
-                bd[c.name] = bd_rate([d["bpp"] for d in curves[c.name]], [d["psnr"] for d in curves[c.name]],
-                                     [d["bpp"] for d in curves["bsqc"]], [d["psnr"] for d in curves["bsqc"]])
+                bd[c.name] = bd_rate([d["bpp"] for d in curves[c.name]], pa, [d["bpp"] for d in curves["bsqc"]], pb)
             except ValueError as e:
                 bd[c.name] = None
                 notes.append(f"BD-rate against {c.name}: {e}")
+    range_key = "bd_rate_psnr_range_db" if metric == "psnr" else f"bd_rate_{metric}_range"
     return {"schema": SCHEMA, "dataset": Path(root).name, "images": len(per_image), "presets": [m.name for m in models],
-            "models": {m.name: m.hash_hex for m in models}, "effort": effort, "baselines": [c.name for c in usable], "notes": notes,
-            "totals": totals, "curves": curves, "bd_rate_psnr": bd,
-            "bd_rate_psnr_range_db": bd_range, "per_image": per_image}
+            "models": {m.name: m.hash_hex for m in models}, "effort": effort, "metric": metric,
+            "baselines": [c.name for c in usable], "notes": notes, "totals": totals, "curves": curves,
+            f"bd_rate_{metric}": bd, range_key: bd_range, "per_image": per_image}
 
 
 def csv_bytes(res: dict) -> bytes:
-    """Per-image rows as CSV."""
+    """Per-image rows as CSV (with a column for the metric codecs were matched at, when it is not PSNR)."""
+    metric = res.get("metric", "psnr")
+    extra = [metric] if metric != "psnr" else []
     f = io.StringIO(newline="")
     wr = csv.writer(f)
-    wr.writerow(["image", "preset", "codec", "quality", "bytes", "bpp", "psnr", "ms_ssim"])
+    wr.writerow(["image", "preset", "codec", "quality", "bytes", "bpp", "psnr", "ms_ssim", *extra])
     for r in res["per_image"]:
         for preset, b in r["bsqc"].items():
-            wr.writerow([r["image"], preset, "bsqc", "", b["bytes"], b["bpp"], b["psnr"], b["ms_ssim"]])
+            wr.writerow([r["image"], preset, "bsqc", "", b["bytes"], b["bpp"], b["psnr"], b["ms_ssim"], *(b[k] for k in extra)])
             for c, m in r["matched"][preset].items():
                 if m:
-                    wr.writerow([r["image"], preset, c, m["quality"], m["bytes"], m["bpp"], m["psnr"], m["ms_ssim"]])
-        wr.writerow([r["image"], "", "png", "", r["png_bytes"], r["png_bytes"] * 8 / (r["width"] * r["height"]), "inf", 1.0])
+                    wr.writerow([r["image"], preset, c, m["quality"], m["bytes"], m["bpp"], m["psnr"], m["ms_ssim"],
+                                 *(m[k] for k in extra)])
+        wr.writerow([r["image"], "", "png", "", r["png_bytes"], r["png_bytes"] * 8 / (r["width"] * r["height"]), "inf", 1.0,
+                     *(100.0 for _ in extra)])
     return f.getvalue().encode()
 
 
@@ -147,27 +161,29 @@ def plot_png(res: dict) -> bytes:
     except ImportError:
         raise BsqError("--plot needs matplotlib (pip install bsqcodec[plot])") from None
     fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    metric = res.get("metric", "psnr")
+    bds = res.get(f"bd_rate_{metric}", {})
     for name, pts in res["curves"].items():
         if name == "bsqc" or not pts:
             continue
-        bd = res.get("bd_rate_psnr", {}).get(name)
+        bd = bds.get(name)
         label = name.upper() + (f" (BD-rate of bsqc: {bd:+.1f}%)" if bd is not None else
-                                " (BD-rate of bsqc: undefined, no overlap)" if name in res.get("bd_rate_psnr", {}) else "")
-        ax.plot([p["bpp"] for p in pts], [p["psnr"] for p in pts], "o-", ms=3, label=label)
+                                " (BD-rate of bsqc: undefined, no overlap)" if name in bds else "")
+        ax.plot([p["bpp"] for p in pts], [p[metric] for p in pts], "o-", ms=3, label=label)
     b = res["curves"]["bsqc"]
-    ax.plot([p["bpp"] for p in b], [p["psnr"] for p in b], "s-", color="black", lw=2, ms=6, label="bsqc")
+    ax.plot([p["bpp"] for p in b], [p[metric] for p in b], "s-", color="black", lw=2, ms=6, label="bsqc")
     for p in b:
-        ax.annotate(p["preset"], (p["bpp"], p["psnr"]), textcoords="offset points", xytext=(5, -10), fontsize=8)
+        ax.annotate(p["preset"], (p["bpp"], p[metric]), textcoords="offset points", xytext=(5, -10), fontsize=8)
     for preset, t in res["totals"].items():  # matched-quality points of every baseline
         for c, m in t["matched"].items():
             if m["ratio"]:
-                ax.plot([t["bpp"] * m["ratio"]], [t["mean_psnr"]], "x", color="gray", ms=5)
+                ax.plot([t["bpp"] * m["ratio"]], [t[f"mean_{metric}"]], "x", color="gray", ms=5)
     ax.set_xlabel("bits per pixel")
-    ax.set_ylabel("RGB PSNR (dB)")
+    ax.set_ylabel("RGB PSNR (dB)" if metric == "psnr" else metric.upper())
     ax.set_title(f"Rate-distortion on {res['dataset']} ({res['images']} images)")
     xmax = max(0.6, 2 * max(p["bpp"] for p in b))
     ax.set_xlim(0, xmax)
-    inside = [p["psnr"] for pts in res["curves"].values() for p in pts if p["bpp"] <= xmax]
+    inside = [p[metric] for pts in res["curves"].values() for p in pts if p["bpp"] <= xmax]
     ax.set_ylim(min(inside) - 0.5, max(inside) + 0.5)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -360,10 +360,12 @@ def bench(
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N images.")] = None,
     sweep: Annotated[Optional[bool], typer.Option("--sweep/--no-sweep", help="Sweep baseline qualities for RD curves and BD-rate [default: with several presets or --plot].")] = None,
     effort: Annotated[int, typer.Option("--effort", "-e", min=MIN_EFFORT, max=MAX_EFFORT, help="bsqc's encoder effort (as in encode).")] = DEFAULT_EFFORT,
+    metric: Annotated[str, typer.Option("--metric", help="Match the codecs at this score, image by image: psnr, or "
+                                                         "ssimulacra2 (needs bsqcodec[perceptual]).")] = "psnr",
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite --json/--csv/--plot files that exist.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
-    """Compare bsqc with PNG, JPEG, WebP, AVIF and JPEG XL at matched PSNR, image by image."""
+    """Compare bsqc with PNG, JPEG, WebP, AVIF and JPEG XL at matched PSNR (or SSIMULACRA2), image by image."""
     from . import bench as bench_mod
 
     for out in (json_out, csv_out, plot_out):  # before the long run, not after it
@@ -378,23 +380,26 @@ def bench(
     with LazyProgress(err_console, enabled=not quiet) as prog:
         if sweep is None:
             sweep = len(models) > 1 or plot_out is not None
-        res = bench_mod.run(folder, models, limit, progress=prog, sweep=sweep, effort=effort)
+        res = bench_mod.run(folder, models, limit, progress=prog, sweep=sweep, effort=effort, metric=metric)
     for n in res["notes"]:
         err_console.print(f"note: {n}", markup=False)
     from rich.table import Table
 
-    t = Table(title=f"{res['dataset']}: {res['images']} images, bytes at matched PSNR (ratio = codec / bsqc), effort {effort}")
+    label = "PSNR" if metric == "psnr" else metric.upper()
+    t = Table(title=f"{res['dataset']}: {res['images']} images, bytes at matched {label} (ratio = codec / bsqc), effort {effort}")
     t.add_column("preset")
     t.add_column("bsqc bytes", justify="right")
     t.add_column("bpp", justify="right")
     t.add_column("PSNR", justify="right")
     t.add_column("MS-SSIM", justify="right")
+    if metric != "psnr":
+        t.add_column(label, justify="right")
     t.add_column("PNG", justify="right")
     for c in res["baselines"]:
         t.add_column(c.upper(), justify="right")
     for name, tot in res["totals"].items():
         cells = [name, str(tot["bsqc_bytes"]), f"{tot['bpp']:.4f}", f"{tot['mean_psnr']:.2f}", f"{tot['mean_ms_ssim']:.4f}",
-                 f"{tot['png_ratio']:.2f}x"]
+                 *([f"{tot[f'mean_{metric}']:.2f}"] if metric != "psnr" else []), f"{tot['png_ratio']:.2f}x"]
         for c in res["baselines"]:
             m = tot["matched"][c]
             cell = f"{m['ratio']:.2f}x" if m["ratio"] else "-"
@@ -403,9 +408,9 @@ def bench(
             cells.append(cell)
         t.add_row(*cells)
     out_console.print(t)
-    if res["bd_rate_psnr"]:
-        out_console.print("BD-rate (PSNR) of bsqc against: " + ", ".join(
-            f"{c} {v:+.1f}%" if v is not None else f"{c} n/a" for c, v in res["bd_rate_psnr"].items()), markup=False)
+    if res[f"bd_rate_{metric}"]:
+        out_console.print(f"BD-rate ({label}) of bsqc against: " + ", ".join(
+            f"{c} {v:+.1f}%" if v is not None else f"{c} n/a" for c, v in res[f"bd_rate_{metric}"].items()), markup=False)
     if json_out:
         write_atomic(json_out, (json.dumps(res, indent=1) + "\n").encode(), force)
     if csv_out:

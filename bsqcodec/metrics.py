@@ -1,4 +1,4 @@
-"""Image quality and rate-distortion metrics: PSNR, MS-SSIM and the Bjontegaard delta rate."""
+"""Image quality and rate-distortion metrics: PSNR, MS-SSIM, SSIMULACRA2 and the Bjontegaard delta rate."""
 
 from __future__ import annotations
 
@@ -20,6 +20,33 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
         d = a[r : r + 256].astype(np.int32) - b[r : r + 256].astype(np.int32)
         sq += int((d * d).sum(dtype=np.int64))
     return float("inf") if sq == 0 else 10 * math.log10(255.0**2 * a.size / sq)
+
+
+def ssimulacra2(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIMULACRA2 of two uint8 RGB images (100: identical; higher is better), by the `ssimulacra2` package
+    (the optional extra bsqcodec[perceptual]): the metric libjxl is tuned with."""
+    import io
+
+    from PIL import Image
+
+    from .errors import BsqError
+
+    try:
+        from ssimulacra2.ssimulacra2 import compute_ssimulacra2
+    except ImportError:
+        raise BsqError("SSIMULACRA2 needs the optional extra bsqcodec[perceptual] (pip install ssimulacra2)") from None
+    if a.shape != b.shape:
+        raise ValueError("images differ in shape")
+    bufs = []
+    for x in (a, b):
+        f = io.BytesIO()
+        Image.fromarray(x).save(f, format="PNG", compress_level=0)  # the package reads files
+        f.seek(0)
+        bufs.append(f)
+    return float(compute_ssimulacra2(*bufs))
+
+
+METRICS = {"psnr": psnr, "ssimulacra2": ssimulacra2}  # quality scores that bench can match codecs at (higher: better)
 
 
 def _gauss(size: int = 11, sigma: float = 1.5) -> torch.Tensor:

@@ -11,12 +11,12 @@ from bsqcodec import baselines, bench, codec, weights
 from bsqcodec.cli import app
 from bsqcodec.metrics import psnr
 
+from conftest import smooth_image
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("imgs")
-    from conftest import smooth_image
-
     rng = np.random.default_rng(3)
     for i in range(3):
         smooth_image(rng, 64 + 8 * i, 48).save(root / f"img{i}.png")
@@ -97,3 +97,34 @@ def test_searches_sharing_a_cache_find_what_separate_searches_find(folder, monke
     assert [p and (p.quality, p.bytes) for p in shared] == [p and (p.quality, p.bytes) for p in alone]
     assert alone[-1] is None and alone[0] is not None
     assert len(calls) == len(set(calls)) == len(cache)  # every quality encoded once across the searches
+
+
+def test_ssimulacra2_of_identical_images_is_100_and_it_falls_with_damage():
+    from bsqcodec.metrics import ssimulacra2
+
+    rng = np.random.default_rng(4)
+    a = np.asarray(smooth_image(rng, 64, 48))
+    noisy = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    worse = np.clip(a.astype(int) + rng.integers(-60, 61, a.shape), 0, 255).astype(np.uint8)
+    assert ssimulacra2(a, a) == pytest.approx(100.0, abs=1e-6)
+    assert 100 > ssimulacra2(a, noisy) > ssimulacra2(a, worse)
+
+
+def test_bench_matches_codecs_at_ssimulacra2(folder, tiny_model, tmp_path):
+    """--metric ssimulacra2: each baseline's file is its smallest one that reaches bsqc's SSIMULACRA2 on that image."""
+    from bsqcodec.metrics import ssimulacra2
+
+    res = bench.run(folder, [tiny_model], limit=2, codecs=(baselines.JPEG,), metric="ssimulacra2")
+    assert res["metric"] == "ssimulacra2" and "bd_rate_ssimulacra2" in res
+    for row in res["per_image"]:
+        b, m = row["bsqc"]["tiny"], row["matched"]["tiny"]["jpeg"]
+        arr = np.asarray(Image.open(folder / row["image"]).convert("RGB"))
+        assert m["ssimulacra2"] >= b["ssimulacra2"]
+        got = ssimulacra2(arr, baselines.decode(baselines.encode(arr, baselines.JPEG, m["quality"])))
+        assert got == pytest.approx(m["ssimulacra2"])
+        below = [q for q in range(1, m["quality"]) if len(baselines.encode(arr, baselines.JPEG, q)) < m["bytes"]]
+        for q in below[-3:]:  # smaller JPEG files just below it do not reach the score
+            assert ssimulacra2(arr, baselines.decode(baselines.encode(arr, baselines.JPEG, q))) < b["ssimulacra2"]
+    t = res["totals"]["tiny"]
+    assert t["mean_ssimulacra2"] == pytest.approx(np.mean([r["bsqc"]["tiny"]["ssimulacra2"] for r in res["per_image"]]))
+    assert b"ssimulacra2" in bench.csv_bytes(res).splitlines()[0]
