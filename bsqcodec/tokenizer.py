@@ -277,28 +277,18 @@ class Tokenizer(nn.Module):
         workers = max(1, torch.get_num_threads())
         with cpu.single_threaded_kernels():
             if workers == 1:
-                run = _Serial()
-                return torch.cat([self._decode_strip(tokens, r0, bf16, run) for r0 in starts], 0)
+                return torch.cat([self._decode_strip(tokens, r0, bf16, _serial) for r0 in starts], 0)
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(workers) as pool:
-                run = _Pooled(pool, workers)
+                def run(fn, items):
+                    return list(pool.map(fn, items))
+
                 return torch.cat([self._decode_strip(tokens, r0, bf16, run) for r0 in starts], 0)
 
 
-class _Serial:
-    workers = 1
-
-    def __call__(self, fn, items):
-        return [fn(i) for i in items]
-
-
-class _Pooled:
-    def __init__(self, pool, workers: int) -> None:
-        self.pool, self.workers = pool, workers
-
-    def __call__(self, fn, items):
-        return list(self.pool.map(fn, items))
+def _serial(fn, items) -> list:
+    return [fn(i) for i in items]
 
 
 def _to_pixels(channels: int, patch: int, overlap: bool) -> nn.ConvTranspose2d:
