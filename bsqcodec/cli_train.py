@@ -80,6 +80,10 @@ def train_tokenizer(
                                             "(e.g. 0.999); it is evaluated and exported. 0: none.")] = 0.0,
     decoder_only: Annotated[bool, typer.Option("--decoder-only", help="Train the decoder only (the encoder, and so "
                                                "the tokens and any prior trained on them, stay as they are).")] = False,
+    adversarial: Annotated[float, typer.Option(help="With --decoder-only: weight of a patch discriminator's hinge "
+                                                    "term beside the squared error (a sharper look). 0: none.")] = 0.0,
+    feature_matching: Annotated[float, typer.Option(help="With --adversarial: weight of matching the discriminator's "
+                                                         "features on the real image.")] = 0.0,
 ) -> None:
     """Train the patch autoencoder (MSE)."""
     try:
@@ -90,7 +94,8 @@ def train_tokenizer(
          steps=steps, batch=batch, crop=crop, lr=lr, seed=seed, resume=resume,
          cache_dir=str(cache_dir) if cache_dir else None, eval_every=eval_every,
          checkpoint_seconds=checkpoint_seconds, threads=threads, init=str(init) if init else None, nested=levels,
-         code_lr_mult=code_lr_mult, bf16=bf16, ema=ema, decoder_only=decoder_only)
+         code_lr_mult=code_lr_mult, bf16=bf16, ema=ema, decoder_only=decoder_only, adversarial=adversarial,
+         feature_matching=feature_matching)
 
 
 @train_app.command("prior")

@@ -51,6 +51,8 @@ class TrainOptions:
     bf16: bool = False  # forward pass under bfloat16 autocast (weights and optimizer stay float32)
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: none); evaluated and exported
     decoder_only: bool = False  # tokenizer stage: the encoder is frozen, so the tokens (and a prior on them) stay valid
+    adversarial: float = 0.0  # decoder-only: weight of a patch discriminator's hinge term (a sharper look); 0: none
+    feature_matching: float = 0.0  # decoder-only, with adversarial: weight of matching its features on the real image
     log: list = field(default_factory=list)
 
 
@@ -133,6 +135,14 @@ def train(opts: TrainOptions, progress=None) -> dict:
             raise BsqError("--decoder-only is for the tokenizer stage")
         model.freeze_encoder()
     opt = torch.optim.AdamW(_param_groups(model, opts), lr=opts.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    disc = disc_opt = None
+    if opts.adversarial or opts.feature_matching:
+        if not opts.decoder_only or world > 1:
+            raise BsqError("--adversarial trains a decoder only (--decoder-only), in one process")
+        from .discriminator import PatchDiscriminator
+
+        disc = PatchDiscriminator(cfg.tokenizer.bits).to(device)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=opts.lr, betas=(0.5, 0.9), weight_decay=0.0)
     rng = np.random.default_rng([opts.seed, rank])
     step = 0
     ema = None
@@ -142,6 +152,9 @@ def train(opts: TrainOptions, progress=None) -> dict:
         rng.bit_generator.state = state["rng"][rank] if rank < len(state["rng"]) else rng.bit_generator.state
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
+        if disc is not None and "disc" in state:
+            disc.load_state_dict(state["disc"])
+            disc_opt.load_state_dict(state["disc_opt"])
     elif opts.init:
         _init_from(model, opts.stage, opts.init)
     if opts.ema:
@@ -167,11 +180,24 @@ def train(opts: TrainOptions, progress=None) -> dict:
                 g["lr"] = lr_at(step, opts) * g.get("lr_mult", 1.0)
             idx = rng.integers(0, len(train_arr), opts.batch)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.bf16):
-                loss, metric = _loss(opts.stage, ddp, train_arr, idx, rng, device, opts.nested)
+                out: dict = {}
+                loss, metric = _loss(opts.stage, ddp, train_arr, idx, rng, device, opts.nested, out)
+                if disc is not None:
+                    from .discriminator import generator_loss
+
+                    loss = loss + generator_loss(disc, out["x"], out["y"], out["code"], opts.adversarial, opts.feature_matching)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if disc is not None:  # then the discriminator, on the same batch
+                from .discriminator import discriminator_loss
+
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.bf16):
+                    d_loss = discriminator_loss(disc, out["x"], out["y"], out["code"])
+                disc_opt.zero_grad(set_to_none=True)
+                d_loss.backward()
+                disc_opt.step()
             step += 1
             if ema is not None:
                 _ema_update(ema, model, min(opts.ema, (1 + step) / (10 + step)))
@@ -188,11 +214,11 @@ def train(opts: TrainOptions, progress=None) -> dict:
                 dist.broadcast(flags, 0)
                 save_now, stopping = bool(flags[0]), bool(flags[1])
             if save_now and not stopping and step < opts.steps:
-                _save(ckpt_path, model, opt, rng, step, cfg, opts, rank, world, ema)
+                _save(ckpt_path, model, opt, rng, step, cfg, opts, rank, world, ema, disc, disc_opt)
                 last_save = time.time()
             if stopping:
                 break
-        _save(ckpt_path, model, opt, rng, step, cfg, opts, rank, world, ema)
+        _save(ckpt_path, model, opt, rng, step, cfg, opts, rank, world, ema, disc, disc_opt)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -221,7 +247,7 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _save(path, model, opt, rng, step, cfg, opts, rank, world, ema=None) -> None:
+def _save(path, model, opt, rng, step, cfg, opts, rank, world, ema=None, disc=None, disc_opt=None) -> None:
     """Called by every rank; rank 0 writes the checkpoint with every rank's sampler state."""
     rngs = [rng.bit_generator.state]
     if world > 1:
@@ -241,6 +267,7 @@ def _save(path, model, opt, rng, step, cfg, opts, rank, world, ema=None) -> None
             "torch_rng": torch.get_rng_state(),
             "tokenizer_ckpt": opts.tokenizer_ckpt,
             **({"ema": ema.state_dict()} if ema is not None else {}),
+            **({"disc": disc.state_dict(), "disc_opt": disc_opt.state_dict()} if disc is not None else {}),
         },
     )
 
@@ -362,13 +389,16 @@ def _prior_batch(arr, idx, rng, cfg_prior, device):
     return toks[:, y : y + r, x : x + c].to(device)
 
 
-def _loss(stage, model, arr, idx, rng, device, nested=()):
+def _loss(stage, model, arr, idx, rng, device, nested=(), out: dict | None = None):
+    """The stage's loss on a batch and its metric; out (tokenizer stage) receives the batch, its pixels and code."""
     if stage == "tokenizer":
         x = data_mod.batch_from(arr, idx, rng).to(device)
         keep = None
         if nested:
             keep = torch.from_numpy(np.asarray(nested)[rng.integers(0, len(nested), len(idx))]).to(device)
-        y, _ = model(x, keep)
+        y, code = model(x, keep)
+        if out is not None:
+            out.update(x=x, y=y, code=code.detach())
         loss = F.mse_loss(y, x)
         return loss, 10 * math.log10(1 / max(loss.item(), 1e-10))
     m = model.module if hasattr(model, "module") else model

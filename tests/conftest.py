@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -26,6 +27,14 @@ def smooth_image(rng, width: int, height: int):
 
     small = rng.integers(0, 256, (6, 8, 3), dtype="uint8")
     return Image.fromarray(small).resize((width, height), Image.BICUBIC)
+
+
+def image_folder(root, sizes, seed: int, stem: str = "img"):
+    """root with a smooth_image PNG of each (width, height) in sizes, named STEM0.png, STEM1.png, ..."""
+    rng = np.random.default_rng(seed)
+    for i, (w, h) in enumerate(sizes):
+        smooth_image(rng, w, h).save(root / f"{stem}{i}.png")
+    return root
 
 
 @pytest.fixture(scope="session")

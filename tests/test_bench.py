@@ -11,15 +11,12 @@ from bsqcodec import baselines, bench, codec, weights
 from bsqcodec.cli import app
 from bsqcodec.metrics import psnr
 
-from conftest import smooth_image
+from conftest import image_folder, smooth_image
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(3)
-    for i in range(3):
-        smooth_image(rng, 64 + 8 * i, 48).save(root / f"img{i}.png")
+    root = image_folder(tmp_path_factory.mktemp("imgs"), [(64 + 8 * i, 48) for i in range(3)], 3)
     (root / "notes.txt").write_text("not an image")
     return root
 

@@ -8,7 +8,7 @@ from bsqcodec import weights
 from bsqcodec.residual import ResidualCoder, ResidualConfig
 from bsqcodec.train_residual import ResidualOptions, base_pixels, train_residual
 
-from conftest import smooth_image
+from conftest import image_folder
 
 CFG = ResidualConfig(patch=2, channels=8, bits=6, enc_blocks=1, dec_blocks=1)
 
@@ -38,11 +38,7 @@ def test_odd_patches_are_refused():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rdata")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        smooth_image(rng, 48 + 8 * i, 40).save(root / f"im{i}.png")
-    return root
+    return image_folder(tmp_path_factory.mktemp("rdata"), [(48 + 8 * i, 40) for i in range(3)], 0)
 
 
 def _opts(data, out, model_file, **kw):

@@ -214,3 +214,42 @@ def test_tokenizing_memory_mapped_crops_warns_nothing(tmp_path, tiny_model):
         toks = _tokenize_crops(tiny_model.tokenizer, arr, tiny_model.config, "cpu", None, str(p), "crops")
     patch = tiny_model.config.tokenizer.patch
     assert toks.shape == (3, 16 // patch, 16 // patch)
+
+
+def test_adversarial_decoder_training_keeps_the_tokens_and_resumes_exactly(dataset, arch, tmp_path):
+    """--adversarial (issue 26): a discriminator trains beside the decoder; the encoder stays as it was, and
+    the discriminator's state is checkpointed with the rest, so a resumed run continues exactly."""
+    from bsqcodec.tokenizer import Tokenizer
+
+    base = train(_opts("tokenizer", dataset, tmp_path / "a", arch, steps=3))
+    init = str(tmp_path / "a" / "tokenizer.ckpt")
+    kw = dict(init=init, decoder_only=True, adversarial=0.1, feature_matching=1.0)
+    whole = train(_opts("tokenizer", dataset, tmp_path / "b", arch, steps=4, **kw))
+    train(_opts("tokenizer", dataset, tmp_path / "c", arch, steps=2, **kw))
+    resumed = train(_opts("tokenizer", dataset, tmp_path / "c", arch, steps=4, resume=True, **kw))
+    for k in whole["model"]:
+        assert torch.equal(whole["model"][k], resumed["model"][k]), k
+    ck = weights.load_checkpoint(tmp_path / "b" / "tokenizer.ckpt")
+    assert ck["disc"] and ck["disc_opt"]
+    for k in ck["model"]:
+        if k.startswith(Tokenizer.ENCODER):
+            assert torch.equal(ck["model"][k], base["model"][k]), k
+    plain = train(_opts("tokenizer", dataset, tmp_path / "d", arch, steps=4, init=init, decoder_only=True))
+    assert any(not torch.equal(plain["model"][k], whole["model"][k]) for k in plain["model"])  # the terms weigh in
+
+
+def test_adversarial_needs_decoder_only(dataset, arch, tmp_path):
+    with pytest.raises(BsqError, match="decoder-only"):
+        train(_opts("tokenizer", dataset, tmp_path / "e", arch, steps=2, adversarial=0.1))
+
+
+def test_discriminator_sees_the_tokens():
+    from bsqcodec.discriminator import PatchDiscriminator
+
+    torch.manual_seed(0)
+    d = PatchDiscriminator(bits=12, width=8)
+    x = torch.rand(1, 3, 32, 32)
+    c1, c2 = torch.randn(1, 12, 8, 8), torch.randn(1, 12, 8, 8)
+    l1, feats = d(x, c1)
+    assert l1.shape == (1, 1, 4, 4) and len(feats) == 3
+    assert not torch.equal(l1, d(x, c2)[0])
