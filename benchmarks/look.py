@@ -1,0 +1,65 @@
+"""Two decoders of the same files: a rung's own (faithful) and a trained alternative (sharp), side by side.
+
+    python benchmarks/look.py TOKENIZER_CKPT [IMAGES...] [--preset default] [--effort 4] [--name NAME] [--crops DIR]
+
+Each image is encoded once with the preset (its file's bytes are what both looks cost); the file's tokens
+are decoded by the preset's decoder and by the checkpoint's (EMA) decoder, and both are scored with PSNR and
+SSIMULACRA2 (bsqcodec[perceptual]). --crops writes, per image, a 256x256 crop of the original, the faithful
+and the sharp look side by side, to look at. Writes benchmarks/results/look-NAME.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bsqcodec import codec, weights
+from bsqcodec.metrics import psnr, ssimulacra2
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint")
+    ap.add_argument("images", nargs="*", default=[f"../shared/data/kodak/kodim{i:02d}.png" for i in (5, 14, 19, 23)])
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--effort", type=int, default=4)
+    ap.add_argument("--name", default="default")
+    ap.add_argument("--crops")
+    args = ap.parse_args()
+    model = weights.preset(args.preset)
+    sharp = weights.load_tokenizer_any(args.checkpoint)
+    if not sharp.cfg.encodes_like(model.config.tokenizer):
+        raise SystemExit("the checkpoint's tokenizer does not read this preset's tokens")
+    rows = []
+    for path in args.images:
+        a = np.asarray(Image.open(path).convert("RGB"))
+        h, w = a.shape[:2]
+        enc = codec.encode_array(a, model, effort=args.effort)
+        faithful = codec.tokens_to_array(model, enc.tokens, w, h)
+        s = sharp.tokens_to_image(enc.tokens)[:h, :w].numpy()
+        row = {"image": Path(path).name, "bytes": len(enc.data), "bpp": len(enc.data) * 8 / (w * h),
+               "faithful": {"psnr": psnr(a, faithful), "ssimulacra2": ssimulacra2(a, faithful)},
+               "sharp": {"psnr": psnr(a, s), "ssimulacra2": ssimulacra2(a, s)}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.crops:
+            y0, x0 = (h - 256) // 2, (w - 256) // 2
+            side = np.concatenate([im[y0 : y0 + 256, x0 : x0 + 256] for im in (a, faithful, s)], 1)
+            Path(args.crops).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(side).save(Path(args.crops) / f"{Path(path).stem}-original-faithful-sharp.png")
+    mean = {look: {k: float(np.mean([r[look][k] for r in rows])) for k in ("psnr", "ssimulacra2")} for look in ("faithful", "sharp")}
+    res = {"preset": args.preset, "model": model.hash_hex, "checkpoint": Path(args.checkpoint).name,
+           "checkpoint_step": weights.load_checkpoint(args.checkpoint)["step"], "effort": args.effort,
+           "images": rows, "mean": mean}
+    (HERE / "results" / f"look-{args.name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(mean, indent=2))
+
+
+if __name__ == "__main__":
+    main()
