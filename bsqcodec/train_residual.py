@@ -1,7 +1,8 @@
 """Training loop of the second token stage (residual.py) on top of a frozen first-stage model file.
 
 The first stage's pixels of every cached crop are computed once (uint8, as its decoder outputs them)
-and cached beside the crops; each step then trains on random sub-crops of (image, base pixels).
+and cached beside the crops, and so are its tokens where a rate term needs them; each step then trains
+on random sub-crops of (image, base pixels), cut on the first stage's patch grid.
 """
 
 from __future__ import annotations
@@ -193,6 +194,8 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
         own = model.state_dict()
         own.update({k: v for k, v in src.get("ema", src["model"]).items() if k in own and own[k].shape == v.shape})
         model.load_state_dict(own)
+        if prior is not None and "bit_prior" in src:
+            prior.load_state_dict(src["bit_prior"])
     ema = ResidualCoder(cfg)
     ema.load_state_dict(state["ema"] if state is not None else model.state_dict())
     ema.eval()
