@@ -180,7 +180,8 @@ class Tokenizer(nn.Module):
         return small.train(self.training)
 
     # ---- inference in horizontal strips, so memory stays bounded for any image height ----
-    STRIP = 128  # latent rows per strip (memory only: the pixels are the same for any strip height)
+    STRIP = 128  # latent rows per strip at most (memory only: the pixels are the same for any strip height)
+    STRIP_POSITIONS = 2**16  # and at most about this many latent positions: wide images go in lower strips
     BAND = 16  # latent rows per band of a layer: fixed, so that the pixels never depend on the thread count
 
     @torch.no_grad()
@@ -200,19 +201,23 @@ class Tokenizer(nn.Module):
 
     def _latent_strips(self, pixels):
         p, halo = self.cfg.patch, self.cfg.halo
-        h = pixels.shape[0] // p
-        for r0 in range(0, h, self.STRIP):
-            r1 = min(h, r0 + self.STRIP)
+        h, rows = pixels.shape[0] // p, self._strip_rows(pixels.shape[1] // p)
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
             a, b = max(0, r0 - halo), min(h, r1 + halo)
             part = pixels[a * p : b * p]  # a copy of one strip, never the image
             strip = part.clone() if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part))
             x = strip.permute(2, 0, 1)[None].float().div(255)
             yield self.encode_latent(x)[..., r0 - a : r1 - a, :]
 
+    def _strip_rows(self, cols: int) -> int:
+        """Latent rows per strip of an image `cols` tokens wide: STRIP, fewer for wide images (whole bands)."""
+        return max(1, min(self.STRIP, max(self.BAND, self.STRIP_POSITIONS // max(1, cols) // self.BAND * self.BAND)))
+
     @torch.no_grad()
     def _decode_strip(self, tokens: torch.Tensor, r0: int, bf16: bool, run) -> torch.Tensor:
         p, halo, h = self.cfg.patch, self.cfg.halo, tokens.shape[0]
-        r1 = min(h, r0 + self.STRIP)
+        r1 = min(h, r0 + self._strip_rows(tokens.shape[1]))
         a, b = max(0, r0 - halo), min(h, r1 + halo)
         code = self.quant.tokens_to_codes(tokens[None, a:b])
         return to_uint8(self._decode_banded(code, bf16, run)[0, :, (r0 - a) * p : (r1 - a) * p])
@@ -266,14 +271,14 @@ class Tokenizer(nn.Module):
 
         Float convolutions may round differently with different intra-op thread counts, so every
         layer runs single-threaded kernels on bands of rows, the bands in parallel Python threads
-        (torch releases the interpreter lock in its kernels); tall images go in strips of STRIP rows
-        with a halo, so memory stays bounded. The pixels are then the same for any thread count.
+        (torch releases the interpreter lock in its kernels); tall or wide images go in strips of rows
+        with a halo (_strip_rows), so memory stays bounded. The pixels are then the same for any thread count.
         bf16: convolutions in bfloat16 autocast, about twice as fast where the CPU has bfloat16 dot
         products, within 2 levels of float32's pixels; None = where that pays (native_bf16()).
         """
         if bf16 is None:
             bf16 = tokens.device.type == "cpu" and native_bf16()
-        starts = list(range(0, tokens.shape[0], self.STRIP))
+        starts = list(range(0, tokens.shape[0], self._strip_rows(tokens.shape[1])))
         workers = max(1, torch.get_num_threads())
         with cpu.single_threaded_kernels():
             if workers == 1:
