@@ -146,3 +146,22 @@ def test_preset_vector_decodes_to_recorded_tokens_and_bytes(name):
     model = weights.preset(name)
     streams, _ = codec.encode_tokens(model, header, want)
     assert container.pack(header, streams) == data
+
+
+@pytest.mark.parametrize("path", ["int8", "float32", "float64"])
+def test_every_path_of_the_prior_products_decodes_the_vectors(path, monkeypatch):
+    """The conformance vectors decode to their tokens whichever exact path the prior's products take
+    (intprior.product_path: int8 where the CPU has int8 dot products, float32 digits, float64)."""
+    from bsqcodec import intprior
+
+    monkeypatch.setenv(intprior.PRODUCTS_ENV, path)
+    cases = [(VEC / "v2-70x100.bsq", VEC / "tiny-model.safetensors"),
+             (PRESET_VEC / "default.bsq", Path(weights.installed()["default"][0]))]
+    for bsq, model_path in cases:
+        model = weights.load(model_path)  # a fresh load: its layers take the forced path
+        assert {lin.path for L in model.prior.layers for lin in (L["qkv"], L["fc2"])} == {path}
+        expected = json.loads(bsq.with_suffix(".tokens.json").read_text())
+        tokens = codec.decode_detailed(bsq.read_bytes(), [model])[1]
+        assert tokens.reshape(-1).tolist() == expected["tokens"]
+        header, streams = container.unpack(bsq.read_bytes())
+        assert codec.encode_tokens(model, header, tokens)[0] == streams  # teacher forcing by the same path
