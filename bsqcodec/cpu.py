@@ -51,19 +51,15 @@ def describe() -> dict:
 def _openblas():
     """(get, set) of the thread count of the OpenBLAS that NumPy loaded, or None (another BLAS, not Linux).
 
-    NumPy's wheels bundle OpenBLAS under a prefixed name (scipy_openblas64_); it is found among the
-    libraries this process has mapped, as threadpoolctl does, without importing anything new.
+    NumPy's wheels bundle OpenBLAS under a prefixed name (scipy_openblas64_) in the folder numpy.libs
+    beside the package; opening that file again gives the library NumPy already loaded.
     """
     import ctypes
+    from pathlib import Path
 
-    import numpy  # noqa: F401 - loads the library being looked for
+    import numpy
 
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {p for line in f if "openblas" in (p := line.split()[-1]).lower() and ".so" in p}
-    except OSError:
-        return None
-    for path in sorted(paths):
+    for path in sorted((Path(numpy.__file__).parent.parent / "numpy.libs").glob("*openblas*.so*")):
         try:
             lib = ctypes.CDLL(path)
         except OSError:

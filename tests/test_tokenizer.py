@@ -208,3 +208,16 @@ class TestUpStage:
             TokenizerConfig(up_blocks=1)
         with pytest.raises(ValueError, match="even patch"):
             TokenizerConfig(patch=5, up_channels=8)
+
+
+def test_single_threaded_kernels_sets_torch_and_numpys_blas_to_one_thread_and_restores_them():
+    import sys
+
+    from bsqcodec import cpu
+
+    if sys.platform.startswith("linux"):  # NumPy's wheels bundle OpenBLAS there, and it must be found
+        assert cpu.blas_threads() is not None
+    before = (torch.get_num_threads(), cpu.blas_threads())
+    with cpu.single_threaded_kernels():
+        assert torch.get_num_threads() == 1 and cpu.blas_threads() in (1, None)
+    assert (torch.get_num_threads(), cpu.blas_threads()) == before
