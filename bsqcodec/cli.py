@@ -328,12 +328,12 @@ def presets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     """List the models installed with bsqcodec."""
     rows = []
     rung = {c.name: q for q, c in enumerate(LADDER, 1)}
-    from .modelfile import installed, summary  # the standard library only: no torch
+    from .modelfile import installed  # the standard library only: no torch
 
     inst = installed()[0]
     for name in sorted(inst, key=lambda n: (rung.get(n, len(LADDER) + 1), n)):  # the ladder first, in order
-        path, h = inst[name]
-        t = summary(path)[0].tokenizer
+        path, h, config = inst[name]
+        t = config.tokenizer
         rows.append({"preset": name, "quality": rung.get(name), "model": h.hex(), "patch": t.patch, "token_bits": t.bits,
                      "raw_bpp": t.bits / t.patch**2, "file": Path(path).name})
     if as_json:

@@ -3,8 +3,8 @@
 A step is a few hundred operations on arrays of a few thousand values, so it costs what the library
 charges per operation, not arithmetic. NumPy charges a fraction of what torch does, so on the CPU the
 step runs in NumPy (NumpyStep), with torch only for the int8 matrix products that NumPy lacks (where
-those are the fastest path: intprior.product_path); on other devices it runs IntPrior's torch operations (TorchStep). Both compute exactly IntPrior's
-integers (tests compare every table): the same IEEE 754 element-wise operations on the same values,
+those are the fastest path: intprior.product_path); on other devices it runs IntPrior's torch
+operations (TorchStep). Both compute exactly IntPrior's integers (tests compare every table): the same IEEE 754 element-wise operations on the same values,
 and matrix products that are exact in any summation order (see intprior's module docstring).
 """
 

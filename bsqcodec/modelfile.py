@@ -67,9 +67,7 @@ def summary(path: str | os.PathLike) -> tuple[ModelConfig, bytes]:
         with open(path, "rb") as f:
             header, start = _header(f, path, size)
             config = config_of(path, header.pop("__metadata__", None))
-            h = hashlib.sha256()
-            h.update(FORMAT.encode())
-            h.update(json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")).encode())
+            entries = []
             for name in sorted(header):
                 t = header[name]
                 try:
@@ -80,22 +78,33 @@ def summary(path: str | os.PathLike) -> tuple[ModelConfig, bytes]:
                     raise ModelError(f"cannot read model file {path}: bad entry for {name!r}") from None
                 if not 0 <= a <= b <= size - start or b - a != math.prod(shape) * width:
                     raise ModelError(f"cannot read model file {path}: tensor {name!r} out of bounds")
-                h.update(f"\n{name}|{dtype}|{shape}\n".encode())
                 f.seek(start + a)
-                h.update(f.read(b - a))
+                entries.append((name, dtype, shape, f.read(b - a)))
     except OSError as e:
         raise ModelError(f"cannot read model file {path}: {e.strerror or e}") from None
-    return config, h.digest()
+    return config, digest(config, entries)
 
 
-def installed(models_dir: Path = MODELS_DIR) -> tuple[dict[str, tuple[str, bytes]], dict[str, str]]:
-    """({preset name: (file, hash)} of every readable model file in models_dir, {file stem: error} of the rest)."""
+def digest(config: ModelConfig, entries) -> bytes:
+    """The canonical SHA-256 of a model (formats/bsq.md section 6): its config, then each tensor in name order
+    as (name, type name as torch spells it, shape tuple, little-endian bytes)."""
+    h = hashlib.sha256()
+    h.update(FORMAT.encode())
+    h.update(json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")).encode())
+    for name, dtype, shape, data in sorted(entries, key=lambda e: e[0]):
+        h.update(f"\n{name}|{dtype}|{tuple(shape)}\n".encode())
+        h.update(data)
+    return h.digest()
+
+
+def installed(models_dir: Path = MODELS_DIR) -> tuple[dict[str, tuple[str, bytes, ModelConfig]], dict[str, str]]:
+    """({preset name: (file, hash, config)} of every readable model file in models_dir, {file stem: error} of the rest)."""
     out, broken = {}, {}
     for p in sorted(Path(models_dir).glob("*.safetensors")):
         try:
-            config, digest = summary(p)
+            config, h = summary(p)
         except ModelError as e:  # a broken file affects only the files that need it
             broken[p.stem] = str(e)
             continue
-        out[config.name] = (str(p), digest)
+        out[config.name] = (str(p), h, config)
     return out, broken

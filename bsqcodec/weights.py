@@ -9,7 +9,6 @@ serialization of config and tensors, so re-saving the same weights gives the sam
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -49,14 +48,11 @@ class Model:
 
 
 def canonical_hash(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> bytes:
-    h = hashlib.sha256()
-    h.update(FORMAT.encode())
-    h.update(json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")).encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"\n{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.numpy().astype(t.numpy().dtype.newbyteorder("<")).tobytes())
-    return h.digest()
+    def entry(name: str, t: torch.Tensor):
+        t = t.detach().cpu().contiguous()
+        return name, str(t.dtype), tuple(t.shape), t.numpy().astype(t.numpy().dtype.newbyteorder("<")).tobytes()
+
+    return modelfile.digest(config, [entry(n, t) for n, t in tensors.items()])
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +171,8 @@ def _read(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]
 
 @lru_cache(maxsize=None)
 def _installed_cached(key: tuple) -> tuple[dict[str, tuple[str, bytes]], dict[str, str]]:
-    return modelfile.installed(MODELS_DIR)  # name and hash only; a model is built when it is used
+    found, broken = modelfile.installed(MODELS_DIR)  # name and hash only; a model is built when it is used
+    return {name: (path, h) for name, (path, h, _) in found.items()}, broken
 
 
 def _installed_files() -> tuple:
