@@ -256,9 +256,10 @@ class Tokenizer(nn.Module):
             t = layer(lambda x, blk=blk: F.gelu(blk.conv1(x)), h, 1)
             h = layer(blk.conv2, t, 1, add=h)
         size = (code.shape[-2] * self.cfg.patch, code.shape[-1] * self.cfg.patch)
-        y = layer(float_layer(self.unpatchify), h, 1, self.cfg.patch, half=False)[..., : size[0], : size[1]]
+        g = layer(F.gelu, h, 0)  # once for both ways out
+        y = layer(lambda x: self.unpatchify(x.float()), g, 1, self.cfg.patch, half=False)[..., : size[0], : size[1]]
         if self.cfg.up_channels:
-            u = layer(lambda x: self.up(F.gelu(x)), h, 0, 2)
+            u = layer(self.up, g, 0, 2)
             for blk in self.up_blocks:
                 t = layer(lambda x, blk=blk: F.gelu(blk.conv1(x)), u, 1)
                 u = layer(blk.conv2, t, 1, add=u)
