@@ -49,9 +49,7 @@ def main() -> None:
     prior = None
     if "bit_prior" in st:  # a run with a rate term: its bit prior estimates the stage's rate
         L1, ratio = base_model.config.tokenizer.bits, base_model.config.tokenizer.patch // cfg.patch
-        width = st["bit_prior"]["net.0.weight"].shape[0]
-        prior = BitPrior(L1, ratio, cfg.bits, width).eval()
-        prior.load_state_dict(st["bit_prior"])
+        prior = BitPrior.from_state(st["bit_prior"], L1, ratio, cfg.bits).eval()
     files = sorted(Path(args.folder).glob("*.png"))
     budgets = [int(b) for b in args.bits.split(",") if int(b) <= cfg.bits]
     base_ps, base_bpp, ps = [], [], {k: [] for k in budgets}

@@ -151,6 +151,8 @@ def train_residual_cmd(
     ema: float = 0.999,
     rate_weight: Annotated[float, typer.Option(help="Train a bit prior with the stage and add this weight times its "
                                                     "bits per pixel to the squared error (0: no rate term).")] = 0.0,
+    mixed: Annotated[float, typer.Option(help="Share of samples whose bit budget is drawn region by region (one "
+                                              "first-stage patch each), so the stage learns budgets that vary.")] = 0.0,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where decoded crops and base pixels are cached.")] = None,
     eval_every: int = 500, checkpoint_seconds: float = 300.0, threads: int = 0,
 ) -> None:
@@ -166,7 +168,7 @@ def train_residual_cmd(
         data=str(data), out=str(out), base=str(base),
         config=ResidualConfig(patch=patch, channels=channels, bits=bits, enc_blocks=enc_blocks, dec_blocks=dec_blocks),
         steps=steps, batch=batch, crop=crop, lr=lr, seed=seed, resume=resume, init=str(init) if init else None,
-        nested=levels, ema=ema, rate_weight=rate_weight, cache_dir=str(cache_dir) if cache_dir else None, threads=threads,
+        nested=levels, ema=ema, rate_weight=rate_weight, mixed=mixed, cache_dir=str(cache_dir) if cache_dir else None, threads=threads,
         eval_every=eval_every, checkpoint_seconds=checkpoint_seconds)
     t0, last = time.time(), [0.0]
 

@@ -73,12 +73,18 @@ class ResidualCoder(nn.Module):
         return base + self.to_pixels(F.gelu(h))
 
     def forward(self, x: torch.Tensor, base: torch.Tensor, keep: torch.Tensor | None = None):
-        """Training pass: (reconstruction, code); keep: optional (B,) bit budgets (nested BSQ)."""
+        """Training pass: (reconstruction, code); keep: optional bit budgets (nested BSQ), one per sample (B,)
+        or one per token (B, H/p, W/p)."""
         code = self.quant(self.encode_latent(x, base))
         if keep is not None:
-            idx = torch.arange(self.cfg.bits, device=x.device)
-            code = code * (idx[None, :] < keep[:, None]).to(code.dtype)[:, :, None, None]
+            code = code * kept_mask(keep, self.cfg.bits).to(code.dtype)
         return self.decode_code(code, base), code
+
+
+def kept_mask(keep: torch.Tensor, bits: int) -> torch.Tensor:
+    """Budgets, one per sample (B,) or per token (B, h, w) -> 1.0 for the kept bits: (B, bits, 1, 1) or (B, bits, h, w)."""
+    k = keep[:, None, None, None] if keep.dim() == 1 else keep[:, None]
+    return (torch.arange(bits, device=keep.device)[None, :, None, None] < k).float()
 
 
 class BitPrior(nn.Module):
@@ -86,19 +92,40 @@ class BitPrior(nn.Module):
 
     Each bit of a second-stage token gets a probability from the co-located first-stage token (its L1 bits,
     +-1), the token's position within that first-stage patch, its checkerboard pass, and, on the second pass,
-    the kept bits of its four neighbours (all of the first pass). So a decoder could code every token of a
-    pass at once: two passes per image. Bits of one token are independent given that context.
+    the kept bits of its four neighbours (all of the first pass), and, with `budget`, the token's own bit
+    budget (a fraction of `bits`; budgets may differ region by region). So a decoder could code every
+    token of a pass at once: two passes per image. Bits of one token are independent given that context.
     """
 
-    def __init__(self, base_bits: int, ratio: int, bits: int, width: int = 256) -> None:
+    def __init__(self, base_bits: int, ratio: int, bits: int, width: int = 256, budget: bool = True) -> None:
         super().__init__()
-        self.ratio, self.bits = ratio, bits
-        ctx = base_bits + ratio * ratio + 1 + 4 * bits
+        self.ratio, self.bits, self.budget = ratio, bits, budget
+        ctx = self.context_size(base_bits, ratio, bits, budget)
         self.net = nn.Sequential(nn.Conv2d(ctx, width, 1), nn.GELU(), nn.Conv2d(width, width, 1), nn.GELU(),
                                  nn.Conv2d(width, bits, 1))
 
+    @staticmethod
+    def context_size(base_bits: int, ratio: int, bits: int, budget: bool) -> int:
+        return base_bits + ratio * ratio + 1 + 4 * bits + int(budget)
+
+    @classmethod
+    def from_state(cls, state: dict, base_bits: int, ratio: int, bits: int) -> "BitPrior":
+        """The prior whose weights these are (its width and whether it sees budgets read from their shapes)."""
+        width, ctx = state["net.0.weight"].shape[:2]
+        prior = cls(base_bits, ratio, bits, width, ctx == cls.context_size(base_bits, ratio, bits, True))
+        prior.load_state_dict(state)
+        return prior
+
+    def load_older(self, state: dict) -> None:
+        """Weights of a prior without the budget input: the budget's weights start at zero."""
+        w = state["net.0.weight"]
+        if self.budget and w.shape[1] + 1 == self.net[0].weight.shape[1]:
+            state = {**state, "net.0.weight": torch.cat([w, torch.zeros_like(w[:, :1])], 1)}
+        self.load_state_dict(state)
+
     def logits(self, base_code: torch.Tensor, bits01: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """base_code (B, L1, h, w) as +-1; bits01 (B, L, H, W) in {0, 1}; kept (B, L, 1, 1) 0/1 -> (B, L, H, W) logits."""
+        """base_code (B, L1, h, w) as +-1; bits01 (B, L, H, W) in {0, 1}; kept (B, L, 1, 1) or (B, L, H, W)
+        0/1 -> (B, L, H, W) logits."""
         B, _, H, W = bits01.shape
         r = self.ratio
         up = base_code.repeat_interleave(r, 2).repeat_interleave(r, 3)[..., :H, :W]
@@ -108,7 +135,8 @@ class BitPrior(nn.Module):
         s = (bits01 * 2 - 1) * kept * (1 - second)  # first-pass bits only, kept ones only
         p = F.pad(s, (1, 1, 1, 1))
         neigh = [p[:, :, 1:-1, :-2], p[:, :, 1:-1, 2:], p[:, :, :-2, 1:-1], p[:, :, 2:, 1:-1]]  # left, right, up, down
-        return self.net(torch.cat([up, pos, second, *(n * second for n in neigh)], 1))
+        extra = [kept.mean(1, keepdim=True).expand(B, 1, H, W)] if self.budget else []
+        return self.net(torch.cat([up, pos, second, *(n * second for n in neigh), *extra], 1))
 
     def bits_of(self, base_code: torch.Tensor, bits01: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """(B,) code length in bits of each sample's kept bits."""

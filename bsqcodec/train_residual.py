@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from .errors import BsqError
-from .residual import BitPrior, ResidualCoder, ResidualConfig
+from .residual import BitPrior, ResidualCoder, ResidualConfig, kept_mask
 from .tokenizer import tokens_to_bits
 from .train import _ema_update, _main_thread, _Stop, lr_at, save_checkpoint
 from .weights import load_checkpoint
@@ -51,6 +51,7 @@ class ResidualOptions:
     eval_bits: tuple[int, ...] = ()
     rate_weight: float = 0.0  # > 0: a BitPrior is trained with the stage and its code length weighs in (per bpp, MSE units)
     prior_width: int = 256
+    mixed: float = 0.0  # share of samples whose budget is drawn region by region (one first-stage patch each)
     checkpoint_seconds: float = 300.0
     log: list = field(default_factory=list)
 
@@ -116,10 +117,17 @@ def _batch(arr, base, idx, rng, crop, toks=None, patch=1):
     return t(x), t(b), t1
 
 
-@torch.no_grad()
-def _kept(keep: torch.Tensor, bits: int) -> torch.Tensor:
-    """(B,) budgets -> (B, bits, 1, 1) 1 for the kept bits."""
-    return (torch.arange(bits)[None, :] < keep[:, None]).float()[:, :, None, None]
+def budget_maps(rng: np.random.Generator, levels, batch: int, side: int, region: int, mixed: float) -> torch.Tensor:
+    """(batch, side, side) bit budgets per token, drawn from levels: a share `mixed` of the samples gets
+    one budget per region of region x region tokens, from levels and 0 (as an encoder that chooses region
+    by region gives them: flat regions keep nothing), the others one budget of levels for the whole sample."""
+    levels = np.asarray(levels)
+    n = -(-side // region)
+    with_zero = np.asarray([0, *levels])
+    per_region = with_zero[rng.integers(0, len(with_zero), (batch, n, n))]
+    whole = levels[rng.integers(0, len(levels), batch)][:, None, None]
+    maps = np.where(rng.random(batch)[:, None, None] < mixed, per_region, whole)
+    return torch.from_numpy(maps.repeat(region, 1).repeat(region, 2)[:, :side, :side].copy())
 
 
 def _base_code(t1: torch.Tensor, base_bits: int) -> torch.Tensor:
@@ -149,7 +157,7 @@ def evaluate(model: ResidualCoder, arr, base, bits: tuple[int, ...], prior: BitP
                     y, code = model(x, b, keep)
                     if prior is not None:
                         c1 = _base_code(torch.from_numpy(np.array(toks[i : i + 32])), base_bits)
-                        rate += float(prior.bits_of(c1, _bits01(code, model.cfg.bits), _kept(keep, model.cfg.bits)).sum())
+                        rate += float(prior.bits_of(c1, _bits01(code, model.cfg.bits), kept_mask(keep, model.cfg.bits)).sum())
                 else:
                     y = b
                 tot += F.mse_loss((y.clamp(0, 1) * 255).round() / 255, x, reduction="sum").item()
@@ -176,7 +184,13 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
     model = ResidualCoder(cfg)
     base_model = load(opts.base).tokenizer.eval()
     lam = state.get("rate_weight", 0.0) if state is not None else opts.rate_weight
-    prior = BitPrior(base_model.cfg.bits, base_model.cfg.patch // cfg.patch, cfg.bits, opts.prior_width) if lam else None
+    ratio = base_model.cfg.patch // cfg.patch
+    mixed = state.get("mixed", 0.0) if state is not None else opts.mixed
+    prior = None
+    if lam:  # a prior that sees budgets where they vary (and in runs that start from one that did)
+        budget = bool(mixed) or (state is not None and state["bit_prior"]["net.0.weight"].shape[1]
+                                 == BitPrior.context_size(base_model.cfg.bits, ratio, cfg.bits, True))
+        prior = BitPrior(base_model.cfg.bits, ratio, cfg.bits, opts.prior_width, budget)
     params = list(model.parameters()) + (list(prior.parameters()) if prior is not None else [])
     opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng = np.random.default_rng(opts.seed)
@@ -195,7 +209,7 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
         own.update({k: v for k, v in src.get("ema", src["model"]).items() if k in own and own[k].shape == v.shape})
         model.load_state_dict(own)
         if prior is not None and "bit_prior" in src:
-            prior.load_state_dict(src["bit_prior"])
+            prior.load_older(src["bit_prior"])
     ema = ResidualCoder(cfg)
     ema.load_state_dict(state["ema"] if state is not None else model.state_dict())
     ema.eval()
@@ -228,7 +242,7 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
         save_checkpoint(ckpt_path, {
             "step": step, "config": cfg.to_dict(), "stage": "residual", "base": opts.base,
             "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-            "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "rate_weight": lam,
+            "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "rate_weight": lam, "mixed": mixed,
             **({"bit_prior": prior.state_dict()} if prior is not None else {}),
         })
 
@@ -239,11 +253,14 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
                 g["lr"] = lr
             idx = rng.integers(0, len(tr), opts.batch)
             x, b, t1 = _batch(tr, tr_base, idx, rng, opts.crop, tr_toks, P)
-            keep = torch.from_numpy(np.asarray(nested)[rng.integers(0, len(nested), len(idx))])
+            if mixed:
+                keep = budget_maps(rng, nested, len(idx), opts.crop // cfg.patch, ratio, mixed)
+            else:  # one budget per sample (the draw of runs before budget maps, kept so that they resume alike)
+                keep = torch.from_numpy(np.asarray(nested)[rng.integers(0, len(nested), len(idx))])
             y, code = model(x, b, keep)
             loss = F.mse_loss(y, x)
             if prior is not None:  # + lambda x bits per pixel of the kept bits under the bit prior
-                bits = prior.bits_of(_base_code(t1, L1), _bits01(code, cfg.bits), _kept(keep, cfg.bits))
+                bits = prior.bits_of(_base_code(t1, L1), _bits01(code, cfg.bits), kept_mask(keep, cfg.bits))
                 loss = loss + lam * bits.sum() / (x.shape[0] * x.shape[2] * x.shape[3])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -99,3 +99,69 @@ def test_bit_prior_sees_only_what_a_decoder_has():
     unkept = bits.clone()
     unkept[0, 3] = 1 - unkept[0, 3]
     assert torch.equal(prior.logits(base, unkept, kept), lg)
+
+
+def test_budgets_per_token_keep_each_tokens_own_prefix():
+    from bsqcodec.residual import kept_mask
+
+    torch.manual_seed(0)
+    res = ResidualCoder(CFG).eval()
+    with torch.no_grad():
+        for p in res.parameters():
+            p.normal_(0, 0.3)
+    x, base = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)
+    keep = torch.tensor([[[0, 2, 6, 6], [2, 2, 6, 0], [6, 6, 0, 0], [2, 0, 2, 6]]])
+    y, code = res(x, base, keep)
+    for i in range(4):
+        for j in range(4):
+            k = int(keep[0, i, j])
+            assert (code[0, k:, i, j] == 0).all() and (code[0, :k, i, j] != 0).all()
+    assert torch.equal(kept_mask(torch.tensor([2]), 6)[0, :, 0, 0], torch.tensor([1.0, 1, 0, 0, 0, 0]))
+    uniform = res(x, base, torch.full((1, 4, 4), 2))[0]
+    assert torch.equal(uniform, res(x, base, torch.tensor([2]))[0])  # a map of one budget is that budget
+
+
+def test_budget_maps_vary_by_region_in_the_mixed_share_only():
+    from bsqcodec.train_residual import budget_maps
+
+    rng = np.random.default_rng(0)
+    m = budget_maps(rng, (4, 8, 24), 400, 16, 2, 0.5).numpy()
+    assert m.shape == (400, 16, 16) and set(np.unique(m)) == {0, 4, 8, 24}  # regions may keep nothing
+    assert (m[:, ::2, ::2] == m[:, 1::2, 1::2]).all()  # constant on 2 x 2 regions
+    varies = np.array([len(np.unique(s)) > 1 for s in m])
+    assert 0.4 < varies.mean() < 0.6
+    whole = budget_maps(rng, (4, 8), 50, 16, 2, 0.0).numpy()
+    assert not any(len(np.unique(s)) > 1 for s in whole) and whole.min() == 4
+
+
+def test_a_prior_gains_the_budget_input_from_one_without_it_unchanged():
+    from bsqcodec.residual import BitPrior
+
+    torch.manual_seed(0)
+    old = BitPrior(base_bits=5, ratio=2, bits=4, width=16, budget=False)
+    new = BitPrior(base_bits=5, ratio=2, bits=4, width=16)
+    new.load_older(old.state_dict())
+    base = torch.randint(0, 2, (1, 5, 3, 3)).float() * 2 - 1
+    bits = torch.randint(0, 2, (1, 4, 6, 6)).float()
+    kept = torch.tensor([1.0, 1, 0, 0])[None, :, None, None]
+    assert torch.allclose(new.logits(base, bits, kept), old.logits(base, bits, kept))
+    again = BitPrior.from_state(new.state_dict(), 5, 2, 4)
+    assert again.budget and not BitPrior.from_state(old.state_dict(), 5, 2, 4).budget
+    with torch.no_grad():
+        new.net[0].weight[:, -1] = 1.0
+    assert not torch.allclose(new.logits(base, bits, kept), old.logits(base, bits, kept))  # the budget is seen
+
+
+def test_mixed_budgets_train_and_resume_exactly(data, model_file, tmp_path):
+    kw = dict(rate_weight=1e-3, crop=16, mixed=0.5)
+    a = train_residual(_opts(data, tmp_path / "a", model_file, steps=4, **kw))
+    train_residual(_opts(data, tmp_path / "b", model_file, steps=2, **kw))
+    b2 = train_residual(_opts(data, tmp_path / "b", model_file, steps=4, resume=True))  # mixed is the run's
+    for k in a["bit_prior"]:
+        assert torch.equal(a["bit_prior"][k], b2["bit_prior"][k]), k
+    st = weights.load_checkpoint(tmp_path / "b" / "residual.ckpt")
+    from bsqcodec.residual import BitPrior
+
+    tok = weights.load(model_file).config.tokenizer
+    ctx = BitPrior.context_size(tok.bits, tok.patch // CFG.patch, CFG.bits, True)
+    assert st["mixed"] == 0.5 and st["bit_prior"]["net.0.weight"].shape[1] == ctx
