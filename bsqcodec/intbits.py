@@ -1,0 +1,121 @@
+"""Integer-exact inference of the second stage's bit prior (residual.BitPrior), and its export.
+
+The bit prior gives every kept bit of a second-stage token a binary probability table from a context of
+small integers that a decoder has exactly: the co-located first-stage token's bits (+-1), the token's
+position in that token's patch (one-hot), its checkerboard pass, on the second pass the kept bits of its
+four first-pass neighbours (+-1, 0 where not kept), and its own bit budget. Nothing in the context comes
+from pixels, so tables are the same on every machine, whatever the pixel decoder rounds.
+
+The network is the float prior's: three 1x1 layers (linear, GELU, linear, GELU, linear), here as
+IntLinear layers of the main prior's arithmetic (intprior.py: int8 weights, exact products, requantized
+with integer multipliers), GELU tables on the integer grid, and logits at 1/EXP_STEP nats. A bit's table
+is the two-way softmax of (0, logit) through the output exp table: the likelier value gets
+out_exp[0] = OUT_ONE, the other out_exp[min(|logit|, OUT_LEN)], each at least 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .intprior import EXP_STEP, OUT_LEN, OUT_ONE, QMAX, IntLinear, _lookup, _quant_linear, exp_table, gelu_table
+
+LAYERS = ("fc1", "fc2", "fc3")
+
+
+def context(base_bits: torch.Tensor, bits01: torch.Tensor, budget: torch.Tensor, ratio: int, rows: slice | None = None,
+            with_budget: bool = True) -> torch.Tensor:
+    """The integer context of every token of rows (default: all) of the second grid.
+
+    base_bits (h, w, L1) 0/1 of the first-stage tokens; bits01 (H, W, L) 0/1 of the second-stage tokens
+    (only kept first-pass bits are read); budget (H, W) int bits kept per token; -> (n, H', W, C) float64
+    integers in the float prior's order: L1 first-stage signs, ratio^2 position one-hot, pass, left, right,
+    up and down neighbours' kept signs (second pass only), and the budget (with_budget).
+    """
+    H, W, L = bits01.shape
+    r = ratio
+    rows = rows or slice(0, H)
+    y = torch.arange(H)[rows][:, None]
+    x = torch.arange(W)[None, :]
+    ys, xs = y.expand(-1, W), x.expand(len(y), -1)
+    up = base_bits[ys // r, xs // r].double() * 2 - 1  # (H', W, L1)
+    pos = torch.nn.functional.one_hot((ys % r) * r + xs % r, r * r).double()
+    second = ((ys + xs) % 2).double()[..., None]
+    kept = (torch.arange(L)[None, None, :] < budget[..., None]).double()
+    first = ((torch.arange(H)[:, None] + torch.arange(W)[None, :]) % 2 == 0).double()[..., None]
+    s = torch.nn.functional.pad((bits01.double() * 2 - 1) * kept * first, (0, 0, 1, 1, 1, 1))  # (H+2, W+2, L)
+    y0, y1 = rows.start + 1, rows.stop + 1
+    neigh = [s[y0:y1, :-2], s[y0:y1, 2:], s[y0 - 1 : y1 - 1, 1:-1], s[y0 + 1 : y1 + 1, 1:-1]]
+    parts = [up, pos, second, *(n * second for n in neigh)]
+    if with_budget:
+        parts.append(budget[rows].double()[..., None])
+    return torch.cat(parts, -1)
+
+
+class IntBitPrior:
+    """The bit prior's integer path, built from exported integer tensors (names under `prefix`)."""
+
+    def __init__(self, t: dict[str, torch.Tensor], prefix: str = "bits.", device="cpu") -> None:
+        self.layers = [IntLinear(t, prefix + n, device) for n in LAYERS]
+        self.gelu = [t[f"{prefix}gelu{i}_table"].to(device=device, dtype=torch.float64) for i in (1, 2)]
+        for g in self.gelu:
+            if g.shape != (2 * QMAX + 1,) or float(g.abs().max()) > QMAX:
+                raise ValueError("bad GELU table")
+        out = t[prefix + "out_exp_table"].long()
+        if out.shape != (OUT_LEN + 1,) or int(out.max()) > OUT_ONE or int(out.min()) < 0:
+            raise ValueError("bad output exp table")
+        self.out_exp = out.to(device)
+        self.context_size = self.layers[0].wt.shape[0]
+        self.bits = self.layers[2].wt.shape[1]
+
+    def logits(self, ctx: torch.Tensor) -> torch.Tensor:
+        """(..., C) context integers -> (..., L) logits of bit = 1, integers at 1/EXP_STEP nats."""
+        h = ctx
+        for lin, g in zip(self.layers[:2], self.gelu):
+            h = lin(h).clamp_(-QMAX, QMAX)
+            h = _lookup(g, h.add_(QMAX).long())
+        return self.layers[2](h)
+
+    def tables(self, ctx: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., L, 2) int64 tables (value 0, value 1) of each bit."""
+        z = self.logits(ctx).clamp_(-OUT_LEN, OUT_LEN).long()
+        zero = torch.where(z > 0, z, 0)  # gap of value 0: max(0, z) - 0
+        one = torch.where(z > 0, 0, -z)  # gap of value 1: max(0, z) - z
+        return _lookup(self.out_exp, torch.stack([zero, one], -1)).clamp_(min=1)
+
+
+@torch.no_grad()
+def export(prior, calib: torch.Tensor, prefix: str = "bits.") -> dict[str, torch.Tensor]:
+    """Float BitPrior + calibration contexts (N, C) in the integer layout -> integer tensors for IntBitPrior.
+
+    The integer context holds the budget as the bit count k where the float prior sees k / L: its
+    weights are divided by L here.
+    """
+    prior = prior.float().cpu().eval()
+    convs = [prior.net[0], prior.net[2], prior.net[4]]
+    W = [c.weight.double()[:, :, 0, 0] for c in convs]
+    b = [c.bias.double() for c in convs]
+    if prior.budget:
+        W[0] = torch.cat([W[0][:, :-1], W[0][:, -1:] / prior.bits], 1)
+    x = calib.double()
+    scales = []
+    for i in range(2):  # the hidden layers' ranges on the calibration contexts
+        pre = x @ W[i].t() + b[i]
+        scales.append(float(pre.abs().max()) * 1.1 / QMAX)
+        x = torch.nn.functional.gelu(pre)
+    out: dict[str, torch.Tensor] = {}
+    s_in = [1.0, scales[0], scales[1]]
+    s_out = [scales[0], scales[1], 1 / EXP_STEP]
+    for i, name in enumerate(LAYERS):
+        _quant_linear(out, prefix + name, W[i], b[i], s_in[i], torch.full((W[i].shape[0],), s_out[i], dtype=torch.float64))
+    out[prefix + "gelu1_table"] = gelu_table(scales[0])
+    out[prefix + "gelu2_table"] = gelu_table(scales[1])
+    out[prefix + "out_exp_table"] = exp_table(OUT_ONE, OUT_LEN)
+    return out
+
+
+def bits_cost(tables: torch.Tensor, bits01: torch.Tensor, kept: torch.Tensor) -> float:
+    """Ideal code length in bits of the kept bits under integer tables (N, L, 2)."""
+    t = tables.double()
+    p = torch.gather(t, -1, bits01.long()[..., None])[..., 0] / t.sum(-1)
+    return float(-(torch.log2(p) * kept).sum())
+
