@@ -1,8 +1,10 @@
-"""The .bsq container, versions 1.x and 2.0: header, tile table, optional chunks, streams, CRC-32s.
+"""The .bsq container, versions 1.x and 2.x: header, tile table, optional chunks, streams, CRC-32s.
 
 Version 2.0 (written since bsqcodec 0.4) keeps 1.x's layout and makes its header smaller: a 16-byte model
 hash, no tile count (the geometry gives it), stream and chunk lengths as LEB128 varints and a one-byte
-chunk count (its streams are also trimmed to the byte: entropy.py). Files of every 1.x version are
+chunk count (its streams are also trimmed to the byte: entropy.py). Version 2.1 adds a second token
+stage: a critical `Rstg` chunk describes it and its streams follow the first stage's payload CRC, with a
+CRC of their own; without them the file is the first stage's 2.0 file. Files of every 1.x version are
 still read.
 
 Standard library only. `formats/bsq.md` is the normative description; this module follows it
@@ -20,9 +22,13 @@ from .errors import ChecksumError, FormatError, LimitError, VersionError
 
 MAGIC = b"BSQC"
 MAJOR = 2  # the version writers use
-MINORS = {1: 2, 2: 0}  # the newest minor of each major this module reads and writes
+MINORS = {1: 2, 2: 1}  # the newest minor of each major this module reads and writes
 HASH_BYTES = {1: 32, 2: 16}  # the model hash in the header: SHA-256, whole (1.x) or its first 16 bytes
 TOKEN_CRC = b"tCRC"  # 1.2: CRC-32 of the decoded tokens (section 5 of formats/bsq.md)
+SECOND = b"Rstg"  # 2.1: the second token stage (section 11 of formats/bsq.md)
+BAND2 = 64  # rows of second-stage tokens per band of its streams
+MAX_CHOICES = 64
+MAX_BITS2 = 32
 MAX_BITS_V1_0 = 32  # 1.1 widened token bits to 48
 MAX_DIM = 16384  # width and height are 1..MAX_DIM
 DEFAULT_MAX_PIXELS = 89_478_485  # the pixel budget of encode and decode unless raised (Pillow's own default)
@@ -60,6 +66,64 @@ def token_crc(tokens) -> bytes:
 
 
 @dataclass
+class SecondStage:
+    """The second token stage of a 2.1 file: its geometry, model, budget-map table, token CRC and streams."""
+
+    patch: int  # P2, pixels per second-stage token side; the first stage's P is a multiple of it
+    bits: int  # L2, bits per second-stage token
+    table: list[int]  # the budget map's table: one positive integer per choice of the stage's model
+    model_hash: bytes  # the first 16 bytes of the stage's model hash
+    token_crc: int  # CRC-32 of the second-stage tokens (section 11)
+    streams: list[bytes] = field(default_factory=list)  # the map's stream, pass 0 of every band, pass 1 of every band
+
+    def bands(self, header: "Header") -> int:
+        """Bands of BAND2 second-stage token rows (the first stage's rows times P / P2)."""
+        return -(-header.grid[0] * (header.patch // self.patch) // BAND2)
+
+    def validate(self, header: "Header") -> None:
+        if header.major != 2 or header.minor < 1:
+            raise FormatError("a second stage needs format version 2.1")
+        if not (1 <= self.patch <= 64) or header.patch % self.patch:
+            raise FormatError(f"bad second-stage patch {self.patch} (a divisor of the patch {header.patch})")
+        if not (1 <= self.bits <= MAX_BITS2):
+            raise FormatError(f"bad second-stage token bits {self.bits}")
+        if not (2 <= len(self.table) <= MAX_CHOICES) or min(self.table) < 1:
+            raise FormatError("bad budget-map table")
+        if len(self.model_hash) != HASH_BYTES[2]:
+            raise FormatError("bad second-stage model hash")
+        if len(self.streams) != 1 + 2 * self.bands(header):
+            raise FormatError(f"the second stage has {len(self.streams)} streams, its geometry needs {1 + 2 * self.bands(header)}")
+
+    def chunk(self) -> bytes:
+        """The Rstg chunk's content."""
+        out = bytearray([self.patch, self.bits, len(self.table)])
+        out += b"".join(varint(t) for t in self.table)
+        out += self.model_hash + struct.pack("<I", self.token_crc)
+        out += b"".join(varint(len(s)) for s in self.streams)
+        return bytes(out)
+
+    @classmethod
+    def parse(cls, data: bytes, header: "Header") -> tuple["SecondStage", list[int]]:
+        """The Rstg chunk's content -> (the stage without its streams, their lengths)."""
+        r = _Reader(data)
+        patch, bits, n = r.take(3, "Rstg chunk")
+        if not (2 <= n <= MAX_CHOICES):
+            raise FormatError("bad budget-map table")
+        table = [r.varint("Rstg chunk") for _ in range(n)]
+        model_hash = r.take(HASH_BYTES[2], "Rstg chunk")
+        (crc,) = struct.unpack("<I", r.take(4, "Rstg chunk"))
+        stage = cls(patch, bits, table, model_hash, crc)
+        if not (1 <= patch <= 64) or header.patch % patch:  # checked before the count of lengths is computed
+            raise FormatError(f"bad second-stage patch {patch} (a divisor of the patch {header.patch})")
+        lengths = [r.varint("Rstg chunk") for _ in range(1 + 2 * stage.bands(header))]
+        if r.pos != len(data):
+            raise FormatError("bad Rstg chunk (bytes after its stream lengths)")
+        stage.streams = [b""] * len(lengths)
+        stage.validate(header)
+        return stage, lengths
+
+
+@dataclass
 class Header:
     width: int
     height: int
@@ -72,8 +136,9 @@ class Header:
     model_hash: bytes  # SHA-256 of the model's canonical weights: whole in 1.x, its first 16 bytes in 2.0
     colour: int = COLOUR_SRGB8
     minor: int = 0
-    chunks: list[tuple[bytes, bytes]] = field(default_factory=list)  # (4-byte type, data)
+    chunks: list[tuple[bytes, bytes]] = field(default_factory=list)  # (4-byte type, data); Rstg is `second`'s
     major: int = MAJOR
+    second: SecondStage | None = None  # 2.1: the second token stage
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -127,6 +192,10 @@ class Header:
         crcs = [d for t, d in self.chunks if t == TOKEN_CRC]
         if len(crcs) > 1 or any(len(d) != 4 for d in crcs):
             raise FormatError("bad tCRC chunk (one chunk of 4 bytes)")
+        if any(t == SECOND for t, _ in self.chunks):
+            raise FormatError("the Rstg chunk is written from the header's second stage, not given as a chunk")
+        if self.second is not None:
+            self.second.validate(self)
 
 
 def pack(header: Header, streams: list[bytes]) -> bytes:
@@ -148,13 +217,29 @@ def pack(header: Header, streams: list[bytes]) -> bytes:
         for t, d in header.chunks:
             out += t + struct.pack("<I", len(d)) + d
     else:
+        chunks = header.chunks + ([(SECOND, header.second.chunk())] if header.second is not None else [])
+        if len(chunks) > MAX_CHUNKS:
+            raise FormatError("too many chunks")
         out += b"".join(varint(len(s)) for s in streams)
-        out += bytes([len(header.chunks)])
-        for t, d in header.chunks:
+        out += bytes([len(chunks)])
+        for t, d in chunks:
             out += t + varint(len(d)) + d
     out += struct.pack("<I", zlib.crc32(out))
     payload = b"".join(streams)
-    return bytes(out) + payload + struct.pack("<I", zlib.crc32(payload))
+    out += payload + struct.pack("<I", zlib.crc32(payload))
+    if header.second is not None:
+        payload2 = b"".join(header.second.streams)
+        out += payload2 + struct.pack("<I", zlib.crc32(payload2))
+    return bytes(out)
+
+
+def first_stage(data: bytes, preset: str) -> bytes:
+    """A 2.1 file cut to its first token grid: the 2.0 file of its first stage (named `preset`)."""
+    header, streams = unpack(data)
+    if header.second is None:
+        return bytes(data)
+    header.second, header.minor, header.preset = None, 0, preset
+    return pack(header, streams)
 
 
 MAX_VARINT_BYTES = 4  # lengths below 2^28
@@ -261,28 +346,49 @@ def unpack(data: bytes) -> tuple[Header, list[bytes]]:
         preset = name.decode("ascii")
     except UnicodeDecodeError:
         raise FormatError("bad preset name") from None
+    second = [d for t, d in chunks if t == SECOND]
+    chunks = [(t, d) for t, d in chunks if t != SECOND]
     header = Header(width, height, patch, bits, groups, trows, tcols, preset, mhash, colour, minor, chunks, major)
     header.validate()
     for t, _ in chunks:
         if t[:1].isupper():
             raise FormatError(f"unknown critical chunk {t.decode('ascii')!r}")
+    lengths2 = None
+    if second:
+        if major != 2 or minor < 1:
+            raise FormatError(f"unknown critical chunk 'Rstg' (a second stage needs format version 2.1, not {major}.{minor})")
+        if len(second) > 1:
+            raise FormatError("more than one Rstg chunk")
+        header.second, lengths2 = SecondStage.parse(second[0], header)
     if ntiles != header.tiles:
         raise FormatError(f"tile table has {ntiles} entries, the geometry needs {header.tiles}")
     total = sum(lengths)
     payload = r.take(total, "payload")
     (pcrc,) = struct.unpack("<I", r.take(4, "payload checksum"))
+    if lengths2 is not None:
+        payload2 = r.take(sum(lengths2), "second-stage payload")
+        (pcrc2,) = struct.unpack("<I", r.take(4, "second-stage payload checksum"))
     if r.pos != len(data):
         raise FormatError("trailing bytes after the payload checksum")
     if zlib.crc32(payload) != pcrc:
         raise ChecksumError("payload checksum mismatch (the file is corrupt)")
+    if lengths2 is not None:
+        if zlib.crc32(payload2) != pcrc2:
+            raise ChecksumError("second-stage payload checksum mismatch (the file is corrupt)")
+        header.second.streams = _split(payload2, lengths2)
+    return header, _split(payload, lengths)
+
+
+def _split(payload: bytes, lengths) -> list[bytes]:
     streams, pos = [], 0
     for n in lengths:
         streams.append(payload[pos : pos + n])
         pos += n
-    return header, streams
+    return streams
 
 
 def header_size(data: bytes) -> int:
     """Bytes before the payload (header, tile table, chunks, header CRC) of a valid file."""
     h, streams = unpack(data)
-    return len(data) - sum(len(s) for s in streams) - 4
+    tail = sum(len(s) for s in h.second.streams) + 4 if h.second is not None else 0
+    return len(data) - sum(len(s) for s in streams) - 4 - tail

@@ -147,3 +147,90 @@ class TestContainer:
         blob = self._blob()
         h, streams = container.unpack(blob)
         assert container.header_size(blob) + sum(map(len, streams)) + 4 == len(blob)
+
+
+class TestSecondStage:
+    """2.1: a second token stage (section 11): its chunk, its payload after the first, and the cut back to 2.0."""
+
+    def _pair(self):
+        h = Header(40, 150, 8, 12, 2, 4, 5, "tiny", bytes(range(16)), chunks=[(b"tCRC", b"\1\2\3\4")])
+        streams = [bytes([i]) * (3 + i) for i in range(h.tiles)]
+        # second grid: 19 rows of 8-pixel tokens, 4-pixel tokens below: 38 rows, one band
+        second = container.SecondStage(4, 24, [5, 1, 3], bytes(range(16, 32)), 0xDEADBEEF,
+                                       [b"map", b"p0", b"p1"])
+        two = Header(40, 150, 8, 12, 2, 4, 5, "tiny-r", bytes(range(16)), minor=1,
+                     chunks=[(b"tCRC", b"\1\2\3\4")], second=second)
+        return h, two, streams
+
+    def test_round_trip_and_the_cut_to_the_first_grid(self):
+        h, two, streams = self._pair()
+        blob = container.pack(two, streams)
+        h2, s2 = container.unpack(blob)
+        assert h2 == two and s2 == streams and h2.second.streams == [b"map", b"p0", b"p1"]
+        assert container.first_stage(blob, "tiny") == container.pack(h, streams)  # the first stage's own 2.0 file
+        assert container.header_size(blob) == len(blob) - sum(map(len, streams)) - 4 - (3 + 4 + 4)
+
+    def test_bands_follow_the_second_grid(self):
+        h, two, streams = self._pair()
+        two.height = 8 * 40  # 40 first-stage rows, 80 second-stage rows: two bands of 64
+        two.second.streams = [b"m", b"a", b"b", b"c", b"d"]
+        two.tile_rows = 64
+        assert two.second.bands(two) == 2
+        h2, s2 = container.unpack(container.pack(two, [b"x"] * two.tiles))
+        assert h2.second.streams == [b"m", b"a", b"b", b"c", b"d"]
+        two.second.streams = [b"m", b"a", b"b"]
+        with pytest.raises(FormatError, match="streams"):
+            container.pack(two, [b"x"] * two.tiles)
+
+    def test_every_truncation_and_byte_change_is_rejected(self):
+        _, two, streams = self._pair()
+        blob = container.pack(two, streams)
+        for n in range(len(blob)):
+            with pytest.raises(FormatError):
+                container.unpack(blob[:n])
+        for i in range(len(blob)):
+            bad = bytearray(blob)
+            bad[i] ^= 0x10
+            with pytest.raises(BsqError):
+                container.unpack(bytes(bad))
+        with pytest.raises(FormatError, match="trailing"):
+            container.unpack(blob + b"\0")
+
+    def _with_chunk(self, data: bytes, minor=1, major=2):
+        """A file whose header holds this Rstg chunk content (CRCs right), with the second payload it names."""
+        h, _, streams = self._pair()
+        h.major, h.minor = major, minor
+        raw = bytearray(container.pack(h, streams))
+        # rebuild by hand: the chunk count byte and the chunk go before the header CRC
+        head_end = container.header_size(bytes(raw))
+        body = raw[: head_end - 4]
+        tcrc_at = body.rindex(b"tCRC")
+        body[tcrc_at - 1] += 1  # chunk count
+        body += b"Rstg" + container.varint(len(data)) + data
+        body += struct.pack("<I", zlib.crc32(bytes(body)))
+        payload = b"".join(streams)
+        tail = b"map" + b"p0" + b"p1"
+        return bytes(body) + payload + struct.pack("<I", zlib.crc32(payload)) + tail + struct.pack("<I", zlib.crc32(tail))
+
+    def test_a_hand_built_file_reads_and_each_bad_field_is_named(self):
+        ok = bytes([4, 24, 3]) + bytes([5, 1, 3]) + bytes(range(16, 32)) + struct.pack("<I", 7) + bytes([3, 2, 2])
+        h, _ = container.unpack(self._with_chunk(ok))
+        assert h.second.patch == 4 and h.second.table == [5, 1, 3] and h.second.streams == [b"map", b"p0", b"p1"]
+        cases = {
+            "version 2.1": self._with_chunk(ok, minor=0),
+            "second-stage patch": self._with_chunk(bytes([3]) + ok[1:]),  # not a divisor of 8
+            "token bits": self._with_chunk(bytes([4, 33]) + ok[2:]),
+            "budget-map table": self._with_chunk(bytes([4, 24, 3, 5, 0, 3]) + ok[6:]),  # a zero entry
+            "after its stream lengths": self._with_chunk(ok + b"\0"),
+        }
+        for what, blob in cases.items():
+            with pytest.raises(FormatError, match=what):
+                container.unpack(blob)
+        with pytest.raises(FormatError, match="budget-map table"):
+            container.unpack(self._with_chunk(bytes([4, 24, 1, 5]) + ok[6:]))  # one choice
+
+    def test_the_rstg_chunk_is_not_a_plain_chunk(self):
+        h, _, streams = self._pair()
+        h.chunks = [(b"Rstg", b"")]
+        with pytest.raises(FormatError, match="Rstg"):
+            container.pack(h, streams)
