@@ -54,7 +54,8 @@ def context(base_bits: torch.Tensor, bits01: torch.Tensor, budget: torch.Tensor,
 class IntBitPrior:
     """The bit prior's integer path, built from exported integer tensors (names under `prefix`)."""
 
-    def __init__(self, t: dict[str, torch.Tensor], prefix: str = "bits.", device="cpu") -> None:
+    def __init__(self, t: dict[str, torch.Tensor], budget: bool = True, prefix: str = "bits.", device="cpu") -> None:
+        self.budget = budget  # whether the context ends with the token's budget (the model's config says)
         self.layers = [IntLinear(t, prefix + n, device) for n in LAYERS]
         self.gelu = [t[f"{prefix}gelu{i}_table"].to(device=device, dtype=torch.float64) for i in (1, 2)]
         for g in self.gelu:

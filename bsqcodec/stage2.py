@@ -1,0 +1,103 @@
+"""The second token stage's streams: (budget map, second-stage bits) <-> bytes (formats/bsq.md, section 11).
+
+The budget map holds one choice per first-stage token (a region of r x r second-stage tokens, r = P / P2);
+a token keeps the first choices[map] bits of its L2. The map is one stream under the file's table. The
+kept bits are coded band by band (BAND2 rows of second-stage tokens) in two checkerboard passes: pass 0
+(tokens with even row + column) first for every band, then pass 1, each bit under the integer bit prior's
+table for it (intbits.py). Tables of a pass depend only on the first-stage tokens and, for pass 1, on
+pass 0's bits, so every table of a band's pass is computed at once, and the streams of one pass are
+independent of each other.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+
+from . import entropy
+from .container import BAND2
+from .errors import FormatError
+from .intbits import IntBitPrior, context
+from .residual import BitPrior
+from .tokenizer import tokens_to_bits
+
+
+def budgets(region_choice: np.ndarray, choices, ratio: int) -> torch.Tensor:
+    """(h, w) indices into choices -> (h * ratio, w * ratio) bits kept per second-stage token."""
+    k = np.asarray(choices, dtype=np.int64)[np.asarray(region_choice)]
+    return torch.from_numpy(k.repeat(ratio, 0).repeat(ratio, 1))
+
+
+def map_table(region_choice: np.ndarray, n: int) -> list[int]:
+    """The budget map's table as an encoder writes it: each choice's count, at least 1."""
+    return [max(1, int(c)) for c in np.bincount(np.asarray(region_choice).ravel(), minlength=n)]
+
+
+def token_crc(bits01: torch.Tensor, budget: torch.Tensor) -> int:
+    """CRC-32 of the second-stage tokens in raster order, each a little-endian u32 of its kept bits (first bit
+    most significant, bits not kept 0)."""
+    L = bits01.shape[-1]
+    kept = torch.arange(L)[None, None, :] < budget[..., None]
+    weights = torch.tensor([2 ** (L - 1 - i) for i in range(L)], dtype=torch.int64)
+    tokens = ((bits01.long() * kept) * weights).sum(-1)
+    return zlib.crc32(np.ascontiguousarray(tokens.numpy().astype("<u4")).tobytes())
+
+
+def _pass_rows(H: int, W: int, band: int, p: int, L: int, budget: torch.Tensor) -> tuple[slice, torch.Tensor]:
+    """Rows of a band and the (rows, W, L) mask of the bits its pass p codes, in stream order."""
+    rows = slice(band * BAND2, min(H, (band + 1) * BAND2))
+    y = torch.arange(H)[rows][:, None]
+    on = ((y + torch.arange(W)[None, :]) % 2 == p)[..., None]
+    return rows, on & (torch.arange(L)[None, None, :] < budget[rows][..., None])
+
+
+def encode(prior: IntBitPrior, base_tokens: np.ndarray, base_bits: int, bits01: torch.Tensor, region_choice: np.ndarray,
+           choices, ratio: int, table: list[int]) -> list[bytes]:
+    """Streams of the second stage: the map's, then pass 0 of every band, then pass 1 of every band (trimmed).
+
+    bits01 (H, W, L2) 0/1, the second-stage tokens' bits (those not kept are not read)."""
+    H, W, L = bits01.shape
+    b1 = tokens_to_bits(torch.as_tensor(np.asarray(base_tokens, dtype=np.int64)), base_bits)
+    budget = budgets(region_choice, choices, ratio)
+    rc = np.asarray(region_choice).ravel()
+    streams = [entropy.encode(rc, np.tile(np.asarray(table, np.float64), (len(rc), 1)), trimmed=True)]
+    for p in (0, 1):
+        for band in range(-(-H // BAND2)):
+            rows, mask = _pass_rows(H, W, band, p, L, budget)
+            tab = prior.tables(context(b1, bits01, budget, ratio, rows, prior.budget))
+            streams.append(entropy.encode(bits01[rows][mask].numpy(), tab[mask].numpy(), trimmed=True))
+    return streams
+
+
+def decode(prior: IntBitPrior, base_tokens: np.ndarray, base_bits: int, streams: list[bytes], table: list[int],
+           choices, ratio: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The streams of encode() -> (bits01 (H, W, L) with bits not kept 0, budget (H, W)); each stream is verified."""
+    h, w = np.asarray(base_tokens).shape
+    H, W = h * ratio, w * ratio
+    if len(table) != len(choices):
+        raise FormatError(f"the budget-map table has {len(table)} entries, the second-stage model {len(choices)} choices")
+    if len(streams) != 1 + 2 * -(-H // BAND2):
+        raise FormatError("wrong number of second-stage streams")
+    try:
+        rc = entropy.decode(streams[0], np.tile(np.asarray(table, np.float64), (h * w, 1)), trimmed=True).reshape(h, w)
+    except FormatError as e:
+        raise FormatError(f"second stage, budget map: {e}") from None
+    b1 = tokens_to_bits(torch.as_tensor(np.asarray(base_tokens, dtype=np.int64)), base_bits)
+    budget = budgets(rc, choices, ratio)
+    bits01 = torch.zeros(H, W, L, dtype=torch.uint8)
+    if prior.context_size != BitPrior.context_size(base_bits, ratio, L, prior.budget) or prior.bits != L:
+        raise FormatError("the second-stage model does not fit the file's token geometry")
+    nb = -(-H // BAND2)
+    for p in (0, 1):
+        for band in range(nb):
+            rows, mask = _pass_rows(H, W, band, p, L, budget)
+            tab = prior.tables(context(b1, bits01, budget, ratio, rows, prior.budget))
+            try:
+                sym = entropy.decode(streams[1 + p * nb + band], tab[mask].numpy(), trimmed=True)
+            except FormatError as e:
+                raise FormatError(f"second stage, pass {p} of band {band}: {e}") from None
+            part = bits01[rows]
+            part[mask] = torch.from_numpy(sym.astype(np.uint8))
+    return bits01, budget
