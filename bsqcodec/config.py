@@ -116,6 +116,63 @@ class ModelConfig:
         )
 
 
+@dataclass(frozen=True)
+class ResidualConfig:
+    """The second token stage's coder (residual.py)."""
+
+    patch: int = 4  # P2, pixels per patch side of the second grid
+    channels: int = 128
+    bits: int = 24  # L2, bits per token (nested: a token keeps a prefix)
+    enc_blocks: int = 2
+    dec_blocks: int = 4
+
+    def __post_init__(self) -> None:
+        _check_ints(self, patch=(2, 16), channels=(1, 1024), bits=(1, 32), enc_blocks=(0, 32), dec_blocks=(0, 32))
+        if self.patch % 2:
+            raise ValueError("the residual stage needs an even patch (its output overlaps by half a patch)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SecondConfig:
+    """A second-stage model (formats/bsq.md section 11): its coder, its bit prior, its budget choices, the
+    first stage it is trained on (by name and hash) and the encoder's default rate-distortion trade-off."""
+
+    name: str
+    base: str  # the first stage's preset name
+    base_hash: str  # the first 16 bytes of the first stage's model hash, 32 lower-case hex digits
+    residual: ResidualConfig
+    prior_width: int
+    budget: bool  # the bit prior sees each token's bit count
+    choices: tuple[int, ...]  # bits a region's tokens keep, one entry per choice of the budget map
+    lam: int  # the encoder's default trade-off: squared 8-bit pixel errors per bit ("lambda" in files)
+
+    def __post_init__(self) -> None:
+        import re
+
+        if not isinstance(self.base_hash, str) or not re.fullmatch(r"[0-9a-f]{32}", self.base_hash):
+            raise ValueError("base_hash must be 32 lower-case hex digits")
+        _check_ints(self, prior_width=(1, 4096), lam=(0, 2**40))
+        if not isinstance(self.budget, bool):
+            raise ValueError("budget must be true or false")
+        c = self.choices
+        if not 2 <= len(c) <= 64 or any(isinstance(k, bool) or not isinstance(k, int) for k in c) \
+                or list(c) != sorted(set(c)) or c[0] < 0 or c[-1] > self.residual.bits:
+            raise ValueError(f"choices must be 2 to 64 rising bit counts from 0 to {self.residual.bits}")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "base": self.base, "base_hash": self.base_hash, "residual": self.residual.to_dict(),
+                "prior_width": self.prior_width, "budget": self.budget, "choices": list(self.choices), "lambda": self.lam}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SecondConfig":
+        return cls(name=str(d["name"]), base=str(d["base"]), base_hash=d["base_hash"],
+                   residual=ResidualConfig(**d["residual"]), prior_width=d["prior_width"], budget=d["budget"],
+                   choices=tuple(d["choices"]), lam=d["lambda"])
+
+
 SEED = ModelConfig(
     name="seed",
     tokenizer=TokenizerConfig(patch=5, channels=128, bits=10, enc_blocks=0, dec_blocks=0, overlap=False),

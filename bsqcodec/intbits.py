@@ -17,9 +17,30 @@ from __future__ import annotations
 
 import torch
 
-from .intprior import EXP_STEP, OUT_LEN, OUT_ONE, QMAX, IntLinear, _lookup, _quant_linear, exp_table, gelu_table
+from .intprior import (EXP_STEP, MAX_IN, OUT_LEN, OUT_ONE, QMAX, IntLinear, _lookup, _quant_linear, check_tensors,
+                       exp_table, gelu_table, linear_tensors)
 
 LAYERS = ("fc1", "fc2", "fc3")
+
+
+def expected_tensors(context_size: int, width: int, bits: int, prefix: str = "bits.") -> dict:
+    """Every tensor of an exported bit prior: name -> (shape, dtype, least value, greatest value)."""
+    i64 = torch.int64
+    out = {}
+    for name, n_out, n_in in (("fc1", width, context_size), ("fc2", width, width), ("fc3", bits, width)):
+        out.update(linear_tensors(prefix + name, n_out, n_in))
+    out[prefix + "gelu1_table"] = out[prefix + "gelu2_table"] = ((2 * QMAX + 1,), i64, -QMAX, QMAX)
+    out[prefix + "out_exp_table"] = ((OUT_LEN + 1,), i64, 0, OUT_ONE)
+    return out
+
+
+def validate(t: dict[str, torch.Tensor], context_size: int, width: int, bits: int, prefix: str = "bits.") -> None:
+    """ValueError naming the first tensor under `prefix` that is missing, extra or wrong."""
+    if max(context_size, width) > MAX_IN:
+        raise ValueError(f"the bit prior is wider than {MAX_IN}, too wide for exact products")
+    check_tensors(expected_tensors(context_size, width, bits, prefix), {k: v for k, v in t.items() if k.startswith(prefix)})
+    if int(t[prefix + "out_exp_table"][0]) < 1:
+        raise ValueError(f"tensor '{prefix}out_exp_table' must start with a positive entry")
 
 
 def context(base_bits: torch.Tensor, bits01: torch.Tensor, budget: torch.Tensor, ratio: int, rows: slice | None = None,

@@ -235,10 +235,7 @@ def expected_tensors(cfg: PriorConfig) -> dict[str, tuple[tuple[int, ...], torch
     }
 
     def linear(name: str, n_out: int, n_in: int) -> None:
-        out[f"{name}.w"] = ((n_out, n_in), i8, -127, 127)
-        out[f"{name}.m"] = ((n_out,), i64, 1, 2**MULT_BITS - 1)
-        out[f"{name}.s"] = ((), i64, 2, 60)
-        out[f"{name}.b"] = ((n_out,), i64, -(2**31), 2**31)
+        out.update(linear_tensors(name, n_out, n_in))
 
     for i in range(cfg.layers):
         p = f"blocks.{i}."
@@ -254,11 +251,25 @@ def expected_tensors(cfg: PriorConfig) -> dict[str, tuple[tuple[int, ...], torch
     return out
 
 
+def linear_tensors(name: str, n_out: int, n_in: int) -> dict[str, tuple[tuple[int, ...], torch.dtype, float, float]]:
+    """The tensors of one IntLinear layer and their bounds (as expected_tensors gives them)."""
+    i64 = torch.int64
+    return {f"{name}.w": ((n_out, n_in), torch.int8, -127, 127), f"{name}.m": ((n_out,), i64, 1, 2**MULT_BITS - 1),
+            f"{name}.s": ((), i64, 2, 60), f"{name}.b": ((n_out,), i64, -(2**31), 2**31)}
+
+
 def validate(cfg: PriorConfig, t: dict[str, torch.Tensor]) -> None:
     """ValueError naming the first tensor that is missing, extra, or of the wrong shape, dtype or range."""
     if cfg.dim * cfg.mlp_ratio > MAX_IN:
         raise ValueError(f"the MLP is wider than {MAX_IN}, too wide for exact products")
-    want = expected_tensors(cfg)
+    check_tensors(expected_tensors(cfg), t)
+    if int(t["att_exp_table"][0]) < 1:  # the largest dot's weight: attention never divides by 0
+        raise ValueError("tensor 'att_exp_table' must start with a positive weight")
+
+
+def check_tensors(want: dict, t: dict[str, torch.Tensor]) -> None:
+    """ValueError naming the first tensor of `want` (name -> shape, dtype, bounds) that t lacks or holds wrongly,
+    or the first tensor of t that `want` does not name."""
     extra = sorted(set(t) - set(want))
     if extra:
         raise ValueError(f"unexpected tensor {extra[0]!r}")
@@ -271,8 +282,6 @@ def validate(cfg: PriorConfig, t: dict[str, torch.Tensor]) -> None:
         least, most = torch.aminmax(v) if v.numel() else (lo, hi)
         if int(least) < lo or int(most) > hi:
             raise ValueError(f"tensor {name!r} has values outside {lo}..{hi}")
-    if int(t["att_exp_table"][0]) < 1:  # the largest dot's weight: attention never divides by 0
-        raise ValueError("tensor 'att_exp_table' must start with a positive weight")
 
 
 class IntPrior:

@@ -16,11 +16,12 @@ import os
 import struct
 from pathlib import Path
 
-from .config import INTPRIOR_VERSION, ModelConfig
+from .config import INTPRIOR_VERSION, ModelConfig, SecondConfig
 from .errors import ModelError
 
 MODELS_DIR = Path(__file__).parent / "models"
 FORMAT = "bsqcodec-model-1"
+SECOND_FORMAT = "bsqcodec-second-1"  # a second-stage model (formats/bsq.md section 11)
 MAX_HEADER = 1 << 24
 # safetensors dtype -> (torch's name, as the canonical hash spells it; bytes per element)
 DTYPES = {"BOOL": ("torch.bool", 1), "U8": ("torch.uint8", 1), "I8": ("torch.int8", 1), "I16": ("torch.int16", 2),
@@ -44,22 +45,24 @@ def _header(f, path, size: int) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def config_of(path, meta) -> ModelConfig:
-    """The config a model file's metadata holds, after checking its format and integer prior version."""
+def config_of(path, meta) -> ModelConfig | SecondConfig:
+    """The config a model file's metadata holds (a second-stage model's by its format), after checking its
+    format and integer prior version."""
     meta = meta or {}
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, SECOND_FORMAT):
         raise ModelError(f"{path} is not a bsqcodec model file")
     version = meta.get("intprior", "1")  # files from before the key existed are version 1
     if version != INTPRIOR_VERSION:
         raise ModelError(f"{path} needs integer prior arithmetic version {version}; this bsqcodec "
                          f"implements version {INTPRIOR_VERSION} (formats/intprior.md)")
+    kind = SecondConfig if meta["format"] == SECOND_FORMAT else ModelConfig
     try:
-        return ModelConfig.from_dict(json.loads(meta["config"]))
+        return kind.from_dict(json.loads(meta["config"]))
     except (KeyError, TypeError, ValueError, ArithmeticError) as e:
         raise ModelError(f"bad model file {path}: bad config ({e})") from None
 
 
-def summary(path: str | os.PathLike) -> tuple[ModelConfig, bytes]:
+def summary(path: str | os.PathLike) -> tuple[ModelConfig | SecondConfig, bytes]:
     """(config, canonical SHA-256) of a model file; ModelError for anything that is not a readable one."""
     path = Path(path)
     try:
@@ -85,11 +88,15 @@ def summary(path: str | os.PathLike) -> tuple[ModelConfig, bytes]:
     return config, digest(config, entries)
 
 
-def digest(config: ModelConfig, entries) -> bytes:
-    """The canonical SHA-256 of a model (formats/bsq.md section 6): its config, then each tensor in name order
-    as (name, type name as torch spells it, shape tuple, little-endian bytes)."""
+def format_of(config: ModelConfig | SecondConfig) -> str:
+    return SECOND_FORMAT if isinstance(config, SecondConfig) else FORMAT
+
+
+def digest(config: ModelConfig | SecondConfig, entries) -> bytes:
+    """The canonical SHA-256 of a model (formats/bsq.md sections 6 and 11): its format, its config, then each
+    tensor in name order as (name, type name as torch spells it, shape tuple, little-endian bytes)."""
     h = hashlib.sha256()
-    h.update(FORMAT.encode())
+    h.update(format_of(config).encode())
     h.update(json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")).encode())
     for name, dtype, shape, data in sorted(entries, key=lambda e: e[0]):
         h.update(f"\n{name}|{dtype}|{tuple(shape)}\n".encode())
@@ -97,7 +104,7 @@ def digest(config: ModelConfig, entries) -> bytes:
     return h.digest()
 
 
-def installed(models_dir: Path = MODELS_DIR) -> tuple[dict[str, tuple[str, bytes, ModelConfig]], dict[str, str]]:
+def installed(models_dir: Path = MODELS_DIR) -> tuple[dict[str, tuple[str, bytes, ModelConfig | SecondConfig]], dict[str, str]]:
     """({preset name: (file, hash, config)} of every readable model file in models_dir, {file stem: error} of the rest)."""
     out, broken = {}, {}
     for p in sorted(Path(models_dir).glob("*.safetensors")):

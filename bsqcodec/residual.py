@@ -11,33 +11,13 @@ exactly what this stage starts from.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import _check_ints
+from .config import ResidualConfig
 from .tokenizer import BSQ, ResBlock, _to_pixels
-
-
-@dataclass(frozen=True)
-class ResidualConfig:
-    patch: int = 4  # pixels per patch side of the second grid
-    channels: int = 128
-    bits: int = 24  # L, bits per token (nested: rungs keep a prefix)
-    enc_blocks: int = 2
-    dec_blocks: int = 4
-
-    def __post_init__(self) -> None:
-        _check_ints(self, patch=(2, 16), channels=(1, 1024), bits=(1, 48), enc_blocks=(0, 32), dec_blocks=(0, 32))
-        if self.patch % 2:
-            raise ValueError("the residual stage needs an even patch (its output overlaps by half a patch)")
-
-    def to_dict(self) -> dict:
-        import dataclasses
-
-        return dataclasses.asdict(self)
 
 
 class ResidualCoder(nn.Module):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import modelfile
-from .config import ModelConfig
+from .config import ModelConfig, SecondConfig
 from .errors import ModelError, ModelNotFoundError
 from .intprior import VERSION as INTPRIOR_VERSION
 from .intprior import IntPrior
@@ -63,18 +63,20 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.contiguous()
 
 
-def _tokenizer_tensors(state: dict) -> dict[str, torch.Tensor]:
+def float_tensors(state: dict, pre: str = "tokenizer.") -> dict[str, torch.Tensor]:
+    """A float network's state as a model file stores it, names under `pre`: int8 and a scale per output
+    channel for weights of two or more dims, float16 for the rest."""
     out = {}
     for k, v in state.items():
         if v.dim() >= 2:
-            out[f"tokenizer.{k}"], out[f"tokenizer.{k}.scale"] = quantize_weight(v)
+            out[f"{pre}{k}"], out[f"{pre}{k}.scale"] = quantize_weight(v)
         else:
-            out[f"tokenizer.{k}"] = v.detach().half().cpu().contiguous()
+            out[f"{pre}{k}"] = v.detach().half().cpu().contiguous()
     return out
 
 
-def _tokenizer_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    pre = "tokenizer."
+def float_state(tensors: dict[str, torch.Tensor], pre: str = "tokenizer.") -> dict[str, torch.Tensor]:
+    """float_tensors' inverse: the float32 state of the network whose tensors are under `pre`."""
     out = {}
     for k, v in tensors.items():
         if not k.startswith(pre) or k.endswith(".scale"):
@@ -96,42 +98,48 @@ def _meta_tokenizer(cfg) -> Tokenizer:
         return Tokenizer(cfg)
 
 
-def _check_tokenizer_tensors(tok: Tokenizer, tensors: dict[str, torch.Tensor]) -> None:
-    """ModelError unless the tokenizer tensors are exactly tok's: names, shapes, dtypes, finite."""
-    want = {k: tuple(v.shape) for k, v in tok.state_dict().items()}
+def check_float_tensors(net: torch.nn.Module, tensors: dict[str, torch.Tensor], pre: str = "tokenizer.") -> None:
+    """ModelError unless the tensors under `pre` are exactly net's (as float_tensors stores them): names,
+    shapes, dtypes, finite."""
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     if sum(math.prod(s) for s in want.values()) > MAX_TOKENIZER_PARAMS:
-        raise ModelError("bad model file: its tokenizer is too large")
-    names = {f"tokenizer.{k}" for k in want} | {f"tokenizer.{k}.scale" for k, s in want.items() if len(s) >= 2}
-    extra = sorted(k for k in tensors if k.startswith("tokenizer.") and k not in names)
+        raise ModelError(f"bad model file: its {pre[:-1]} is too large")
+    names = {f"{pre}{k}" for k in want} | {f"{pre}{k}.scale" for k, s in want.items() if len(s) >= 2}
+    extra = sorted(k for k in tensors if k.startswith(pre) and k not in names)
     if extra:
         raise ModelError(f"bad model file: unexpected tensor {extra[0]!r}")
     floats = (torch.float16, torch.float32)
     for k, shape in want.items():
-        v, scale = tensors.get(f"tokenizer.{k}"), tensors.get(f"tokenizer.{k}.scale")
+        v, scale = tensors.get(f"{pre}{k}"), tensors.get(f"{pre}{k}.scale")
         if v is None:
-            raise ModelError(f"bad model file: missing tensor 'tokenizer.{k}'")
+            raise ModelError(f"bad model file: missing tensor '{pre}{k}'")
         ok = tuple(v.shape) == shape and (v.dtype == torch.int8 if scale is not None else v.dtype in floats)
         if scale is not None:
             ok = ok and tuple(scale.shape) == shape[:1] and scale.dtype in floats and bool(torch.isfinite(scale).all())
         elif ok:
             ok = bool(torch.isfinite(v).all())
         if not ok:
-            raise ModelError(f"bad model file: tensor 'tokenizer.{k}' has the wrong shape, type or values")
+            raise ModelError(f"bad model file: tensor '{pre}{k}' has the wrong shape, type or values")
 
 
 def build(config: ModelConfig, tokenizer_state: dict, prior_tensors: dict, device="cpu") -> Model:
     # the tokenizer ships as int8 weights (half the bytes of float16); it computes in float32 after loading
-    tensors = _tokenizer_tensors(tokenizer_state)
+    tensors = float_tensors(tokenizer_state)
     tensors.update({f"prior.{k}": v.detach().cpu().contiguous() for k, v in prior_tensors.items()})
     return from_tensors(config, tensors, device)
 
 
-def from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], device="cpu") -> Model:
+def from_tensors(config, tensors: dict[str, torch.Tensor], device="cpu"):
+    """The Model of a config and its tensors, or the second.SecondModel of a second-stage model's config."""
+    if isinstance(config, SecondConfig):
+        from . import second
+
+        return second.from_tensors(config, tensors)
     if config.tokenizer.bits != config.prior.bits:
         raise ModelError("tokenizer and prior disagree on bits per token")
     tok = _meta_tokenizer(config.tokenizer)
-    _check_tokenizer_tensors(tok, tensors)
-    tstate = _tokenizer_state(tensors)
+    check_float_tensors(tok, tensors)
+    tstate = float_state(tensors)
     try:
         tok.load_state_dict(tstate, strict=True, assign=True)
         prior = IntPrior(config.prior, {k[len("prior."):]: v for k, v in tensors.items() if k.startswith("prior.")}, device)
@@ -147,7 +155,8 @@ def save(model: Model, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(model.tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(model.config.to_dict()),
+    save_file(model.tensors, str(tmp), metadata={"format": modelfile.format_of(model.config),
+                                                 "config": json.dumps(model.config.to_dict()),
                                                  "intprior": INTPRIOR_VERSION})
     os.replace(tmp, path)
 
