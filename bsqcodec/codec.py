@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import container, entropy, images, search, weights
+from . import container, entropy, images, search, twostage, weights
 from . import workers as workers_mod
 from .config import DEFAULT_BATCH_TILES, LADDER, MAX_BATCH_TILES
 from .container import Header
@@ -21,6 +21,7 @@ from .errors import FormatError, TargetError
 from .metrics import psnr  # noqa: F401  (re-exported: codec.psnr)
 from .autoregress import run_tiles
 from .cpu import single_threaded_kernels
+from .second import SecondModel
 from .tokenizer import join_groups, split_groups
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -36,8 +37,8 @@ class Encoded:
     header: Header
 
 
-def _model(model: weights.Model | str | None) -> weights.Model:
-    if isinstance(model, weights.Model):
+def _model(model: weights.Model | SecondModel | str | None) -> weights.Model | SecondModel:
+    if isinstance(model, (weights.Model, SecondModel)):
         return model
     return weights.preset(model or "default")
 
@@ -155,11 +156,43 @@ def search_tokens(model: weights.Model, arr: np.ndarray, effort: int, progress: 
     return search.refine(model.tokenizer, latent, arr, steps, costs, search.rate_weight(model.config.tokenizer.bits), progress)
 
 
-def encode_array(arr: np.ndarray, model: weights.Model | str | None = None, icc: bytes | None = None,
-                 progress: Progress | None = None, effort: int = search.DEFAULT_EFFORT) -> Encoded:
-    """effort 1..9: how hard the encoder searches for better tokens (1: none; see search.py)."""
+def encode_array(arr: np.ndarray, model: weights.Model | SecondModel | str | None = None, icc: bytes | None = None,
+                 progress: Progress | None = None, effort: int = search.DEFAULT_EFFORT, lam: float | None = None,
+                 models: list | None = None) -> Encoded:
+    """effort 1..9: how hard the encoder searches for better tokens (1: none; see search.py). A second-stage
+    model codes its first stage (installed, or among `models`), then its own (lam: its rate-distortion
+    trade-off; None: the model's)."""
     model = _model(model)
+    if isinstance(model, SecondModel):
+        return _encode_two(arr, model, icc, progress, effort, lam, models)
     return encode_grid(model, search_tokens(model, arr, effort, progress), arr.shape[1], arr.shape[0], icc, progress)
+
+
+def base_model(smodel: SecondModel, models: list | None = None) -> weights.Model:
+    """The first stage a second-stage model was made for (installed, or among `models`)."""
+    return weights.find(smodel.base_hash, smodel.config.base, models)
+
+
+def _encode_two(arr: np.ndarray, smodel: SecondModel, icc, progress, effort: int, lam: float | None,
+                models: list | None) -> Encoded:
+    """A 2.1 file: the first stage's tokens and streams as its own file has them, then the second stage."""
+    base = base_model(smodel, models)
+    height, width = arr.shape[:2]
+    tokens = search_tokens(base, arr, effort, progress)
+    header = make_header(base, width, height, icc, tokens)
+    streams, est = encode_tokens(base, header, tokens, progress)
+    P = base.config.tokenizer.patch
+    base_px = padded_pixels(base, tokens)
+    header.minor, header.preset = 1, smodel.name
+    header.second = twostage.encode(smodel, _pad(arr, P), base_px, tokens.numpy(), base.config.tokenizer.bits,
+                                    width, height, lam)
+    return Encoded(container.pack(header, streams), tokens, est, header)
+
+
+def padded_pixels(model: weights.Model, tokens: torch.Tensor) -> np.ndarray:
+    """The first stage's uint8 pixels over the whole token grid (the padded image)."""
+    P = model.config.tokenizer.patch
+    return tokens_to_array(model, tokens, tokens.shape[1] * P, tokens.shape[0] * P)
 
 
 def encode_grid(model: weights.Model, tokens: torch.Tensor, width: int, height: int, icc: bytes | None = None,
@@ -325,6 +358,9 @@ def decode_detailed(data: bytes, models: list[weights.Model] | None = None, batc
     crc = header.chunk(container.TOKEN_CRC)
     if crc is not None and crc != container.token_crc(tokens.numpy()):
         raise FormatError("the decoded tokens do not match the file's token checksum (tCRC): a stream was altered")
+    if header.second is not None:
+        px = twostage.decode(header, model, tokens.numpy(), padded_pixels(model, tokens), models)
+        return header, tokens, px[: header.height, : header.width]
     arr = tokens_to_array(model, tokens, header.width, header.height)
     return header, tokens, arr
 

@@ -1,0 +1,142 @@
+"""The second token stage in a file (formats/bsq.md section 11): choose its tokens and budgets, and turn
+them back into pixels on top of the first stage's.
+
+The codec (codec.py) codes the first stage as always and hands this module the first stage's tokens and
+pixels over the padded image. The residual coder runs in strips of second-grid rows with a halo of the
+rows its convolutions see, so memory stays bounded and the strips' shapes depend only on the image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import stage2, weights
+from .container import Header, SecondStage
+from .errors import FormatError, ModelError
+from .intbits import context
+from .second import SecondModel
+from .tokenizer import tokens_to_bits
+
+STRIP2 = 64  # second-grid rows per strip of the residual coder
+
+
+def _halo(blocks: int) -> int:
+    """Rows of context a strip needs: the 3x3 input convolution, two per residual block, and the overlapping
+    output (decoder) -- one more than each side needs."""
+    return 2 + 2 * blocks
+
+
+def _to_float(px: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(px)).permute(2, 0, 1)[None].float().div_(255)
+
+
+@torch.no_grad()
+def second_bits(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray) -> torch.Tensor:
+    """The second-stage tokens' bits (H2, W2, L2) uint8 of the padded image and its first-stage pixels."""
+    coder, p = smodel.coder, smodel.config.residual.patch
+    H2 = base_px.shape[0] // p
+    halo = _halo(smodel.config.residual.enc_blocks)
+    out = []
+    for a in range(0, H2, STRIP2):
+        b = min(H2, a + STRIP2)
+        lo, hi = max(0, a - halo), min(H2, b + halo)
+        code = coder.encode_latent(_to_float(arr[lo * p : hi * p]), _to_float(base_px[lo * p : hi * p]))
+        out.append((code[0, :, a - lo : b - lo] > 0).permute(1, 2, 0).to(torch.uint8))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def pixels(smodel: SecondModel, base_px: np.ndarray, bits01: torch.Tensor, budget: torch.Tensor) -> np.ndarray:
+    """The second stage's uint8 pixels over the padded image: the first stage's plus the decoded correction."""
+    coder, p, L = smodel.coder, smodel.config.residual.patch, smodel.config.residual.bits
+    kept = torch.arange(L)[None, None, :] < budget[..., None]
+    code = ((bits01.float() * 2 - 1) * kept).permute(2, 0, 1)[None] / L**0.5  # decode_code scales by sqrt(L)
+    H2 = bits01.shape[0]
+    halo = _halo(smodel.config.residual.dec_blocks)
+    out = np.empty_like(base_px)
+    for a in range(0, H2, STRIP2):
+        b = min(H2, a + STRIP2)
+        lo, hi = max(0, a - halo), min(H2, b + halo)
+        y = coder.decode_code(code[..., lo:hi, :], _to_float(base_px[lo * p : hi * p]))
+        y = (y[0, :, (a - lo) * p : (b - lo) * p].clamp(0, 1) * 255).round()
+        out[a * p : b * p] = y.permute(1, 2, 0).to(torch.uint8).numpy()
+    return out
+
+
+def _region_sums(x: torch.Tensor, size: int) -> torch.Tensor:
+    return F.avg_pool2d(x[None, None], size, divisor_override=1)[0, 0]
+
+
+@torch.no_grad()
+def choose_budgets(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, base_tokens: np.ndarray, base_bits: int,
+                   bits01: torch.Tensor, lam: float, width: int, height: int) -> np.ndarray:
+    """The budget map (one choice per first-stage token) by a rate-distortion rule, region by region.
+
+    For each choice, every region's squared error (pixels inside the image only) with every token at that
+    choice's budget, and the bits its kept bits cost under the bit prior, are noted; each region then
+    takes the choice of least error + lam x bits.
+    """
+    cfg = smodel.config
+    p, L = cfg.residual.patch, cfg.residual.bits
+    H2, W2 = bits01.shape[:2]
+    P = base_px.shape[0] // (base_tokens.shape[0])
+    r = P // p
+    inside = torch.zeros(base_px.shape[:2])
+    inside[:height, :width] = 1
+    x = torch.from_numpy(arr.astype(np.float32))
+    b1 = tokens_to_bits(torch.as_tensor(np.asarray(base_tokens, dtype=np.int64)), base_bits)
+    cost = []
+    for k in cfg.choices:
+        budget = torch.full((H2, W2), k)
+        px = pixels(smodel, base_px, bits01, budget)  # with no bits kept, still the decoder's view of the base
+        se = ((torch.from_numpy(px.astype(np.float32)) - x) ** 2).sum(-1) * inside
+        bits = torch.zeros(H2, W2)
+        if k:
+            tab = torch.cat([smodel.prior.tables(context(b1, bits01, budget, r, slice(a, min(H2, a + STRIP2)), cfg.budget))
+                             for a in range(0, H2, STRIP2)]).double()
+            p_bit = torch.gather(tab, -1, bits01.long()[..., None])[..., 0] / tab.sum(-1)
+            bits = -(torch.log2(p_bit)[..., :k]).sum(-1).float()
+        cost.append(_region_sums(se, P) + lam * _region_sums(bits, r))
+    return torch.stack(cost).argmin(0).numpy()
+
+
+def encode(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, base_tokens: np.ndarray, base_bits: int,
+           width: int, height: int, lam: float | None = None) -> SecondStage:
+    """The second stage of a file: arr and base_px are the padded image and its first-stage pixels."""
+    cfg = smodel.config
+    bits01 = second_bits(smodel, arr, base_px)
+    lam = cfg.lam if lam is None else lam
+    pick = choose_budgets(smodel, arr, base_px, base_tokens, base_bits, bits01, lam, width, height)
+    table = stage2.map_table(pick, len(cfg.choices))
+    r = base_px.shape[0] // base_tokens.shape[0] // cfg.residual.patch
+    streams = stage2.encode(smodel.prior, base_tokens, base_bits, bits01, pick, cfg.choices, r, table)
+    crc = stage2.token_crc(bits01, stage2.budgets(pick, cfg.choices, r))
+    return SecondStage(cfg.residual.patch, cfg.residual.bits, table, smodel.sha256[:16], crc, streams)
+
+
+def find_model(header: Header, base, models=None) -> SecondModel:
+    """The second-stage model a 2.1 file names, checked against its first stage and the file's geometry."""
+    s = header.second
+    smodel = weights.find(s.model_hash, header.preset, models)
+    if not isinstance(smodel, SecondModel):
+        raise ModelError(f"the file's second stage names model {smodel.name!r}, which is not a second-stage model")
+    if smodel.base_hash != header.model_hash[:16]:
+        raise FormatError(f"the second-stage model {smodel.name!r} is for another first stage")
+    cfg = smodel.config
+    if (s.patch, s.bits, len(s.table)) != (cfg.residual.patch, cfg.residual.bits, len(cfg.choices)) or not smodel.fits(base):
+        raise FormatError("second-stage geometry does not match its model")
+    return smodel
+
+
+def decode(header: Header, base, base_tokens: np.ndarray, base_px: np.ndarray, models=None) -> np.ndarray:
+    """The uint8 pixels (padded image) of a 2.1 file's second stage; base_px: the first stage's."""
+    smodel = find_model(header, base, models)
+    cfg, s = smodel.config, header.second
+    r = header.patch // cfg.residual.patch
+    bits01, budget = stage2.decode(smodel.prior, base_tokens, header.bits, s.streams, s.table, cfg.choices, r,
+                                   cfg.residual.bits)
+    if stage2.token_crc(bits01, budget) != s.token_crc:
+        raise FormatError("the decoded second-stage tokens do not match the file's second-stage token checksum")
+    return pixels(smodel, base_px, bits01, budget)

@@ -1,0 +1,108 @@
+"""Files with a second token stage (format 2.1): encode, decode, the cut to the first stage, refusals."""
+
+import numpy as np
+import pytest
+import torch
+
+from bsqcodec import codec, container, twostage
+from bsqcodec.errors import BsqError, FormatError, ModelNotFoundError
+
+from conftest import smooth_image
+from test_second import tiny_second
+
+
+@pytest.fixture(scope="module")
+def tiny_r(tiny_model):
+    return tiny_second(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.asarray(smooth_image(np.random.default_rng(3), 45, 150))  # 150 rows: two bands of the second grid
+
+
+@pytest.fixture(scope="module")
+def two(tiny_model, tiny_r, image):
+    return codec.encode_array(image, tiny_r, effort=1, models=[tiny_model])
+
+
+def test_a_two_stage_file_decodes_to_the_first_stages_pixels_plus_the_correction(two, tiny_model, tiny_r, image):
+    h, streams = container.unpack(two.data)
+    assert (h.major, h.minor, h.preset) == (2, 1, "tiny-r") and h.second.model_hash == tiny_r.sha256[:16]
+    assert len(h.second.streams) == 1 + 2 * 2
+    header, tokens, arr = codec.decode_detailed(two.data, [tiny_model, tiny_r])
+    assert arr.shape == image.shape and torch.equal(tokens, two.tokens)
+    base = codec.padded_pixels(tiny_model, tokens)
+    assert not np.array_equal(arr, base[:150, :45])  # the second stage changed the pixels
+    # the same as running the pieces by hand
+    bits = twostage.second_bits(tiny_r, codec._pad(image, 4), base)
+    from bsqcodec import stage2
+
+    got, budget = stage2.decode(tiny_r.prior, tokens.numpy(), 12, h.second.streams, h.second.table,
+                                tiny_r.config.choices, 2, 6)
+    kept = torch.arange(6)[None, None, :] < budget[..., None]
+    assert torch.equal(got, bits * kept)
+    assert np.array_equal(arr, twostage.pixels(tiny_r, base, got, budget)[:150, :45])
+
+
+def test_the_cut_is_the_first_stages_own_file(two, tiny_model, image):
+    cut = container.first_stage(two.data, "tiny")
+    assert cut == codec.encode_array(image, tiny_model, effort=1).data
+    _, _, arr = codec.decode_detailed(cut, [tiny_model])
+    assert np.array_equal(arr, codec.padded_pixels(tiny_model, two.tokens)[:150, :45])
+
+
+def test_budgets_follow_lambda(tiny_model, tiny_r, image):
+    """A huge lambda keeps no bits (the decoder still corrects the first stage's pixels from what it sees of
+    them); lambda 0 keeps whatever lowers the error."""
+    none = codec.encode_array(image, tiny_r, effort=1, models=[tiny_model], lam=1e12)
+    h, _ = container.unpack(none.data)
+    assert h.second.table[0] > 1 and h.second.table[1:] == [1, 1, 1]  # every region at choice 0
+    _, _, arr = codec.decode_detailed(none.data, [tiny_model, tiny_r])
+    base = codec.padded_pixels(tiny_model, none.tokens)
+    nothing = twostage.pixels(tiny_r, base, torch.zeros(76, 24, 6, dtype=torch.uint8), torch.zeros(76, 24, dtype=torch.long))
+    assert np.array_equal(arr, nothing[:150, :45])
+
+
+def test_the_budget_map_is_the_rate_distortion_choice_region_by_region(tiny_model, tiny_r, image):
+    enc = codec.encode_array(image, tiny_model, effort=1)
+    base = codec.padded_pixels(tiny_model, enc.tokens)
+    arr = codec._pad(image, 4)
+    bits = twostage.second_bits(tiny_r, arr, base)
+    args = (tiny_r, arr, base, enc.tokens.numpy(), 12, bits)
+    pick = twostage.choose_budgets(*args, 0.0, 45, 150)
+    se = []
+    for k in tiny_r.config.choices:  # by hand: each region's error with every token at k bits, inside the image
+        px = twostage.pixels(tiny_r, base, bits, torch.full(bits.shape[:2], k)).astype(float)
+        e = ((px - arr) ** 2).sum(-1)
+        e[150:], e[:, 45:] = 0, 0
+        se.append(e.reshape(38, 4, 12, 4).sum((1, 3)))
+    assert np.array_equal(pick, np.argmin(np.stack(se), 0))
+    means = [np.asarray(tiny_r.config.choices)[twostage.choose_budgets(*args, lam, 45, 150)].mean()
+             for lam in (0.0, 30.0, 300.0, 3000.0, 1e12)]
+    assert means == sorted(means, reverse=True) and means[0] > means[-1] == 0
+
+
+def test_missing_wrong_or_altered_second_stages_are_refused(two, tiny_model, tiny_r):
+    with pytest.raises(ModelNotFoundError):
+        codec.decode_detailed(two.data, [tiny_model])
+    other = tiny_second(tiny_model, seed=1, name="tiny-r")
+    with pytest.raises(ModelNotFoundError):  # another second-stage model: the hash names the right one
+        codec.decode_detailed(two.data, [tiny_model, other])
+    h, streams = container.unpack(two.data)
+    for i, s in enumerate(h.second.streams):
+        if not s:
+            continue
+        bad = list(h.second.streams)
+        bad[i] = bytes([s[0] ^ 0x21]) + s[1:]
+        h.second.streams = bad
+        with pytest.raises(FormatError, match="second stage|second-stage"):
+            codec.decode_detailed(container.pack(h, streams), [tiny_model, tiny_r])
+        h.second.streams = container.unpack(two.data)[0].second.streams
+    h.second.token_crc ^= 1
+    with pytest.raises(FormatError, match="second-stage token checksum"):
+        codec.decode_detailed(container.pack(h, streams), [tiny_model, tiny_r])
+    blob = bytearray(two.data)
+    blob[-6] ^= 0x01  # inside the second payload
+    with pytest.raises(BsqError):
+        codec.decode_detailed(bytes(blob), [tiny_model, tiny_r])
