@@ -138,6 +138,30 @@ def train_export(
     out_console.print(f"wrote {output}: preset {m.name}, model {m.hash_hex[:16]}", markup=False)
 
 
+@train_app.command("export-second")
+@guarded
+def train_export_second(
+    run: Annotated[Path, typer.Option(help="Run folder holding residual.ckpt (trained with --rate-weight).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Second-stage model file to write (.safetensors).")],
+    data: Data,
+    name: Annotated[str, typer.Option(help="Preset name stored in the model (the rung's name).")],
+    choices: Annotated[str, typer.Option(help="Bits a region's tokens may keep, rising, e.g. 0,4,8,12,16,24.")] = "0,4,8,12,16,24",
+    lam: Annotated[int, typer.Option("--lambda", help="The encoder's default trade-off: squared 8-bit pixel errors per bit.")] = 400,
+    base: Annotated[Optional[Path], typer.Option(help="The first stage's model file [default: the run's].")] = None,
+    calib: Annotated[int, typer.Option(help="Training crops (128 pixels) used to calibrate the integer bit prior.")] = 64,
+    force: bool = False,
+) -> None:
+    """Freeze a second-stage run into a second-stage model file (residual coder plus integer bit prior)."""
+    from .export import export_second_run
+
+    try:
+        levels = tuple(int(b) for b in choices.split(","))
+    except ValueError:
+        raise typer.BadParameter("--choices takes comma-separated integers") from None
+    m = export_second_run(run, data, output, name, levels, lam, base, calib, force)
+    out_console.print(f"wrote {output}: preset {m.name} on {m.config.base}, model {m.hash_hex[:16]}", markup=False)
+
+
 @train_app.command("residual")
 @guarded
 def train_residual_cmd(

@@ -57,3 +57,62 @@ def export_run(run: str | Path, data_dir: str | Path, output: str | Path, name: 
     model = weights.freeze(cfg, tok, prior, calib_tokens)
     weights.save(model, output)
     return model
+
+
+def second_calibration(smodel_like, base: weights.Model, data_dir: str | Path, count: int, seed: int = 1234) -> torch.Tensor:
+    """(N, C) integer bit-prior contexts of `count` training crops (128 pixels), with budgets drawn from the
+    choices region by region: the ranges the integer bit prior is calibrated on.
+
+    smodel_like: anything with .coder (a ResidualCoder) and .config-like fields choices and budget."""
+    from . import twostage
+    from .intbits import context
+    from .tokenizer import tokens_to_bits
+
+    files = data_mod.find_images(data_dir)
+    if not files:
+        raise BsqError(f"no images under {data_dir}")
+    rng = np.random.default_rng(seed)
+    files = [files[i] for i in rng.permutation(len(files))[: max(1, count // 2)]]
+    crops = data_mod.crop_cache(files, 128, 2, seed, None)[:count]
+    P, L1 = base.config.tokenizer.patch, base.config.tokenizer.bits
+    cfg = smodel_like.config
+    r = P // cfg.residual.patch
+    out = []
+    for crop in crops:
+        crop = np.ascontiguousarray(crop[: crop.shape[0] // P * P, : crop.shape[1] // P * P])
+        tokens = base.tokenizer.image_to_tokens(crop)
+        base_px = base.tokenizer.tokens_to_image(tokens).numpy()
+        bits = twostage.second_bits(smodel_like, crop, base_px)
+        pick = rng.integers(0, len(cfg.choices), tuple(tokens.shape))
+        budget = torch.from_numpy(np.asarray(cfg.choices)[pick].repeat(r, 0).repeat(r, 1))
+        ctx = context(tokens_to_bits(tokens, L1), bits, budget, r, with_budget=cfg.budget)
+        out.append(ctx.reshape(-1, ctx.shape[-1]))
+    return torch.cat(out)
+
+
+def export_second_run(run: str | Path, data_dir: str | Path, output: str | Path, name: str, choices: tuple[int, ...],
+                      lam: int, base: str | Path | None = None, calib: int = 64, force: bool = False):
+    """Freeze a second-stage run (residual.ckpt with its bit prior) into a second-stage model file."""
+    from types import SimpleNamespace
+
+    from . import second
+    from .config import ResidualConfig, SecondConfig
+    from .residual import BitPrior, ResidualCoder
+
+    run, output = Path(run), Path(output)
+    check_output(output, force)
+    ckpt = weights.load_checkpoint(run / "residual.ckpt")
+    if "bit_prior" not in ckpt:
+        raise BsqError(f"{run} has no bit prior: train the stage with --rate-weight")
+    base_model = weights.load(base or ckpt["base"])
+    rcfg = ResidualConfig(**ckpt["config"])
+    coder = ResidualCoder(rcfg).eval()
+    coder.load_state_dict(weights.trained_state(ckpt))
+    tok = base_model.config.tokenizer
+    budget = BitPrior.from_state(ckpt["bit_prior"], tok.bits, tok.patch // rcfg.patch, rcfg.bits).budget
+    probe = SimpleNamespace(coder=coder, config=SimpleNamespace(residual=rcfg, choices=tuple(choices), budget=budget))
+    SecondConfig(name=name, base=base_model.name, base_hash=base_model.sha256[:16].hex(), residual=rcfg,
+                 prior_width=1, budget=budget, choices=tuple(choices), lam=int(lam))  # bad choices fail before any work
+    smodel = second.export(ckpt, base_model, name, tuple(choices), lam, second_calibration(probe, base_model, data_dir, calib))
+    weights.save(smodel, output)
+    return smodel

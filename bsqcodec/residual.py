@@ -97,10 +97,15 @@ class BitPrior(nn.Module):
         return prior
 
     def load_older(self, state: dict) -> None:
-        """Weights of a prior without the budget input: the budget's weights start at zero."""
+        """Start from another prior's weights: one without the budget input gets the budget's weights at
+        zero; one of another first stage (another context size) gives every tensor but its input layer's
+        weights."""
         w = state["net.0.weight"]
         if self.budget and w.shape[1] + 1 == self.net[0].weight.shape[1]:
             state = {**state, "net.0.weight": torch.cat([w, torch.zeros_like(w[:, :1])], 1)}
+        own = self.state_dict()
+        if state["net.0.weight"].shape != own["net.0.weight"].shape:
+            state = {**state, "net.0.weight": own["net.0.weight"]}
         self.load_state_dict(state)
 
     def logits(self, base_code: torch.Tensor, bits01: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

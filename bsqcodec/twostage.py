@@ -29,7 +29,7 @@ def _halo(blocks: int) -> int:
 
 
 def _to_float(px: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(px)).permute(2, 0, 1)[None].float().div_(255)
+    return torch.from_numpy(np.array(px, dtype=np.float32)).permute(2, 0, 1)[None].div_(255)  # a copy: px may be read-only
 
 
 @torch.no_grad()

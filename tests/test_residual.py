@@ -150,6 +150,10 @@ def test_a_prior_gains_the_budget_input_from_one_without_it_unchanged():
     with torch.no_grad():
         new.net[0].weight[:, -1] = 1.0
     assert not torch.allclose(new.logits(base, bits, kept), old.logits(base, bits, kept))  # the budget is seen
+    other = BitPrior(base_bits=9, ratio=2, bits=4, width=16)  # another first stage: all but the input layer
+    before = other.net[0].weight.clone()
+    other.load_older(old.state_dict())
+    assert torch.equal(other.net[0].weight, before) and torch.equal(other.net[2].weight, old.net[2].weight)
 
 
 def test_mixed_budgets_train_and_resume_exactly(data, model_file, tmp_path):
