@@ -91,6 +91,8 @@ class IntBitPrior:
 
     def logits(self, ctx: torch.Tensor) -> torch.Tensor:
         """(..., C) context integers -> (..., L) logits of bit = 1, integers at 1/EXP_STEP nats."""
+        if not ctx.numel():
+            return torch.zeros(*ctx.shape[:-1], self.bits, dtype=torch.float64)
         h = ctx
         for lin, g in zip(self.layers[:2], self.gelu):
             h = lin(h).clamp_(-QMAX, QMAX)

@@ -45,12 +45,18 @@ def token_crc(bits01: torch.Tensor, budget: torch.Tensor) -> int:
     return zlib.crc32(np.ascontiguousarray(tokens.numpy().astype("<u4")).tobytes())
 
 
-def _pass_rows(H: int, W: int, band: int, p: int, L: int, budget: torch.Tensor) -> tuple[slice, torch.Tensor]:
-    """Rows of a band and the (rows, W, L) mask of the bits its pass p codes, in stream order."""
+def _pass_tables(prior: IntBitPrior, b1: torch.Tensor, bits01: torch.Tensor, budget: torch.Tensor, ratio: int,
+                 band: int, p: int) -> tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What pass p of a band codes: (its rows, the (rows, W) mask of its tokens that keep bits, their (n, L)
+    mask of kept bits, and the (n, L, 2) tables of those tokens' bits); stream order is raster order of the
+    tokens, then bit order. Tables are computed for those tokens only."""
+    H, W, L = bits01.shape
     rows = slice(band * BAND2, min(H, (band + 1) * BAND2))
     y = torch.arange(H)[rows][:, None]
-    on = ((y + torch.arange(W)[None, :]) % 2 == p)[..., None]
-    return rows, on & (torch.arange(L)[None, None, :] < budget[rows][..., None])
+    coded = ((y + torch.arange(W)[None, :]) % 2 == p) & (budget[rows] > 0)
+    kept = torch.arange(L)[None, :] < budget[rows][coded][:, None]
+    ctx = context(b1, bits01, budget, ratio, rows, prior.budget)[coded]
+    return rows, coded, kept, prior.tables(ctx)
 
 
 def encode(prior: IntBitPrior, base_tokens: np.ndarray, base_bits: int, bits01: torch.Tensor, region_choice: np.ndarray,
@@ -65,9 +71,8 @@ def encode(prior: IntBitPrior, base_tokens: np.ndarray, base_bits: int, bits01: 
     streams = [entropy.encode(rc, np.tile(np.asarray(table, np.float64), (len(rc), 1)), trimmed=True)]
     for p in (0, 1):
         for band in range(-(-H // BAND2)):
-            rows, mask = _pass_rows(H, W, band, p, L, budget)
-            tab = prior.tables(context(b1, bits01, budget, ratio, rows, prior.budget))
-            streams.append(entropy.encode(bits01[rows][mask].numpy(), tab[mask].numpy(), trimmed=True))
+            rows, coded, kept, tab = _pass_tables(prior, b1, bits01, budget, ratio, band, p)
+            streams.append(entropy.encode(bits01[rows][coded][kept].numpy(), tab[kept].numpy(), trimmed=True))
     return streams
 
 
@@ -92,12 +97,12 @@ def decode(prior: IntBitPrior, base_tokens: np.ndarray, base_bits: int, streams:
     nb = -(-H // BAND2)
     for p in (0, 1):
         for band in range(nb):
-            rows, mask = _pass_rows(H, W, band, p, L, budget)
-            tab = prior.tables(context(b1, bits01, budget, ratio, rows, prior.budget))
+            rows, coded, kept, tab = _pass_tables(prior, b1, bits01, budget, ratio, band, p)
             try:
-                sym = entropy.decode(streams[1 + p * nb + band], tab[mask].numpy(), trimmed=True)
+                sym = entropy.decode(streams[1 + p * nb + band], tab[kept].numpy(), trimmed=True)
             except FormatError as e:
                 raise FormatError(f"second stage, pass {p} of band {band}: {e}") from None
-            part = bits01[rows]
-            part[mask] = torch.from_numpy(sym.astype(np.uint8))
+            got = torch.zeros(kept.shape, dtype=torch.uint8)
+            got[kept] = torch.from_numpy(sym.astype(np.uint8))
+            bits01[rows][coded] = got
     return bits01, budget

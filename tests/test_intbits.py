@@ -88,3 +88,9 @@ def test_bad_tables_are_refused():
     for name, bad in (("bits.out_exp_table", t["bits.out_exp_table"][:-1]), ("bits.gelu1_table", t["bits.gelu1_table"] * 4)):
         with pytest.raises(ValueError):
             intbits.IntBitPrior({**t, name: bad})
+
+
+def test_no_contexts_give_no_tables():
+    prior = _prior()
+    ip = intbits.IntBitPrior(intbits.export(prior, intbits.context(*_grid(1), R).reshape(-1, 1 + L1 + R * R + 4 * L + 1)))
+    assert ip.tables(torch.zeros(0, ip.context_size, dtype=torch.float64)).shape == (0, L, 2)
