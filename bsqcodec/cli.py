@@ -224,11 +224,14 @@ def encode(
         res = {
             "input": str(src), "output": str(dst), "width": w, "height": h, "preset": used.name, "model": used.hash_hex,
             "effort": effort, "bytes": len(enc.data), "bpp": len(enc.data) * 8 / (w * h), "tokens": int(enc.tokens.numel()),
-            "token_bits": used.config.tokenizer.bits, "tiles": enc.header.tiles,
+            "token_bits": enc.header.bits, "tiles": enc.header.tiles,
             "payload_bytes": len(enc.data) - container.header_size(enc.data) - 4, "estimated_bits": enc.estimated_bits,
         }
+        if enc.header.second is not None:  # the first stage's payload above, the second's here
+            res["payload_bytes"] -= 4 + sum(len(x) for x in enc.header.second.streams)
+            res["second_stage_bytes"] = sum(len(x) for x in enc.header.second.streams)
         if need_psnr:  # a second pass over the pixels: only when it is shown
-            res["psnr"] = codec.psnr(arr, codec.tokens_to_array(used, enc.tokens, w, h))
+            res["psnr"] = codec.psnr(arr, enc.pixels())
         res["seconds"] = time.perf_counter() - t0
         return res
 
@@ -300,7 +303,15 @@ def info_dict(data: bytes) -> dict:
         "payload_bytes": payload, "bytes": len(data), "bpp": len(data) * 8 / (header.width * header.height),
         "coded_bits_per_token": payload * 8 / tokens, "chunks": [t.decode("ascii") for t, _ in header.chunks],
         "checksums": "ok",
+        **({"second_stage": _second_info(header)} if header.second is not None else {}),
     }
+
+
+def _second_info(header) -> dict:
+    s = header.second
+    rows2, cols2 = (n * (header.patch // s.patch) for n in header.grid)
+    return {"model": s.model_hash.hex(), "patch": s.patch, "token_bits": s.bits, "grid": [rows2, cols2],
+            "choices": len(s.table), "streams": len(s.streams), "payload_bytes": sum(len(x) for x in s.streams)}
 
 
 @app.command()
@@ -333,18 +344,21 @@ def presets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     inst = installed()[0]
     for name in sorted(inst, key=lambda n: (rung.get(n, len(LADDER) + 1), n)):  # the ladder first, in order
         path, h, config = inst[name]
-        t = config.tokenizer
-        rows.append({"preset": name, "quality": rung.get(name), "model": h.hex(), "patch": t.patch, "token_bits": t.bits,
-                     "raw_bpp": t.bits / t.patch**2, "file": Path(path).name})
+        t = getattr(config, "tokenizer", None) or config.residual  # a second-stage model: its own grid
+        row = {"preset": name, "quality": rung.get(name), "model": h.hex(), "patch": t.patch, "token_bits": t.bits,
+               "raw_bpp": t.bits / t.patch**2, "file": Path(path).name}
+        if hasattr(config, "base"):
+            row["first_stage"] = config.base
+        rows.append(row)
     if as_json:
         _emit_json({"presets": rows})
         return
     from rich.table import Table
 
-    t = Table("-q", "preset", "patch", "bits/token", "raw bpp", "model")
+    t = Table("-q", "preset", "patch", "bits/token", "raw bpp", "model", "on")
     for r in rows:
         t.add_row(str(r["quality"] or "-"), r["preset"], str(r["patch"]), str(r["token_bits"]), f"{r['raw_bpp']:.4f}",
-                  r["model"][:16])
+                  r["model"][:16], r.get("first_stage", ""))
     out_console.print(t)
 
 

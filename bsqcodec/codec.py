@@ -33,8 +33,9 @@ ENCODE_BATCH = 8  # tiles per teacher-forced pass; affects speed only, never the
 class Encoded:
     data: bytes
     tokens: torch.Tensor  # (rows, cols) int64
-    estimated_bits: float  # sum of -log2 p over all coded symbols under the integer prior
+    estimated_bits: float  # sum of -log2 p over all coded symbols under the integer prior (the first stage's)
     header: Header
+    pixels: Callable[[], np.ndarray] | None = None  # the decoder's (height, width, 3) pixels, computed when called
 
 
 def _model(model: weights.Model | SecondModel | str | None) -> weights.Model | SecondModel:
@@ -184,9 +185,10 @@ def _encode_two(arr: np.ndarray, smodel: SecondModel, icc, progress, effort: int
     P = base.config.tokenizer.patch
     base_px = padded_pixels(base, tokens)
     header.minor, header.preset = 1, smodel.name
-    header.second = twostage.encode(smodel, _pad(arr, P), base_px, tokens.numpy(), base.config.tokenizer.bits,
-                                    width, height, lam)
-    return Encoded(container.pack(header, streams), tokens, est, header)
+    header.second, bits, budget = twostage.encode(smodel, _pad(arr, P), base_px, tokens.numpy(),
+                                                  base.config.tokenizer.bits, width, height, lam)
+    return Encoded(container.pack(header, streams), tokens, est, header,
+                   lambda: twostage.pixels(smodel, base_px, bits, budget)[:height, :width])
 
 
 def padded_pixels(model: weights.Model, tokens: torch.Tensor) -> np.ndarray:
@@ -200,7 +202,8 @@ def encode_grid(model: weights.Model, tokens: torch.Tensor, width: int, height: 
     """A token grid (whatever chose it) -> the whole file."""
     header = make_header(model, width, height, icc, tokens)
     streams, est = encode_tokens(model, header, tokens, progress)
-    return Encoded(container.pack(header, streams), tokens, est, header)
+    return Encoded(container.pack(header, streams), tokens, est, header,
+                   lambda: tokens_to_array(model, tokens, width, height))
 
 
 def ladder_models() -> list[weights.Model]:

@@ -103,8 +103,9 @@ def choose_budgets(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, ba
 
 
 def encode(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, base_tokens: np.ndarray, base_bits: int,
-           width: int, height: int, lam: float | None = None) -> SecondStage:
-    """The second stage of a file: arr and base_px are the padded image and its first-stage pixels."""
+           width: int, height: int, lam: float | None = None) -> tuple[SecondStage, torch.Tensor, torch.Tensor]:
+    """The second stage of a file, and its tokens' bits and budgets (for its pixels): arr and base_px are the
+    padded image and its first-stage pixels."""
     cfg = smodel.config
     bits01 = second_bits(smodel, arr, base_px)
     lam = cfg.lam if lam is None else lam
@@ -112,8 +113,9 @@ def encode(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, base_token
     table = stage2.map_table(pick, len(cfg.choices))
     r = base_px.shape[0] // base_tokens.shape[0] // cfg.residual.patch
     streams = stage2.encode(smodel.prior, base_tokens, base_bits, bits01, pick, cfg.choices, r, table)
-    crc = stage2.token_crc(bits01, stage2.budgets(pick, cfg.choices, r))
-    return SecondStage(cfg.residual.patch, cfg.residual.bits, table, smodel.sha256[:16], crc, streams)
+    budget = stage2.budgets(pick, cfg.choices, r)
+    crc = stage2.token_crc(bits01, budget)
+    return SecondStage(cfg.residual.patch, cfg.residual.bits, table, smodel.sha256[:16], crc, streams), bits01, budget
 
 
 def find_model(header: Header, base, models=None) -> SecondModel:

@@ -106,3 +106,39 @@ def test_missing_wrong_or_altered_second_stages_are_refused(two, tiny_model, tin
     blob[-6] ^= 0x01  # inside the second payload
     with pytest.raises(BsqError):
         codec.decode_detailed(bytes(blob), [tiny_model, tiny_r])
+
+
+def test_the_command_line_encodes_decodes_and_describes_two_stage_files(tiny_model, tiny_r, tmp_path, monkeypatch):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from bsqcodec import modelfile, weights
+    from bsqcodec.cli import app
+
+    models = tmp_path / "models"
+    models.mkdir()
+    weights.save(tiny_model, models / "tiny.safetensors")
+    weights.save(tiny_r, models / "tiny-r.safetensors")
+    (models / "retired.json").write_text('{"models": {}}')
+    monkeypatch.setattr(weights, "MODELS_DIR", models)
+    found, broken = modelfile.installed(models)
+    assert not broken and found["tiny-r"][1] == tiny_r.sha256 and found["tiny-r"][2].base == "tiny"
+    img = tmp_path / "a.png"
+    Image.fromarray(np.asarray(smooth_image(np.random.default_rng(4), 30, 21))).save(img)
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    r = run("encode", img, "--preset", "tiny-r", "--effort", "1", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    bsq = tmp_path / "a.bsq"
+    assert res["preset"] == "tiny-r" and res["bytes"] == bsq.stat().st_size and res["second_stage_bytes"] > 0
+    r = run("info", bsq, "--json")
+    info = json.loads(r.stdout)
+    assert info["version"] == "2.1" and info["second_stage"]["model"] == tiny_r.sha256[:16].hex()
+    assert info["second_stage"]["payload_bytes"] == res["second_stage_bytes"] and info["second_stage"]["grid"] == [12, 16]
+    r = run("decode", bsq, "-o", tmp_path / "b.png", "--quiet")
+    assert r.exit_code == 0, r.output
+    out = np.asarray(Image.open(tmp_path / "b.png"))
+    ref = np.asarray(Image.open(img))
+    assert abs(10 * np.log10(255**2 / ((out.astype(float) - ref) ** 2).mean()) - res["psnr"]) < 1e-9
