@@ -36,13 +36,13 @@ def map_table(region_choice: np.ndarray, n: int) -> list[int]:
 
 
 def token_crc(bits01: torch.Tensor, budget: torch.Tensor) -> int:
-    """CRC-32 of the second-stage tokens in raster order, each a little-endian u32 of its kept bits (first bit
-    most significant, bits not kept 0)."""
+    """CRC-32 of the second-stage tokens in raster order, each a little-endian u64: its bit count times 2^32
+    plus its kept bits (the first bit most significant, bits not kept 0). So it also checks the budget map."""
     L = bits01.shape[-1]
     kept = torch.arange(L)[None, None, :] < budget[..., None]
     weights = torch.tensor([2 ** (L - 1 - i) for i in range(L)], dtype=torch.int64)
-    tokens = ((bits01.long() * kept) * weights).sum(-1)
-    return zlib.crc32(np.ascontiguousarray(tokens.numpy().astype("<u4")).tobytes())
+    tokens = ((bits01.long() * kept) * weights).sum(-1) + budget.long() * 2**32
+    return zlib.crc32(np.ascontiguousarray(tokens.numpy().astype("<u8")).tobytes())
 
 
 def _pass_tables(prior: IntBitPrior, b1: torch.Tensor, bits01: torch.Tensor, budget: torch.Tensor, ratio: int,

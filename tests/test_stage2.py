@@ -89,3 +89,5 @@ def test_the_token_crc_reads_kept_bits_only():
     assert stage2.token_crc(other, budget) == stage2.token_crc(bits, budget)
     other[1, 0, 3] = 0  # kept
     assert stage2.token_crc(other, budget) != stage2.token_crc(bits, budget)
+    zeros = torch.zeros(2, 2, 4, dtype=torch.uint8)  # the same kept bits (none set) under another map
+    assert stage2.token_crc(zeros, budget) != stage2.token_crc(zeros, torch.tensor([[0, 2], [4, 2]]))
