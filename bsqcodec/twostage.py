@@ -132,8 +132,8 @@ def find_model(header: Header, base, models=None) -> SecondModel:
     return smodel
 
 
-def decode(header: Header, base, base_tokens: np.ndarray, base_px: np.ndarray, models=None) -> np.ndarray:
-    """The uint8 pixels (padded image) of a 2.1 file's second stage; base_px: the first stage's."""
+def decode_tokens(header: Header, base, base_tokens: np.ndarray, models=None) -> tuple[SecondModel, torch.Tensor, torch.Tensor]:
+    """A 2.1 file's second stage -> (its model, bits (H2, W2, L2) with bits not kept 0, budgets (H2, W2)), verified."""
     smodel = find_model(header, base, models)
     cfg, s = smodel.config, header.second
     r = header.patch // cfg.residual.patch
@@ -141,4 +141,10 @@ def decode(header: Header, base, base_tokens: np.ndarray, base_px: np.ndarray, m
                                    cfg.residual.bits)
     if stage2.token_crc(bits01, budget) != s.token_crc:
         raise FormatError("the decoded second-stage tokens do not match the file's second-stage token checksum")
+    return smodel, bits01, budget
+
+
+def decode(header: Header, base, base_tokens: np.ndarray, base_px: np.ndarray, models=None) -> np.ndarray:
+    """The uint8 pixels (padded image) of a 2.1 file's second stage; base_px: the first stage's."""
+    smodel, bits01, budget = decode_tokens(header, base, base_tokens, models)
     return pixels(smodel, base_px, bits01, budget)

@@ -1,0 +1,74 @@
+"""Conformance of format 2.1 (a second token stage): the files in formats/vectors/v21-* must decode, forever,
+to their recorded first-stage tokens and second-stage tokens (each its bit count times 2^32 plus its kept
+bits), with the conformance models tiny-model.safetensors and tiny-second.safetensors.
+
+They were written once: BSQ_REGENERATE_VECTORS=2.1 pytest tests/test_vectors_21.py
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bsqcodec import codec, container, twostage, weights
+
+from test_vectors import VEC, _image
+
+CASES = {"v21-70x150": (70, 150, None), "v21-9x5-icc": (9, 5, b"not a real ICC profile"), "v21-nothing-24x20": (24, 20, 1e12)}
+REGEN = os.environ.get("BSQ_REGENERATE_VECTORS") == "2.1"
+
+
+def _second_tokens(bits01: torch.Tensor, budget: torch.Tensor) -> list[int]:
+    L = bits01.shape[-1]
+    kept = torch.arange(L)[None, None, :] < budget[..., None]
+    w = torch.tensor([2 ** (L - 1 - i) for i in range(L)], dtype=torch.int64)
+    return (((bits01.long() * kept) * w).sum(-1) + budget.long() * 2**32).reshape(-1).tolist()
+
+
+def _regenerate(base):
+    from test_second import tiny_second
+
+    smodel = tiny_second(base, seed=2025, name="tiny-second")
+    weights.save(smodel, VEC / "tiny-second.safetensors")
+    for name, (w, h, extra) in CASES.items():
+        icc = extra if isinstance(extra, bytes) else None
+        lam = extra if isinstance(extra, float) else None
+        enc = codec.encode_array(_image(w, h), smodel, icc, effort=1, lam=lam, models=[base])
+        (VEC / f"{name}.bsq").write_bytes(enc.data)
+        header, _ = container.unpack(enc.data)
+        _, bits, budget = twostage.decode_tokens(header, base, enc.tokens.numpy(), [smodel])
+        (VEC / f"{name}.tokens.json").write_text(json.dumps({
+            "grid": list(enc.tokens.shape), "tokens": enc.tokens.reshape(-1).tolist(),
+            "second_grid": list(budget.shape), "second_tokens": _second_tokens(bits, budget)}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def models():
+    base = weights.load(VEC / "tiny-model.safetensors")
+    if REGEN:
+        _regenerate(base)
+    return [base, weights.load(VEC / "tiny-second.safetensors")]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_vector_decodes_to_recorded_tokens_of_both_stages(models, name):
+    data = (VEC / f"{name}.bsq").read_bytes()
+    want = json.loads((VEC / f"{name}.tokens.json").read_text())
+    header, tokens, arr = codec.decode_detailed(data, models)
+    assert (header.major, header.minor) == (2, 1) and header.second is not None
+    assert list(tokens.shape) == want["grid"] and tokens.reshape(-1).tolist() == want["tokens"]
+    _, bits, budget = twostage.decode_tokens(header, models[0], tokens.numpy(), models)
+    assert list(budget.shape) == want["second_grid"] and _second_tokens(bits, budget) == want["second_tokens"]
+    w, h, _ = CASES[name]
+    assert arr.shape == (h, w, 3)
+    # the cut: the first stage's file, whose tokens are the same
+    cut = container.first_stage(data, "tiny")
+    assert torch.equal(codec.decode_detailed(cut, models[:1])[1], tokens)
+
+
+def test_the_nothing_vector_keeps_no_bits_and_has_empty_pass_streams(models):
+    header, _ = container.unpack((VEC / "v21-nothing-24x20.bsq").read_bytes())
+    assert header.second.streams[1:] == [b"", b""]
