@@ -11,12 +11,12 @@ import numpy as np
 from PIL import Image
 
 from . import baselines, codec, images, search, weights
-from .config import LADDER
+from .config import RUNG_NAMES
 from .errors import BsqError
 from .metrics import METRICS, bd_rate, ms_ssim, overlap, psnr
 
 SCHEMA = "bsqcodec-bench-1"
-LADDER_NAMES = {c.name for c in LADDER}
+LADDER_NAMES = set(RUNG_NAMES)
 
 SWEEP = {
     "jpeg": [3, 5, 8, 10, 15, 20, 30, 40, 50, 60, 75, 90],
@@ -38,7 +38,7 @@ def find_images(root: Path, limit: int | None = None) -> list[Path]:
     return files[:limit] if limit else files
 
 
-def run(root: Path, models: list[weights.Model], limit: int | None = None, codecs=baselines.LOSSY,
+def run(root: Path, models: list, limit: int | None = None, codecs=baselines.LOSSY,
         progress=None, sweep: bool | None = None, effort: int = search.DEFAULT_EFFORT, metric: str = "psnr") -> dict:
     """The whole benchmark as a JSON-ready dict (schema in benchmarks/README.md); bsqc encodes at `effort`.
 
@@ -63,9 +63,9 @@ def run(root: Path, models: list[weights.Model], limit: int | None = None, codec
         seen = {c.name: {} for c in usable}  # quality -> baselines.Point of this image, shared by every search
         for m in models:
             t0 = time.perf_counter()
-            data = codec.encode_array(arr, m, effort=effort).data
+            data = codec.encode_array(arr, m, effort=effort, models=models).data  # a second stage's first among them
             t1 = time.perf_counter()
-            out = np.asarray(codec.decode(data, models=[m]))
+            out = np.asarray(codec.decode(data, models=models))
             t2 = time.perf_counter()
             p = psnr(arr, out)
             row["bsqc"][m.name] = {"bytes": len(data), "bpp": len(data) * 8 / (w * h), "psnr": p,

@@ -23,7 +23,7 @@ import typer
 from . import container
 from .cli_common import err_console, error_line, fail, guarded, new_app, out_console
 from .cli_train import train_app
-from .config import DEFAULT_BATCH_TILES, DEFAULT_EFFORT, LADDER, MAX_BATCH_TILES, MAX_EFFORT, MIN_EFFORT
+from .config import DEFAULT_BATCH_TILES, DEFAULT_EFFORT, MAX_BATCH_TILES, MAX_EFFORT, MIN_EFFORT, RUNG_NAMES
 from .errors import BsqError
 from .fileio import check_output, read_bytes, write_atomic
 from .progress import LazyProgress
@@ -175,8 +175,9 @@ def encode(
                                                    help="Output .bsq file (one input only); - writes standard output. "
                                                         "Default: the input's name with the suffix .bsq (standard output for -).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", show_default=False, help="Write each output into this folder, named after its input.")] = None,
-    quality: Annotated[Optional[int], typer.Option("--quality", "-q", min=1, max=len(LADDER), show_default=False,
-                                                   help="Quality 1 (smallest files) to 5 (best); 3 is the default preset.")] = None,
+    quality: Annotated[Optional[int], typer.Option("--quality", "-q", min=1, max=len(RUNG_NAMES), show_default=False,
+                                                   help="Quality 1 (smallest files) to 5 (best), and 6 to 9 where those "
+                                                        "rungs are installed (see `bsqc presets`); 3 is the default preset.")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", show_default=False, help="Installed preset to use instead of -q (see `bsqc presets`). Default: default.")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", show_default=False, help="Use this model file instead of a preset.")] = None,
     target_size: Annotated[Optional[int], typer.Option("--target-size", min=1, show_default=False, help="Use the best quality whose file has at most this many bytes.")] = None,
@@ -198,7 +199,7 @@ def encode(
     if sum(x is not None for x in (quality, preset, model, target_size, target_psnr)) > 1:
         raise BsqError("choose one of -q/--quality, --preset, --model, --target-size and --target-psnr")
     if quality is not None:
-        preset = LADDER[quality - 1].name
+        preset = RUNG_NAMES[quality - 1]
     jobs = _jobs(inputs, output, out_dir, ".bsq")
     _check_outputs(jobs, force)
     m = None
@@ -338,11 +339,11 @@ def info(
 def presets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the models installed with bsqcodec."""
     rows = []
-    rung = {c.name: q for q, c in enumerate(LADDER, 1)}
+    rung = {name: q for q, name in enumerate(RUNG_NAMES, 1)}
     from .modelfile import installed  # the standard library only: no torch
 
     inst = installed()[0]
-    for name in sorted(inst, key=lambda n: (rung.get(n, len(LADDER) + 1), n)):  # the ladder first, in order
+    for name in sorted(inst, key=lambda n: (rung.get(n, len(RUNG_NAMES) + 1), n)):  # the ladder first, in order
         path, h, config = inst[name]
         t = getattr(config, "tokenizer", None) or config.residual  # a second-stage model: its own grid
         row = {"preset": name, "quality": rung.get(name), "model": h.hex(), "patch": t.patch, "token_bits": t.bits,
@@ -388,7 +389,7 @@ def bench(
 
     if not preset and not model:  # the whole installed quality ladder: one rate-distortion curve
         inst = weights.installed()
-        preset = [c.name for c in LADDER if c.name in inst] or sorted(inst)
+        preset = [name for name in RUNG_NAMES if name in inst] or sorted(inst)
     models = [weights.preset(p) for p in preset or []]
     models += [weights.load(m) for m in model or []]
     with LazyProgress(err_console, enabled=not quiet) as prog:

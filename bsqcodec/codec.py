@@ -15,7 +15,7 @@ from PIL import Image
 
 from . import container, entropy, images, search, twostage, weights
 from . import workers as workers_mod
-from .config import DEFAULT_BATCH_TILES, LADDER, MAX_BATCH_TILES
+from .config import DEFAULT_BATCH_TILES, MAX_BATCH_TILES, RUNG_NAMES
 from .container import Header
 from .errors import FormatError, TargetError
 from .metrics import psnr  # noqa: F401  (re-exported: codec.psnr)
@@ -206,10 +206,10 @@ def encode_grid(model: weights.Model, tokens: torch.Tensor, width: int, height: 
                    lambda: tokens_to_array(model, tokens, width, height))
 
 
-def ladder_models() -> list[weights.Model]:
-    """The installed presets of the quality ladder, from -q 1 (smallest files) up."""
+def ladder_models() -> list[weights.Model | SecondModel]:
+    """The installed presets of the quality ladder, from -q 1 (smallest files) up (second-stage rungs last)."""
     inst = weights.installed()
-    return [weights.preset(c.name) for c in LADDER if c.name in inst]
+    return [weights.preset(name) for name in RUNG_NAMES if name in inst]
 
 
 def encode_to_target(arr: np.ndarray, icc: bytes | None = None, *, target_size: int | None = None,
@@ -237,10 +237,16 @@ def encode_to_target(arr: np.ndarray, icc: bytes | None = None, *, target_size: 
                           f"with preset {models[0].name}, is {smallest} bytes")
     best, best_name = -math.inf, ""
     for m in models:
-        tokens = search_tokens(m, arr, effort, progress)
-        q = psnr(arr, tokens_to_array(m, tokens, arr.shape[1], arr.shape[0]))
-        if q >= target_psnr:
-            return encode_grid(m, tokens, arr.shape[1], arr.shape[0], icc, progress), m
+        if isinstance(m, SecondModel):  # its pixels need its whole file
+            enc = encode_array(arr, m, icc, progress, effort)
+            q = psnr(arr, enc.pixels())
+            if q >= target_psnr:
+                return enc, m
+        else:
+            tokens = search_tokens(m, arr, effort, progress)
+            q = psnr(arr, tokens_to_array(m, tokens, arr.shape[1], arr.shape[0]))
+            if q >= target_psnr:
+                return encode_grid(m, tokens, arr.shape[1], arr.shape[0], icc, progress), m
         if q > best:
             best, best_name = q, m.name
     raise TargetError(f"no quality reaches {target_psnr:g} dB PSNR: the best, preset {best_name}, gives {best:.2f} dB")

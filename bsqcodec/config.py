@@ -196,6 +196,10 @@ LADDER = (
     _rung("q4", 24, 3),
     _rung("q5", 28, 4),
 )
+# Rungs above the ladder's first-stage models: second-stage presets (formats/bsq.md section 11), each on top
+# of a first-stage rung; -q 6 and up, where installed
+SECOND_RUNGS = ("q6", "q7", "q8", "q9")
+RUNG_NAMES = tuple(c.name for c in LADDER) + SECOND_RUNGS  # -q N names RUNG_NAMES[N - 1]
 # the architecture the ladder's tokenizer is trained in: 48 bits, of which the rungs use a prefix
 NESTED = _rung("nested", 48, 6)
 ARCHITECTURES = {c.name: c for c in (SEED, *LADDER, NESTED)}

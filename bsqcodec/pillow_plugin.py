@@ -13,7 +13,7 @@ from __future__ import annotations
 from PIL import Image, ImageFile
 
 from . import container
-from .config import DEFAULT_EFFORT, LADDER
+from .config import DEFAULT_EFFORT, RUNG_NAMES
 
 FORMAT = "BSQ"
 
@@ -58,9 +58,12 @@ def _save(im: Image.Image, fp, filename) -> None:
     if sum(x is not None for x in (quality, preset, model)) > 1:
         raise ValueError("give at most one of quality, preset and model")
     if quality is not None:
-        if not 1 <= int(quality) <= len(LADDER):
-            raise ValueError(f"quality must be 1..{len(LADDER)}")
-        preset = LADDER[int(quality) - 1].name
+        from .weights import installed
+
+        rungs = [q for q, name in enumerate(RUNG_NAMES, 1) if name in installed()]
+        if int(quality) not in rungs:
+            raise ValueError(f"quality must be one of the installed rungs {', '.join(map(str, rungs))}, not {quality}")
+        preset = RUNG_NAMES[int(quality) - 1]
     icc = info.get("icc_profile", im.info.get("icc_profile"))
     if icc:
         im = im.copy()

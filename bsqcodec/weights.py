@@ -228,10 +228,11 @@ def _named(name: str) -> Model | None:
 
 def preset(name: str) -> Model:
     """An installed preset by name; q1 ... q5 also name the rungs of the quality ladder."""
-    from .config import LADDER
+    from .config import RUNG_NAMES
 
-    if name.startswith("q") and name[1:].isdigit() and 1 <= int(name[1:]) <= len(LADDER):
-        name = LADDER[int(name[1:]) - 1].name
+    asked = name
+    if name.startswith("q") and name[1:].isdigit() and 1 <= int(name[1:]) <= len(RUNG_NAMES):
+        name = RUNG_NAMES[int(name[1:]) - 1]
     model = _named(name)
     if model is not None:
         return model
@@ -240,7 +241,11 @@ def preset(name: str) -> Model:
         if name in broken():
             raise ModelError(f"installed preset {name!r} is broken: {broken()[name]}")
         known = ", ".join(sorted(inst)) or "none"
-        raise ModelNotFoundError(f"unknown preset {name!r} (installed: {known})")
+        if name in RUNG_NAMES:
+            rungs = ", ".join(str(q) for q, n in enumerate(RUNG_NAMES, 1) if n in inst) or "none"
+            raise ModelNotFoundError(f"quality {RUNG_NAMES.index(name) + 1} (preset {name!r}) is not installed "
+                                     f"(installed qualities: {rungs})")
+        raise ModelNotFoundError(f"unknown preset {asked!r} (installed: {known})")
     return _load_cached(inst[name][0])
 
 

@@ -125,3 +125,18 @@ def test_bench_matches_codecs_at_ssimulacra2(folder, tiny_model, tmp_path):
     t = res["totals"]["tiny"]
     assert t["mean_ssimulacra2"] == pytest.approx(np.mean([r["bsqc"]["tiny"]["ssimulacra2"] for r in res["per_image"]]))
     assert b"ssimulacra2" in bench.csv_bytes(res).splitlines()[0]
+
+
+def test_a_second_stage_rung_is_benched_like_the_others(folder, tiny_model):
+    """Its bytes are its real files' and its PSNR its decoder's; named q6 it is a rung of the ladder's curve."""
+    from test_second import tiny_second
+
+    q6 = tiny_second(tiny_model, name="q6")
+    res = bench.run(folder, [tiny_model, q6], codecs=(baselines.JPEG,), effort=1)
+    for img in sorted(folder.glob("*.png")):
+        arr = np.asarray(Image.open(img).convert("RGB"))
+        data = codec.encode_array(arr, q6, effort=1, models=[tiny_model]).data
+        row = next(r for r in res["per_image"] if r["image"] == img.name)
+        assert row["bsqc"]["q6"]["bytes"] == len(data)
+        assert row["bsqc"]["q6"]["psnr"] == pytest.approx(psnr(arr, codec.decode_detailed(data, [tiny_model, q6])[2]))
+    assert "q6" in bench.LADDER_NAMES and {p["preset"] for p in res["curves"]["bsqc"]} == {"tiny", "q6"}

@@ -161,7 +161,11 @@ def test_quality_option_picks_the_rung(tmp_path):
         assert r.exit_code == 0, r.output
         assert json.loads(r.stdout)["preset"] == cfg.name
         assert weights.preset(f"q{q}").name == cfg.name
-    assert runner.invoke(app, ["encode", str(img), "-q", "6"]).exit_code == 2  # usage error from the parser
+    assert runner.invoke(app, ["encode", str(img), "-q", "10"]).exit_code == 2  # usage error from the parser
+    if "q6" not in inst:  # a rung above the ladder's first stages that is not installed: one clear line
+        r = runner.invoke(app, ["encode", str(img), "-q", "6", "-o", str(tmp_path / "x.bsq")])
+        assert r.exit_code == 1 and "quality 6 (preset 'q6') is not installed" in r.output, r.output
+        assert not (tmp_path / "x.bsq").exists()
     r = runner.invoke(app, ["encode", str(img), "-q", "1", "--preset", "default"])
     assert r.exit_code == 1 and "choose one" in r.output
 
