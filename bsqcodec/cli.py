@@ -66,8 +66,26 @@ def _options(
 STDIO = Path("-")  # as an input: standard input; as an output: standard output
 
 
-def _models(model_file: Optional[Path]) -> list[weights.Model]:
-    return [weights.load(model_file)] if model_file else []
+def _models(model_files: Optional[list[Path]]) -> list:
+    return [weights.load(p) for p in model_files or []]
+
+
+def _first_stage(m):
+    """m, if it is a first-stage model (the prior samples and completes first-stage tokens only)."""
+    if not isinstance(m, weights.Model):
+        raise BsqError(f"{m.name} is a second-stage model: sampling uses a first-stage preset (its own is {m.config.base})")
+    return m
+
+
+def _encoding_model(models: list):
+    """The model --model asks encode to use: the one given, or the second-stage model among a second-stage
+    model and its first stage."""
+    from .second import SecondModel
+
+    second = [m for m in models if isinstance(m, SecondModel)]
+    if len(models) == 1 or len(second) == 1 and len(models) == 2:
+        return second[0] if second else models[0]
+    raise BsqError("give --model once, or twice: a second-stage model and the first stage it was made for")
 
 
 def _emit_json(obj: dict, to_stderr: bool = False) -> None:
@@ -179,7 +197,9 @@ def encode(
                                                    help="Quality 1 (smallest files) to 5 (best), and 6 to 9 where those "
                                                         "rungs are installed (see `bsqc presets`); 3 is the default preset.")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", show_default=False, help="Installed preset to use instead of -q (see `bsqc presets`). Default: default.")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", show_default=False, help="Use this model file instead of a preset.")] = None,
+    model: Annotated[Optional[list[Path]], typer.Option("--model", show_default=False, help="Use this model file instead of a preset "
+                                                        "(a second-stage model: with its first stage's file, if that is not installed, "
+                                                        "as a second --model).")] = None,
     target_size: Annotated[Optional[int], typer.Option("--target-size", min=1, show_default=False, help="Use the best quality whose file has at most this many bytes.")] = None,
     target_psnr: Annotated[Optional[float], typer.Option("--target-psnr", show_default=False, help="Use the smallest quality whose decoded image reaches this PSNR (dB).")] = None,
     effort: Annotated[int, typer.Option("--effort", "-e", min=MIN_EFFORT, max=MAX_EFFORT,
@@ -196,15 +216,15 @@ def encode(
     or let --target-size / --target-psnr pick it. Several inputs share one model load; a failing input
     is reported and the others are still compressed (exit code 1 at the end).
     """
-    if sum(x is not None for x in (quality, preset, model, target_size, target_psnr)) > 1:
+    if sum(x is not None for x in (quality, preset, model or None, target_size, target_psnr)) > 1:
         raise BsqError("choose one of -q/--quality, --preset, --model, --target-size and --target-psnr")
     if quality is not None:
         preset = RUNG_NAMES[quality - 1]
     jobs = _jobs(inputs, output, out_dir, ".bsq")
     _check_outputs(jobs, force)
-    m = None
+    m, given = None, _models(model)
     if target_size is None and target_psnr is None:
-        m = weights.load(model) if model else weights.preset(preset or "default")
+        m = _encoding_model(given) if given else weights.preset(preset or "default")
     need_psnr = as_json or (not quiet and len(jobs) == 1)  # shown in --json and in the one-file summary
 
     def work(src: Path, dst: Path, prog) -> dict:
@@ -219,7 +239,7 @@ def encode(
             enc, used = codec.encode_to_target(arr, icc, target_size=target_size, target_psnr=target_psnr, progress=prog,
                                                effort=effort)
         else:
-            enc, used = codec.encode_array(arr, m, icc, prog, effort), m
+            enc, used = codec.encode_array(arr, m, icc, prog, effort, models=given), m
         _write(dst, enc.data, force)
         h, w = arr.shape[:2]
         res = {
@@ -252,7 +272,8 @@ def decode(
                                                         "standard output. Default: the input's name with the suffix of --format.")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", show_default=False, help="Write each output into this folder, named after its input.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="Image format for standard output and default names (png, jpg, webp, ...).")] = "png",
-    model: Annotated[Optional[Path], typer.Option("--model", show_default=False, help="Model file, for files made with a model that is not installed.")] = None,
+    model: Annotated[Optional[list[Path]], typer.Option("--model", show_default=False, help="Model file, for files made with a model that is "
+                                                        "not installed; repeatable (a second stage's and its first stage's).")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite outputs that exist.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file with the results.")] = False,
     batch_tiles: Annotated[int, typer.Option("--batch-tiles", min=1, max=MAX_BATCH_TILES, help="Tiles decoded together (speed and memory only; the pixels never change).")] = DEFAULT_BATCH_TILES,
@@ -480,7 +501,7 @@ def generate(
     """Sample new images from the prior (token by token, with the KV cache) and decode them."""
     from .generate import generate as gen
 
-    m = weights.load(model) if model else weights.preset(preset)
+    m = _first_stage(weights.load(model) if model else weights.preset(preset))
     w, h = _size(size, m)
     check_output(output, force) if "%" not in output.name else None
     with LazyProgress(err_console, enabled=not quiet) as prog:
@@ -509,7 +530,7 @@ def complete(
     """Tokenize an image, keep its top rows of tokens, sample the rest from the prior, decode."""
     from .generate import complete as comp
 
-    m = weights.load(model) if model else weights.preset(preset)
+    m = _first_stage(weights.load(model) if model else weights.preset(preset))
     check_output(output, force)
     arr, _, _ = images.read(input, max_pixels=2048 * 2048)  # refused before its pixels are read
     container.check_pixels(arr.shape[1] * (n + 1), arr.shape[0], None, f"the image and {n} completions")

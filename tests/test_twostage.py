@@ -193,3 +193,29 @@ def test_mutated_second_stages_are_rejected_or_decode_the_same(two, tiny_model, 
     except BsqError:
         return
     assert np.array_equal(arr, codec.decode_detailed(two.data, [tiny_model, tiny_r])[2]), kind
+
+
+def test_model_files_given_twice_encode_and_decode_a_second_stage(tiny_model, tiny_r, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from bsqcodec import weights
+    from bsqcodec.cli import app
+
+    weights.save(tiny_model, tmp_path / "tiny.safetensors")
+    weights.save(tiny_r, tmp_path / "tiny-r.safetensors")
+    img = tmp_path / "a.png"
+    Image.fromarray(np.asarray(smooth_image(np.random.default_rng(5), 20, 16))).save(img)
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    both = ["--model", tmp_path / "tiny-r.safetensors", "--model", tmp_path / "tiny.safetensors"]
+    r = run("encode", img, *both, "--effort", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert container.unpack((tmp_path / "a.bsq").read_bytes())[0].second is not None
+    r = run("decode", tmp_path / "a.bsq", "-o", tmp_path / "b.png", *both, "--quiet")
+    assert r.exit_code == 0, r.output
+    r = run("decode", tmp_path / "a.bsq", "-o", tmp_path / "c.png", "--model", tmp_path / "tiny.safetensors")
+    assert r.exit_code == 1 and "tiny-r" in r.output and not (tmp_path / "c.png").exists()
+    r = run("encode", img, "--model", tmp_path / "tiny.safetensors", "--model", tmp_path / "tiny.safetensors", "-o", tmp_path / "d.bsq")
+    assert r.exit_code == 1 and "second-stage" in r.output
+    r = run("generate", "--model", tmp_path / "tiny-r.safetensors", "-o", tmp_path / "g.png")
+    assert r.exit_code == 1 and "second-stage model" in r.output and "Traceback" not in r.output
