@@ -186,7 +186,7 @@ def _encode_two(arr: np.ndarray, smodel: SecondModel, icc, progress, effort: int
     base_px = padded_pixels(base, tokens)
     header.minor, header.preset = 1, smodel.name
     header.second, bits, budget = twostage.encode(smodel, _pad(arr, P), base_px, tokens.numpy(),
-                                                  base.config.tokenizer.bits, width, height, lam)
+                                                  base.config.tokenizer.bits, width, height, lam, effort)
     return Encoded(container.pack(header, streams), tokens, est, header,
                    lambda: twostage.pixels(smodel, base_px, bits, budget)[:height, :width])
 

@@ -70,13 +70,20 @@ def _region_sums(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def candidates(n: int, effort: int) -> list[int]:
+    """The choices the encoder weighs at an effort: all of them from effort 3 up, else every other one and
+    the last (half the decoder passes)."""
+    return list(range(n)) if effort >= 3 else sorted(set(range(0, n, 2)) | {n - 1})
+
+
 def choose_budgets(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, base_tokens: np.ndarray, base_bits: int,
-                   bits01: torch.Tensor, lam: float, width: int, height: int) -> np.ndarray:
+                   bits01: torch.Tensor, lam: float, width: int, height: int, among: list[int] | None = None) -> np.ndarray:
     """The budget map (one choice per first-stage token) by a rate-distortion rule, region by region.
 
-    For each choice, every region's squared error (pixels inside the image only) with every token at that
-    choice's budget, and the bits its kept bits cost under the bit prior, are noted; each region then
-    takes the choice of least error + lam x bits.
+    For each choice (of `among`, default all), every region's squared error (pixels inside the image only)
+    with every token at that choice's budget, and the bits its kept bits cost under the bit prior, are
+    noted; each region then takes the choice of least error + lam x bits. Each choice weighed costs one
+    pass of the decoder.
     """
     cfg = smodel.config
     p, L = cfg.residual.patch, cfg.residual.bits
@@ -87,8 +94,9 @@ def choose_budgets(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, ba
     inside[:height, :width] = 1
     x = torch.from_numpy(arr.astype(np.float32))
     b1 = tokens_to_bits(torch.as_tensor(np.asarray(base_tokens, dtype=np.int64)), base_bits)
+    among = list(range(len(cfg.choices))) if among is None else among
     cost = []
-    for k in cfg.choices:
+    for k in (cfg.choices[c] for c in among):
         budget = torch.full((H2, W2), k)
         px = pixels(smodel, base_px, bits01, budget)  # with no bits kept, still the decoder's view of the base
         se = ((torch.from_numpy(px.astype(np.float32)) - x) ** 2).sum(-1) * inside
@@ -99,17 +107,18 @@ def choose_budgets(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, ba
             p_bit = torch.gather(tab, -1, bits01.long()[..., None])[..., 0] / tab.sum(-1)
             bits = -(torch.log2(p_bit)[..., :k]).sum(-1).float()
         cost.append(_region_sums(se, P) + lam * _region_sums(bits, r))
-    return torch.stack(cost).argmin(0).numpy()
+    return np.asarray(among)[torch.stack(cost).argmin(0).numpy()]
 
 
 def encode(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, base_tokens: np.ndarray, base_bits: int,
-           width: int, height: int, lam: float | None = None) -> tuple[SecondStage, torch.Tensor, torch.Tensor]:
+           width: int, height: int, lam: float | None = None, effort: int = 4) -> tuple[SecondStage, torch.Tensor, torch.Tensor]:
     """The second stage of a file, and its tokens' bits and budgets (for its pixels): arr and base_px are the
     padded image and its first-stage pixels."""
     cfg = smodel.config
     bits01 = second_bits(smodel, arr, base_px)
     lam = cfg.lam if lam is None else lam
-    pick = choose_budgets(smodel, arr, base_px, base_tokens, base_bits, bits01, lam, width, height)
+    pick = choose_budgets(smodel, arr, base_px, base_tokens, base_bits, bits01, lam, width, height,
+                          candidates(len(cfg.choices), effort))
     table = stage2.map_table(pick, len(cfg.choices))
     r = base_px.shape[0] // base_tokens.shape[0] // cfg.residual.patch
     streams = stage2.encode(smodel.prior, base_tokens, base_bits, bits01, pick, cfg.choices, r, table)

@@ -80,6 +80,9 @@ def test_the_budget_map_is_the_rate_distortion_choice_region_by_region(tiny_mode
         e[150:], e[:, 45:] = 0, 0
         se.append(e.reshape(38, 4, 12, 4).sum((1, 3)))
     assert np.array_equal(pick, np.argmin(np.stack(se), 0))
+    fast = twostage.choose_budgets(*args, 0.0, 45, 150, twostage.candidates(4, 1))
+    assert twostage.candidates(4, 1) == [0, 2, 3] and twostage.candidates(4, 3) == [0, 1, 2, 3]
+    assert set(np.unique(fast)) <= {0, 2, 3} and np.array_equal(fast, np.asarray([0, 2, 3])[np.argmin(np.stack(se)[[0, 2, 3]], 0)])
     means = [np.asarray(tiny_r.config.choices)[twostage.choose_budgets(*args, lam, 45, 150)].mean()
              for lam in (0.0, 30.0, 300.0, 3000.0, 1e12)]
     assert means == sorted(means, reverse=True) and means[0] > means[-1] == 0
