@@ -357,6 +357,35 @@ def info(
 
 @app.command()
 @guarded
+def cut(
+    file: Annotated[Path, typer.Argument(metavar="FILE.bsq", help="A .bsq file with a second stage (format 2.1).")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", show_default=False,
+                                                   help="The first stage's file. Default: FILE with the suffix .first.bsq.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", show_default=False,
+                                                  help="The file's first-stage or second-stage model file, where neither is installed "
+                                                       "(for the first stage's name).")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output if it exists.")] = False,
+) -> None:
+    """Cut a two-stage file to its first token grid: the smaller file its first stage alone writes, byte for byte."""
+    from .modelfile import installed, summary  # the standard library only: no torch
+
+    data = read_bytes(file)
+    header, _ = container.unpack(data)
+    if header.second is None:
+        raise BsqError(f"{file} has no second stage to cut")
+    known = [(h, c) for _, h, c in installed()[0].values()] + ([summary(model)[::-1]] if model else [])
+    names = [c.name for h, c in known if h[:16] == header.model_hash and not hasattr(c, "base")]
+    names += [c.base for h, c in known if h[:16] == header.second.model_hash and hasattr(c, "base")]
+    if not names:
+        raise BsqError(f"neither the file's first stage nor its second-stage model {header.preset!r} is installed: "
+                       "pass one of their model files with --model")
+    dst = output or file.with_suffix(".first.bsq")
+    write_atomic(dst, container.first_stage(data, names[0]), force)
+    out_console.print(f"{file} -> {dst}: {len(data)} -> {dst.stat().st_size} bytes, preset {names[0]}", markup=False)
+
+
+@app.command()
+@guarded
 def presets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the models installed with bsqcodec."""
     rows = []

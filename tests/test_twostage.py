@@ -222,3 +222,28 @@ def test_model_files_given_twice_encode_and_decode_a_second_stage(tiny_model, ti
     assert r.exit_code == 1 and "second-stage" in r.output
     r = run("generate", "--model", tmp_path / "tiny-r.safetensors", "-o", tmp_path / "g.png")
     assert r.exit_code == 1 and "second-stage model" in r.output and "Traceback" not in r.output
+
+
+def test_cut_writes_the_first_stages_file(two, tiny_model, tiny_r, image, tmp_path):
+    from typer.testing import CliRunner
+
+    from bsqcodec import weights
+    from bsqcodec.cli import app
+
+    weights.save(tiny_model, tmp_path / "tiny.safetensors")
+    weights.save(tiny_r, tmp_path / "tiny-r.safetensors")
+    src = tmp_path / "two.bsq"
+    src.write_bytes(two.data)
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    for m in ("tiny.safetensors", "tiny-r.safetensors"):  # either model names the first stage
+        r = run("cut", src, "--model", tmp_path / m, "-o", tmp_path / "one.bsq", "--force")
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / "one.bsq").read_bytes() == codec.encode_array(image, tiny_model, effort=1).data
+    r = run("cut", src, "--model", tmp_path / "tiny.safetensors")
+    assert r.exit_code == 0 and (tmp_path / "two.first.bsq").exists()
+    r = run("cut", src, "--model", tmp_path / "tiny.safetensors")  # exists: refused without --force
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    r = run("cut", tmp_path / "one.bsq", "-o", tmp_path / "x.bsq")
+    assert r.exit_code == 1 and "no second stage" in r.output
+    r = run("cut", src, "-o", tmp_path / "y.bsq")  # neither model installed nor given
+    assert r.exit_code == 1 and "--model" in r.output and not (tmp_path / "y.bsq").exists()
