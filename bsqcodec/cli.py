@@ -279,6 +279,9 @@ def decode(
     batch_tiles: Annotated[int, typer.Option("--batch-tiles", min=1, max=MAX_BATCH_TILES, help="Tiles decoded together (speed and memory only; the pixels never change).")] = DEFAULT_BATCH_TILES,
     threads: Annotated[int, typer.Option("--threads", min=0, help="CPU cores to use: worker processes for the prior, threads for the pixels (0 = all available; the pixels never change).")] = 0,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse files of more pixels than this, before decoding them.")] = container.DEFAULT_MAX_PIXELS,
+    look: Annotated[str, typer.Option("--look", help="faithful: the model's own decoder (closest to the original in "
+                                                     "PSNR); sharp: a decoder trained to draw texture, where its look "
+                                                     "model is installed or given with --model. The file is the same.")] = "faithful",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar, no summary.")] = False,
 ) -> None:
     """Decompress .bsq files into images."""
@@ -300,7 +303,8 @@ def decode(
         if dst != STDIO:
             check_output(dst, force)
         data = _stdin_bytes() if src == STDIO else read_bytes(src)
-        header, _, arr = codec.decode_detailed(data, models, batch_tiles, prog, workers=threads, max_pixels=max_pixels)
+        header, _, arr = codec.decode_detailed(data, models, batch_tiles, prog, workers=threads, max_pixels=max_pixels,
+                                               look=look)
         img = images.to_pil(arr, header.chunk(b"iCCP"))
         _write(dst, images.encode_image(img, dst if dst != STDIO else Path("stdout" + suffix)), force)
         return {"input": str(src), "output": str(dst), "width": header.width, "height": header.height,

@@ -138,6 +138,23 @@ def train_export(
     out_console.print(f"wrote {output}: preset {m.name}, model {m.hash_hex[:16]}", markup=False)
 
 
+@train_app.command("export-look")
+@guarded
+def train_export_look(
+    run: Annotated[Path, typer.Option(help="Run folder holding tokenizer.ckpt of a --decoder-only run.")],
+    base: Annotated[Path, typer.Option(help="The model file whose tokens it decodes (the run's --init).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Look model file to write (.safetensors).")],
+    name: Annotated[str, typer.Option(help="The look model's name, e.g. default-sharp.")],
+    look: Annotated[str, typer.Option(help="Which look it gives.")] = "sharp",
+    force: bool = False,
+) -> None:
+    """Freeze a decoder-only run into a look model file: another decoder for a model's files."""
+    from .export import export_look_run
+
+    m = export_look_run(run, base, output, name, look, force)
+    out_console.print(f"wrote {output}: the {m.config.look} look of {m.config.base}, model {m.hash_hex[:16]}", markup=False)
+
+
 @train_app.command("export-second")
 @guarded
 def train_export_second(

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from . import container, entropy, images, search, twostage, weights
+from . import look as look_mod
 from . import workers as workers_mod
-from .config import DEFAULT_BATCH_TILES, MAX_BATCH_TILES, RUNG_NAMES
+from .config import DEFAULT_BATCH_TILES, MAX_BATCH_TILES, RUNG_NAMES, LookConfig
 from .container import Header
-from .errors import FormatError, TargetError
+from .errors import BsqError, FormatError, TargetError
 from .metrics import psnr  # noqa: F401  (re-exported: codec.psnr)
 from .autoregress import run_tiles
 from .cpu import single_threaded_kernels
@@ -357,12 +358,22 @@ def _verified(fn, tile: int):
         raise FormatError(f"tile {tile}: {e}") from None
 
 
-def decode_detailed(data: bytes, models: list[weights.Model] | None = None, batch_tiles: int = DEFAULT_BATCH_TILES,
-                    progress: Progress | None = None, workers: int = 1,
-                    max_pixels: int | None = None) -> tuple[Header, torch.Tensor, np.ndarray]:
+LOOKS = ("faithful", *LookConfig.LOOKS)  # the model's own decoder, then the looks a look model can give
+
+
+def decode_detailed(data: bytes, models: list | None = None, batch_tiles: int = DEFAULT_BATCH_TILES,
+                    progress: Progress | None = None, workers: int = 1, max_pixels: int | None = None,
+                    look: str = "faithful") -> tuple[Header, torch.Tensor, np.ndarray]:
+    """(header, first-stage tokens, pixels) of a file; look: which decoder turns the tokens into pixels
+    (LOOKS; another than "faithful" needs its look model, installed or among `models`)."""
+    if look not in LOOKS:
+        raise BsqError(f"unknown look {look!r}; choose from {', '.join(LOOKS)}")
     header, streams = container.unpack(data)
     container.check_pixels(header.width, header.height, max_pixels, "the file's image")  # before any work
+    if look != "faithful" and header.second is not None:
+        raise BsqError(f"the {look} look decodes first-stage files; this file has a second stage")
     model = weights.find(header.model_hash, header.preset, models)
+    pixels_of = model if look == "faithful" else look_mod.find(model, look, models)  # before the tokens
     tokens = decode_streams(model, header, streams, batch_tiles, progress, workers)
     crc = header.chunk(container.TOKEN_CRC)
     if crc is not None and crc != container.token_crc(tokens.numpy()):
@@ -370,17 +381,19 @@ def decode_detailed(data: bytes, models: list[weights.Model] | None = None, batc
     if header.second is not None:
         px = twostage.decode(header, model, tokens.numpy(), padded_pixels(model, tokens), models)
         return header, tokens, px[: header.height, : header.width]
-    arr = tokens_to_array(model, tokens, header.width, header.height)
+    arr = tokens_to_array(pixels_of, tokens, header.width, header.height)
     return header, tokens, arr
 
 
-def decode(data: bytes, models: list[weights.Model] | None = None, batch_tiles: int = DEFAULT_BATCH_TILES,
-           progress: Progress | None = None, workers: int = 1, max_pixels: int | None = None) -> Image.Image:
+def decode(data: bytes, models: list | None = None, batch_tiles: int = DEFAULT_BATCH_TILES,
+           progress: Progress | None = None, workers: int = 1, max_pixels: int | None = None,
+           look: str = "faithful") -> Image.Image:
     """The bytes of a .bsq file -> a PIL RGB image (with its ICC profile, if the file has one).
 
     workers > 1 decodes the tiles in that many forked processes (Linux; elsewhere in this one):
     faster on a multi-core machine, the same pixels. Files of more than max_pixels pixels
-    (default container.DEFAULT_MAX_PIXELS) are refused before any decoding.
+    (default container.DEFAULT_MAX_PIXELS) are refused before any decoding. look: "faithful" (the
+    model's own decoder) or another look whose look model is installed or among `models`.
     """
-    header, _, arr = decode_detailed(data, models, batch_tiles, progress, workers, max_pixels)
+    header, _, arr = decode_detailed(data, models, batch_tiles, progress, workers, max_pixels, look)
     return images.to_pil(arr, header.chunk(b"iCCP"))

@@ -173,6 +173,37 @@ class SecondConfig:
                    choices=tuple(d["choices"]), lam=d["lambda"])
 
 
+@dataclass(frozen=True)
+class LookConfig:
+    """Another decoder for a first-stage model's tokens (a *look*, formats/bsq.md section 9): the same files,
+    other pixels. Named by the model it decodes for (its name and the first 16 bytes of its hash)."""
+
+    name: str
+    look: str  # what the decoder is for: "sharp" (trained with perceptual and adversarial terms)
+    base: str
+    base_hash: str
+    tokenizer: TokenizerConfig  # the base's, with this decoder's fields
+
+    LOOKS = ("sharp",)  # "faithful" is the model's own decoder
+
+    def __post_init__(self) -> None:
+        import re
+
+        if not isinstance(self.base_hash, str) or not re.fullmatch(r"[0-9a-f]{32}", self.base_hash):
+            raise ValueError("base_hash must be 32 lower-case hex digits")
+        if self.look not in self.LOOKS:
+            raise ValueError(f"look must be one of {', '.join(self.LOOKS)}, not {self.look!r}")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "look": self.look, "base": self.base, "base_hash": self.base_hash,
+                "tokenizer": self.tokenizer.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LookConfig":
+        return cls(name=str(d["name"]), look=str(d["look"]), base=str(d["base"]), base_hash=d["base_hash"],
+                   tokenizer=TokenizerConfig(**d["tokenizer"]))
+
+
 SEED = ModelConfig(
     name="seed",
     tokenizer=TokenizerConfig(patch=5, channels=128, bits=10, enc_blocks=0, dec_blocks=0, overlap=False),

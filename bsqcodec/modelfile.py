@@ -16,12 +16,14 @@ import os
 import struct
 from pathlib import Path
 
-from .config import INTPRIOR_VERSION, ModelConfig, SecondConfig
+from .config import INTPRIOR_VERSION, LookConfig, ModelConfig, SecondConfig
 from .errors import ModelError
 
 MODELS_DIR = Path(__file__).parent / "models"
 FORMAT = "bsqcodec-model-1"
 SECOND_FORMAT = "bsqcodec-second-1"  # a second-stage model (formats/bsq.md section 11)
+LOOK_FORMAT = "bsqcodec-look-1"  # another decoder of a first-stage model's tokens (formats/bsq.md section 9)
+KINDS = {FORMAT: ModelConfig, SECOND_FORMAT: SecondConfig, LOOK_FORMAT: LookConfig}
 MAX_HEADER = 1 << 24
 # safetensors dtype -> (torch's name, as the canonical hash spells it; bytes per element)
 DTYPES = {"BOOL": ("torch.bool", 1), "U8": ("torch.uint8", 1), "I8": ("torch.int8", 1), "I16": ("torch.int16", 2),
@@ -49,13 +51,13 @@ def config_of(path, meta) -> ModelConfig | SecondConfig:
     """The config a model file's metadata holds (a second-stage model's by its format), after checking its
     format and integer prior version."""
     meta = meta or {}
-    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, SECOND_FORMAT):
+    if not isinstance(meta, dict) or meta.get("format") not in KINDS:
         raise ModelError(f"{path} is not a bsqcodec model file")
     version = meta.get("intprior", "1")  # files from before the key existed are version 1
     if version != INTPRIOR_VERSION:
         raise ModelError(f"{path} needs integer prior arithmetic version {version}; this bsqcodec "
                          f"implements version {INTPRIOR_VERSION} (formats/intprior.md)")
-    kind = SecondConfig if meta["format"] == SECOND_FORMAT else ModelConfig
+    kind = KINDS[meta["format"]]
     try:
         return kind.from_dict(json.loads(meta["config"]))
     except (KeyError, TypeError, ValueError, ArithmeticError) as e:
@@ -88,8 +90,8 @@ def summary(path: str | os.PathLike) -> tuple[ModelConfig | SecondConfig, bytes]
     return config, digest(config, entries)
 
 
-def format_of(config: ModelConfig | SecondConfig) -> str:
-    return SECOND_FORMAT if isinstance(config, SecondConfig) else FORMAT
+def format_of(config) -> str:
+    return next(f for f, kind in KINDS.items() if isinstance(config, kind))
 
 
 def digest(config: ModelConfig | SecondConfig, entries) -> bytes:

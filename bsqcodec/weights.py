@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import modelfile
-from .config import ModelConfig, SecondConfig
+from .config import LookConfig, ModelConfig, SecondConfig
 from .errors import ModelError, ModelNotFoundError
 from .intprior import VERSION as INTPRIOR_VERSION
 from .intprior import IntPrior
@@ -98,10 +98,11 @@ def _meta_tokenizer(cfg) -> Tokenizer:
         return Tokenizer(cfg)
 
 
-def check_float_tensors(net: torch.nn.Module, tensors: dict[str, torch.Tensor], pre: str = "tokenizer.") -> None:
-    """ModelError unless the tensors under `pre` are exactly net's (as float_tensors stores them): names,
-    shapes, dtypes, finite."""
-    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+def check_float_tensors(net: torch.nn.Module, tensors: dict[str, torch.Tensor], pre: str = "tokenizer.",
+                        skip: tuple[str, ...] = ()) -> None:
+    """ModelError unless the tensors under `pre` are exactly net's (as float_tensors stores them), less those
+    whose names start with one of `skip`: names, shapes, dtypes, finite."""
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items() if not (skip and k.startswith(skip))}
     if sum(math.prod(s) for s in want.values()) > MAX_TOKENIZER_PARAMS:
         raise ModelError(f"bad model file: its {pre[:-1]} is too large")
     names = {f"{pre}{k}" for k in want} | {f"{pre}{k}.scale" for k, s in want.items() if len(s) >= 2}
@@ -135,6 +136,10 @@ def from_tensors(config, tensors: dict[str, torch.Tensor], device="cpu"):
         from . import second
 
         return second.from_tensors(config, tensors)
+    if isinstance(config, LookConfig):
+        from . import look
+
+        return look.from_tensors(config, tensors)
     if config.tokenizer.bits != config.prior.bits:
         raise ModelError("tokenizer and prior disagree on bits per token")
     tok = _meta_tokenizer(config.tokenizer)

@@ -253,3 +253,22 @@ def test_discriminator_sees_the_tokens():
     l1, feats = d(x, c1)
     assert l1.shape == (1, 1, 4, 4) and len(feats) == 3
     assert not torch.equal(l1, d(x, c2)[0])
+
+
+def test_a_decoder_only_run_exports_a_look_of_its_model(dataset, arch, tmp_path, model_file, tiny_model):
+    """bsqc train export-look: the run's decoder, for the files of the model the run started from."""
+    from bsqcodec import codec, look
+
+    train(_opts("tokenizer", dataset, tmp_path / "s", arch, steps=2, init=str(model_file), decoder_only=True, lr=0.01))
+    out = tmp_path / "sharp.safetensors"
+    r = runner.invoke(app, ["train", "export-look", "--run", str(tmp_path / "s"), "--base", str(model_file),
+                            "-o", str(out), "--name", "tiny-sharp"])
+    assert r.exit_code == 0, r.output
+    m = weights.load(out)
+    assert isinstance(m, look.LookModel) and m.fits(tiny_model) and m.config.look == "sharp"
+    enc = codec.encode_array(np.zeros((8, 12, 3), np.uint8), tiny_model, effort=1)
+    _, tokens, px = codec.decode_detailed(enc.data, [tiny_model, m], look="sharp")
+    assert np.array_equal(px, m.tokenizer.tokens_to_image(tokens)[:8, :12].numpy())
+    r = runner.invoke(app, ["train", "export-look", "--run", str(tmp_path / "s"), "--base", str(model_file),
+                            "-o", str(out), "--name", "tiny-sharp"])
+    assert r.exit_code == 1  # exists: --force
