@@ -1,0 +1,162 @@
+"""Which context should the second stage's bit prior see? A probe with the stage's coder frozen.
+
+    python benchmarks/bitprior_variants.py RUN/residual.ckpt --data ../shared/data/train --cache-dir runs/cache
+        [--crops 3000] [--steps 3000] [--name NAME]
+
+The run's second-stage bits of cached training crops (and of the held-out crops) are computed once; float
+bit priors of four designs are then trained on them from scratch, each the same way (budgets drawn region
+by region as `--mixed` training draws them), and their held-out code lengths compared at uniform budgets
+of 8 and 16 bits and at mixed budgets:
+- `checker`: the shipped design (residual.BitPrior): the co-located first-stage token, two checkerboard
+  passes, the second seeing its four first-pass neighbours;
+- `base3x3`: that, seeing the 3x3 first-stage tokens around;
+- `quad`: four passes ((even, even), (odd, odd), (even, odd), (odd, even) rows and columns), each token seeing
+  its eight neighbours of earlier passes;
+- `quad3x3`: both.
+The coder was trained with the shipped design's rate term, so this ranks the designs' modelling power only.
+Writes benchmarks/results/bitprior-variants-NAME.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bsqcodec import data as data_mod
+from bsqcodec import weights
+from bsqcodec.residual import BitPrior, ResidualCoder, ResidualConfig, kept_mask
+from bsqcodec.train_residual import _base_code, base_pixels, base_tokens, budget_maps
+
+HERE = Path(__file__).resolve().parent
+NEIGH8 = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+
+
+class Variant(nn.Module):
+    """A bit prior over one of the contexts above (1x1 layers, as BitPrior)."""
+
+    def __init__(self, L1: int, ratio: int, bits: int, quad: bool, wide: bool, width: int = 256) -> None:
+        super().__init__()
+        self.ratio, self.bits, self.quad, self.wide = ratio, bits, quad, wide
+        passes = 4 if quad else 2
+        ctx = L1 * (9 if wide else 1) + ratio * ratio + passes + (8 if quad else 4) * bits + 1
+        self.net = nn.Sequential(nn.Conv2d(ctx, width, 1), nn.GELU(), nn.Conv2d(width, width, 1), nn.GELU(),
+                                 nn.Conv2d(width, bits, 1))
+
+    def pass_of(self, H: int, W: int) -> torch.Tensor:
+        yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+        if not self.quad:
+            return (yy + xx) % 2
+        return torch.tensor([[0, 2], [3, 1]])[yy % 2, xx % 2]  # (even, even) 0, (odd, odd) 1, (even, odd) 2, (odd, even) 3
+
+    def logits(self, base_code, bits01, kept):
+        B, L, H, W = bits01.shape
+        r = self.ratio
+        bc = F.unfold(F.pad(base_code, (1, 1, 1, 1)), 3).view(B, -1, *base_code.shape[2:]) if self.wide else base_code
+        up = bc.repeat_interleave(r, 2).repeat_interleave(r, 3)[..., :H, :W]
+        yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+        pos = F.one_hot((yy % r) * r + (xx % r), r * r).permute(2, 0, 1).float().expand(B, -1, -1, -1)
+        ps = self.pass_of(H, W)
+        onehot = F.one_hot(ps, 4 if self.quad else 2).permute(2, 0, 1).float().expand(B, -1, -1, -1)
+        s = F.pad((bits01 * 2 - 1) * kept, (1, 1, 1, 1))
+        pp = F.pad(ps.float(), (1, 1, 1, 1), value=99)
+        offs = NEIGH8 if self.quad else [(0, -1), (0, 1), (-1, 0), (1, 0)]
+        neigh = []
+        for dy, dx in offs:
+            n = s[:, :, 1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W]
+            earlier = (pp[1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W] < ps.float()).float()  # decoded before this token
+            neigh.append(n * earlier)
+        budget = kept.mean(1, keepdim=True).expand(B, 1, H, W)
+        return self.net(torch.cat([up, pos, onehot, *neigh, budget], 1))
+
+    def bits_of(self, base_code, bits01, kept):
+        lg = self.logits(base_code, bits01, kept)
+        return (F.binary_cross_entropy_with_logits(lg, bits01, reduction="none") * kept).sum((1, 2, 3)) / math.log(2)
+
+
+@torch.no_grad()
+def codes(res, crops, base, toks, L1):
+    b1, b2 = [], []
+    for i in range(0, len(crops), 64):
+        x = torch.from_numpy(np.array(crops[i : i + 64])).permute(0, 3, 1, 2).float() / 255
+        b = torch.from_numpy(np.array(base[i : i + 64])).permute(0, 3, 1, 2).float() / 255
+        b2.append((res.encode_latent(x, b) > 0).to(torch.uint8))
+        b1.append(_base_code(torch.from_numpy(np.array(toks[i : i + 64])), L1).to(torch.int8))
+    return torch.cat(b1), torch.cat(b2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint")
+    ap.add_argument("--data", default="../shared/data/train")
+    ap.add_argument("--cache-dir", required=True)
+    ap.add_argument("--crops", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--name", default="probe")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    st = weights.load_checkpoint(args.checkpoint)
+    cfg = ResidualConfig(**st["config"])
+    res = ResidualCoder(cfg).eval()
+    res.load_state_dict(weights.trained_state(st))
+    base_model = weights.load(st["base"])
+    tok = base_model.tokenizer.eval()
+    L1, P = base_model.config.tokenizer.bits, base_model.config.tokenizer.patch
+    r = P // cfg.patch
+    files = data_mod.find_images(args.data)
+    tr_files, ev_files = data_mod.split_holdout(files)
+    tr = data_mod.crop_cache(tr_files, 128, 16, 0, args.cache_dir)  # the training run's caches
+    ev = data_mod.crop_cache(ev_files, 128, 2, 1, args.cache_dir)
+    tr_b, ev_b = base_pixels(tok, tr, args.cache_dir, st["base"], "train"), base_pixels(tok, ev, args.cache_dir, st["base"], "eval")
+    tr_t, ev_t = base_tokens(tok, tr, args.cache_dir, st["base"], "train"), base_tokens(tok, ev, args.cache_dir, st["base"], "eval")
+    pick = np.random.default_rng(0).permutation(len(tr))[: args.crops]
+    pick.sort()
+    c1, c2 = codes(res, tr[pick], tr_b[pick], tr_t[pick], L1)
+    e1, e2 = codes(res, ev, ev_b, ev_t, L1)
+    print(f"codes: {len(c1)} training crops, {len(e1)} held out", flush=True)
+    levels = (4, 8, 12, 16, 24, 24)
+    out = {"checkpoint_step": st["step"], "crops": len(c1), "held_out": len(e1), "steps": args.steps, "variants": {}}
+    for name, quad, wide in (("checker", False, False), ("base3x3", False, True), ("quad", True, False), ("quad3x3", True, True)):
+        torch.manual_seed(0)
+        v = Variant(L1, r, cfg.bits, quad, wide)
+        opt = torch.optim.AdamW(v.parameters(), lr=1e-3)
+        rng = np.random.default_rng(0)
+        t0 = time.time()
+        for step in range(args.steps):
+            idx = rng.integers(0, len(c1), args.batch)
+            y0, x0 = (int(a) * P for a in rng.integers(0, (128 - 64) // P + 1, 2))
+            base_code = c1[idx][:, :, y0 // P : (y0 + 64) // P, x0 // P : (x0 + 64) // P].float()
+            bits = c2[idx][:, :, y0 // cfg.patch : (y0 + 64) // cfg.patch, x0 // cfg.patch : (x0 + 64) // cfg.patch].float()
+            keep = budget_maps(rng, levels, len(idx), 64 // cfg.patch, r, 0.5)
+            for g in opt.param_groups:
+                g["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+            loss = v.bits_of(base_code, bits, kept_mask(keep, cfg.bits)).sum() / (len(idx) * 64 * 64)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        res_v = {}
+        with torch.no_grad():
+            erng = np.random.default_rng(1)
+            for label, k in (("8b", 8), ("16b", 16), ("mixed", None)):
+                tot = 0.0
+                for i in range(0, len(e1), 64):
+                    b1, b2 = e1[i : i + 64].float(), e2[i : i + 64].float()
+                    side = b2.shape[-1]
+                    keep = torch.full((len(b1),), k) if k else budget_maps(erng, levels, len(b1), side, r, 1.0)
+                    tot += float(v.bits_of(b1, b2, kept_mask(keep, cfg.bits)).sum())
+                res_v[label] = tot / (len(e1) * 128 * 128)
+        out["variants"][name] = {"held_out_bpp": res_v, "seconds": time.time() - t0}
+        print(name, {k: round(x, 4) for k, x in res_v.items()}, f"{time.time() - t0:.0f} s", flush=True)
+    (HERE / "results" / f"bitprior-variants-{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
