@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsqcodec import data as data_mod
-from bsqcodec import weights
-from bsqcodec.residual import BitPrior, ResidualCoder, ResidualConfig, kept_mask
-from bsqcodec.train_residual import _base_code, base_pixels, base_tokens, budget_maps
+from bsqcodec.residual import kept_mask
+from bsqcodec.train_residual import _base_code, base_pixels, base_tokens, budget_maps, load_run
 
 HERE = Path(__file__).resolve().parent
 NEIGH8 = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
@@ -103,11 +102,9 @@ def main() -> None:
     ap.add_argument("--name", default="probe")
     args = ap.parse_args()
     torch.manual_seed(0)
-    st = weights.load_checkpoint(args.checkpoint)
-    cfg = ResidualConfig(**st["config"])
-    res = ResidualCoder(cfg).eval()
-    res.load_state_dict(weights.trained_state(st))
-    base_model = weights.load(st["base"])
+    run = load_run(args.checkpoint)
+    st, res, base_model = run.checkpoint, run.coder, run.base
+    cfg = res.cfg
     tok = base_model.tokenizer.eval()
     L1, P = base_model.config.tokenizer.bits, base_model.config.tokenizer.patch
     r = P // cfg.patch

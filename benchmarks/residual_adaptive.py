@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from bsqcodec import codec, weights
-from bsqcodec.residual import BitPrior, ResidualCoder, ResidualConfig
+from bsqcodec import codec
+from bsqcodec.train_residual import load_run
 from bsqcodec.tokenizer import tokens_to_bits
 
 HERE = Path(__file__).resolve().parent
@@ -54,13 +54,10 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--name", default="q5")
     args = ap.parse_args()
-    st = weights.load_checkpoint(args.checkpoint)
-    cfg = ResidualConfig(**st["config"])
-    res = ResidualCoder(cfg).eval()
-    res.load_state_dict(weights.trained_state(st))
-    base_model = weights.load(st["base"])
-    L1, P1 = base_model.config.tokenizer.bits, base_model.config.tokenizer.patch
-    prior = BitPrior.from_state(st["bit_prior"], L1, P1 // cfg.patch, cfg.bits).eval()
+    run = load_run(args.checkpoint)
+    st, res, base_model, prior = run.checkpoint, run.coder, run.base, run.prior
+    cfg = res.cfg
+    L1 = base_model.config.tokenizer.bits
     choices = [int(c) for c in args.choices.split(",")]
     lambdas = [float(v) for v in args.lambdas.split(",")]
     R, p = args.region, cfg.patch
@@ -95,7 +92,6 @@ def main() -> None:
             bits_r = F.avg_pool2d(nll[None, None], R // p, divisor_override=1)[0, 0]
             return se_r, bits_r, float(se.sum()), float(nll.sum())
 
-        hr, wr = H // R, W // R
         se_k, bits_k = [], []
         for k in choices:
             se_r, bits_r, se, bits = run(torch.full((H // p, W // p), k))

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bsqcodec import codec, weights
-from bsqcodec.residual import BitPrior, ResidualCoder, ResidualConfig
+from bsqcodec import codec
+from bsqcodec.train_residual import load_run
 from bsqcodec.tokenizer import tokens_to_bits
 
 HERE = Path(__file__).resolve().parent
@@ -41,15 +41,10 @@ def main() -> None:
     ap.add_argument("--effort", type=int, default=1)
     ap.add_argument("--name", default="q5")
     args = ap.parse_args()
-    st = weights.load_checkpoint(args.checkpoint)
-    cfg = ResidualConfig(**st["config"])
-    res = ResidualCoder(cfg).eval()
-    res.load_state_dict(weights.trained_state(st))
-    base_model = weights.load(st["base"]) if str(st["base"]).endswith(".safetensors") else weights.preset(st["base"])
-    prior = None
-    if "bit_prior" in st:  # a run with a rate term: its bit prior estimates the stage's rate
-        L1, ratio = base_model.config.tokenizer.bits, base_model.config.tokenizer.patch // cfg.patch
-        prior = BitPrior.from_state(st["bit_prior"], L1, ratio, cfg.bits).eval()
+    run = load_run(args.checkpoint)  # with a rate term, its bit prior estimates the stage's rate
+    st, res, base_model, prior = run.checkpoint, run.coder, run.base, run.prior
+    cfg = res.cfg
+    L1 = base_model.config.tokenizer.bits
     files = sorted(Path(args.folder).glob("*.png"))
     budgets = [int(b) for b in args.bits.split(",") if int(b) <= cfg.bits]
     base_ps, base_bpp, ps = [], [], {k: [] for k in budgets}
@@ -70,7 +65,6 @@ def main() -> None:
         bits = (code[0] > 0).reshape(cfg.bits, -1).double()
         count += bits.shape[1]
         for k in budgets:
-            keep = torch.full((1,), k)
             kept = code * (torch.arange(cfg.bits) < k).to(code.dtype)[None, :, None, None]
             y = (res.decode_code(kept, b).clamp(0, 1) * 255).round()[0].permute(1, 2, 0).numpy()
             out = base.copy()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import baselines, codec, images, search, weights
+from . import baselines, codec, images, search
 from .config import RUNG_NAMES
 from .errors import BsqError
 from .metrics import METRICS, bd_rate, ms_ssim, overlap, psnr

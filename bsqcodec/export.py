@@ -96,45 +96,22 @@ def export_second_run(run: str | Path, data_dir: str | Path, output: str | Path,
     from types import SimpleNamespace
 
     from . import second
-    from .config import ResidualConfig, SecondConfig
-    from .residual import BitPrior, ResidualCoder
+    from .config import SecondConfig
+    from .train_residual import load_run
 
     run, output = Path(run), Path(output)
     check_output(output, force)
-    ckpt = weights.load_checkpoint(run / "residual.ckpt")
-    if "bit_prior" not in ckpt:
+    r = load_run(run / "residual.ckpt", base)
+    if r.prior is None:
         raise BsqError(f"{run} has no bit prior: train the stage with --rate-weight")
-    base_model = weights.load(base or ckpt["base"])
-    rcfg = ResidualConfig(**ckpt["config"])
-    coder = ResidualCoder(rcfg).eval()
-    coder.load_state_dict(weights.trained_state(ckpt))
-    tok = base_model.config.tokenizer
-    budget = BitPrior.from_state(ckpt["bit_prior"], tok.bits, tok.patch // rcfg.patch, rcfg.bits).budget
-    probe = SimpleNamespace(coder=coder, config=SimpleNamespace(residual=rcfg, choices=tuple(choices), budget=budget))
-    SecondConfig(name=name, base=base_model.name, base_hash=base_model.sha256[:16].hex(), residual=rcfg,
-                 prior_width=1, budget=budget, choices=tuple(choices), lam=int(lam))  # bad choices fail before any work
-    smodel = second.export(ckpt, base_model, name, tuple(choices), lam, second_calibration(probe, base_model, data_dir, calib))
+    try:  # bad choices fail before any work
+        SecondConfig(name=name, base=r.base.name, base_hash=r.base.sha256[:16].hex(), residual=r.coder.cfg,
+                     prior_width=1, budget=r.prior.budget, choices=tuple(choices), lam=int(lam))
+    except ValueError as e:
+        raise BsqError(str(e)) from None
+    probe = SimpleNamespace(coder=r.coder, config=SimpleNamespace(residual=r.coder.cfg, choices=tuple(choices),
+                                                                  budget=r.prior.budget))
+    calib_ctx = second_calibration(probe, r.base, data_dir, calib)
+    smodel = second.export(r.checkpoint, r.base, name, tuple(choices), lam, calib_ctx)
     weights.save(smodel, output)
     return smodel
-
-
-def export_look_run(run: str | Path, base: str | Path, output: str | Path, name: str, look: str = "sharp",
-                    force: bool = False):
-    """Freeze a decoder-only run (tokenizer.ckpt, trained with --decoder-only from `base`) into a look model file."""
-    from . import look as look_mod
-    from .config import TokenizerConfig
-
-    run, output = Path(run), Path(output)
-    check_output(output, force)
-    base_model = weights.load(base)
-    ckpt = weights.load_checkpoint(run / "tokenizer.ckpt")
-    cfg = ModelConfig.from_dict(ckpt["config"]).tokenizer
-    tok_cfg = TokenizerConfig(**{**cfg.to_dict(), "bits": base_model.config.tokenizer.bits})
-    if not tok_cfg.encodes_like(base_model.config.tokenizer):
-        raise BsqError(f"the run's tokenizer does not give {base_model.name}'s tokens")
-    state = weights.trained_state(ckpt)
-    tok = Tokenizer(cfg)
-    tok.load_state_dict(state)
-    m = look_mod.build(base_model, look, name, tok.truncated(tok_cfg.bits).state_dict(), tok_cfg)
-    weights.save(m, output)
-    return m

@@ -226,7 +226,7 @@ def expected_tensors(cfg: PriorConfig) -> dict[str, tuple[tuple[int, ...], torch
     """
     D, n, G = cfg.dim, 2**cfg.group_bits, cfg.groups
     H = cfg.mlp_ratio * D
-    i64, i8 = torch.int64, torch.int8
+    i64 = torch.int64
     emb = (-RES_MAX, RES_MAX)
     out = {
         "tok_emb": ((G * n, D), i64, *emb), "start": ((D,), i64, *emb), "row_emb": ((cfg.tile_rows, D), i64, *emb),

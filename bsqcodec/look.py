@@ -12,29 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
+from . import modelfile
 from .config import LookConfig
 from .errors import ModelError, ModelNotFoundError
 from .tokenizer import Tokenizer
 
 
 @dataclass
-class LookModel:
+class LookModel(modelfile.Identity):
     config: LookConfig
     tokenizer: Tokenizer  # its decoder only: the encoder's parameters are never loaded
     tensors: dict[str, torch.Tensor]
     sha256: bytes
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def hash_hex(self) -> str:
-        return self.sha256.hex()
-
-    @property
-    def base_hash(self) -> bytes:
-        return bytes.fromhex(self.config.base_hash)
 
     def fits(self, base) -> bool:
         """Whether it decodes the tokens of `base` (a weights.Model): made for it, the same token geometry."""

@@ -31,6 +31,23 @@ DTYPES = {"BOOL": ("torch.bool", 1), "U8": ("torch.uint8", 1), "I8": ("torch.int
           "BF16": ("torch.bfloat16", 2), "F32": ("torch.float32", 4), "F64": ("torch.float64", 8)}
 
 
+class Identity:
+    """The name and hash of a loaded model of any kind (each has .config.name and .sha256), and for those
+    made for another model (second stages, looks: .config.base_hash), that model's hash."""
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def hash_hex(self) -> str:
+        return self.sha256.hex()
+
+    @property
+    def base_hash(self) -> bytes:
+        return bytes.fromhex(self.config.base_hash)
+
+
 def _header(f, path, size: int) -> tuple[dict, int]:
     raw = f.read(8)
     if len(raw) < 8:

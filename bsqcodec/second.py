@@ -12,31 +12,19 @@ from dataclasses import dataclass
 
 import torch
 
-from . import intbits
+from . import intbits, modelfile
 from .config import ResidualConfig, SecondConfig
 from .errors import ModelError
 from .residual import BitPrior, ResidualCoder
 
 
 @dataclass
-class SecondModel:
+class SecondModel(modelfile.Identity):
     config: SecondConfig
     coder: ResidualCoder  # float32, eval mode
     prior: intbits.IntBitPrior
     tensors: dict[str, torch.Tensor]
     sha256: bytes
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def hash_hex(self) -> str:
-        return self.sha256.hex()
-
-    @property
-    def base_hash(self) -> bytes:
-        return bytes.fromhex(self.config.base_hash)
 
     def context_size(self, base_bits: int, ratio: int) -> int:
         return BitPrior.context_size(base_bits, ratio, self.config.residual.bits, self.config.budget)

@@ -56,6 +56,37 @@ class ResidualOptions:
     log: list = field(default_factory=list)
 
 
+@dataclass
+class Run:
+    """A second-stage run's checkpoint, ready to use: its coder (trained weights, eval mode), the first-stage
+    model it was trained on, and its float bit prior (None without a rate term)."""
+
+    checkpoint: dict
+    coder: ResidualCoder
+    base: object  # weights.Model
+    prior: BitPrior | None
+
+    @property
+    def ratio(self) -> int:
+        return self.base.config.tokenizer.patch // self.coder.cfg.patch
+
+
+def load_run(path, base=None) -> Run:
+    """The run whose checkpoint is at `path` (base: another first-stage model file than the one it names)."""
+    from .weights import load, trained_state
+
+    st = load_checkpoint(path)
+    cfg = ResidualConfig(**st["config"])
+    coder = ResidualCoder(cfg).eval()
+    coder.load_state_dict(trained_state(st))
+    base_model = load(base or st["base"])
+    tok = base_model.config.tokenizer
+    prior = None
+    if "bit_prior" in st:
+        prior = BitPrior.from_state(st["bit_prior"], tok.bits, tok.patch // cfg.patch, cfg.bits).eval()
+    return Run(st, coder, base_model, prior)
+
+
 @torch.no_grad()
 def base_pixels(tok, arr: np.ndarray, cache_dir: str | None, key_src: str, name: str, progress=None) -> np.ndarray:
     """The first stage's uint8 pixels of every crop in arr (N, S, S, 3), cached on disk."""

@@ -86,7 +86,7 @@ def choose_budgets(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, ba
     pass of the decoder.
     """
     cfg = smodel.config
-    p, L = cfg.residual.patch, cfg.residual.bits
+    p = cfg.residual.patch
     H2, W2 = bits01.shape[:2]
     P = base_px.shape[0] // (base_tokens.shape[0])
     r = P // p

@@ -31,20 +31,12 @@ FORMAT = modelfile.FORMAT
 
 
 @dataclass
-class Model:
+class Model(modelfile.Identity):
     config: ModelConfig
     tokenizer: Tokenizer
     prior: IntPrior
     tensors: dict[str, torch.Tensor]
     sha256: bytes
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def hash_hex(self) -> str:
-        return self.sha256.hex()
 
 
 def canonical_hash(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> bytes:

@@ -7,9 +7,6 @@ They were written once: BSQ_REGENERATE_VECTORS=2.1 pytest tests/test_vectors_21.
 
 import json
 import os
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
@@ -78,8 +75,6 @@ WRONG = ("rows_first_pass", "neighbours_all", "budget_fraction", "swapped_tables
 
 
 def _spec_inputs(name):
-    import spec_ref_second  # noqa: F401
-
     data = (VEC / f"{name}.bsq").read_bytes()
     want = json.loads((VEC / f"{name}.tokens.json").read_text())
     header, _ = container.unpack(data)
