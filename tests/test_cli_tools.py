@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -198,8 +200,13 @@ def test_help_is_plain_text():
 
 
 class TestLightCommands:
-    @pytest.mark.parametrize("args", [["--help"], ["--version"], ["encode", "--help"], ["presets", "--json"], ["info", "FILE"]])
+    @pytest.mark.parametrize("args", [["--help"], ["--version"], ["encode", "--help"], ["presets", "--json"], ["info", "FILE"],
+                                      ["cut", "TWO"]])
     def test_commands_that_need_no_model_do_not_import_torch(self, args, model_file, tmp_path):
+        if "TWO" in args:  # a 2.1 vector, cut with its first stage's model file read for its name
+            vec = Path(__file__).resolve().parent.parent / "formats" / "vectors"
+            args = ["cut", str(vec / "v21-9x5-icc.bsq"), "--model", str(vec / "tiny-model.safetensors"),
+                    "-o", str(tmp_path / "cut.bsq")]
         if "FILE" in args:
             src = tmp_path / "a.png"
             smooth_image(np.random.default_rng(1), 16, 16).save(src)
