@@ -97,9 +97,9 @@ def base_pixels(tok, arr: np.ndarray, cache_dir: str | None, key_src: str, name:
         return np.load(path, mmap_mode="r")
     out = np.empty(arr.shape, np.uint8)
     for i in range(0, len(arr), 32):
-        x = torch.from_numpy(np.array(arr[i : i + 32])).permute(0, 3, 1, 2).float().div(255)
+        x = torch.from_numpy(np.array(arr[i : i + 32])).permute(0, 3, 1, 2).float().div(255).to(_device(tok))
         y = tok.decode_code(tok.quant(tok.encode_latent(x)))
-        out[i : i + 32] = (y.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        out[i : i + 32] = (y.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         if progress is not None:
             progress(f"base pixels ({name}) {min(len(arr), i + 32)}/{len(arr)}")
     if path is not None:
@@ -117,14 +117,18 @@ def base_tokens(tok, arr: np.ndarray, cache_dir: str | None, key_src: str, name:
         return np.load(path, mmap_mode="r")
     parts = []
     for i in range(0, len(arr), 32):
-        x = torch.from_numpy(np.array(arr[i : i + 32])).permute(0, 3, 1, 2).float().div(255)
-        parts.append(tok.quant.codes_to_tokens(tok.quant(tok.encode_latent(x))).numpy())
+        x = torch.from_numpy(np.array(arr[i : i + 32])).permute(0, 3, 1, 2).float().div(255).to(_device(tok))
+        parts.append(tok.quant.codes_to_tokens(tok.quant(tok.encode_latent(x))).cpu().numpy())
         if progress is not None:
             progress(f"base tokens ({name}) {min(len(arr), i + 32)}/{len(arr)}")
     out = np.concatenate(parts)
     if path is not None:
         data_mod.save_atomic(path, out)
     return out
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _batch(arr, base, idx, rng, crop, toks=None, patch=1):
@@ -181,13 +185,14 @@ def evaluate(model: ResidualCoder, arr, base, bits: tuple[int, ...], prior: BitP
         for k in bits:
             tot, rate = 0.0, 0.0
             for i in range(0, len(arr), 32):
-                x = torch.from_numpy(np.array(arr[i : i + 32])).permute(0, 3, 1, 2).float().div(255)
-                b = torch.from_numpy(np.array(base[i : i + 32])).permute(0, 3, 1, 2).float().div(255)
+                dev = _device(model)
+                x = torch.from_numpy(np.array(arr[i : i + 32])).permute(0, 3, 1, 2).float().div(255).to(dev)
+                b = torch.from_numpy(np.array(base[i : i + 32])).permute(0, 3, 1, 2).float().div(255).to(dev)
                 if k:
-                    keep = torch.full((len(x),), k)
+                    keep = torch.full((len(x),), k, device=dev)
                     y, code = model(x, b, keep)
                     if prior is not None:
-                        c1 = _base_code(torch.from_numpy(np.array(toks[i : i + 32])), base_bits)
+                        c1 = _base_code(torch.from_numpy(np.array(toks[i : i + 32])).to(dev), base_bits)
                         rate += float(prior.bits_of(c1, _bits01(code, model.cfg.bits), kept_mask(keep, model.cfg.bits)).sum())
                 else:
                     y = b
@@ -212,8 +217,9 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
     if max(nested) > cfg.bits or min(nested) < 1:
         raise BsqError(f"--nested takes bit budgets from 1 to {cfg.bits}")
     torch.manual_seed(opts.seed)
-    model = ResidualCoder(cfg)
-    base_model = load(opts.base).tokenizer.eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as train.py: a GPU where there is one
+    model = ResidualCoder(cfg).to(device)
+    base_model = load(opts.base).tokenizer.eval().to(device)
     lam = state.get("rate_weight", 0.0) if state is not None else opts.rate_weight
     ratio = base_model.cfg.patch // cfg.patch
     mixed = state.get("mixed", 0.0) if state is not None else opts.mixed
@@ -221,7 +227,7 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
     if lam:  # a prior that sees budgets where they vary (and in runs that start from one that did)
         budget = bool(mixed) or (state is not None and state["bit_prior"]["net.0.weight"].shape[1]
                                  == BitPrior.context_size(base_model.cfg.bits, ratio, cfg.bits, True))
-        prior = BitPrior(base_model.cfg.bits, ratio, cfg.bits, opts.prior_width, budget)
+        prior = BitPrior(base_model.cfg.bits, ratio, cfg.bits, opts.prior_width, budget).to(device)
     params = list(model.parameters()) + (list(prior.parameters()) if prior is not None else [])
     opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng = np.random.default_rng(opts.seed)
@@ -241,7 +247,7 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
         model.load_state_dict(own)
         if prior is not None and "bit_prior" in src:
             prior.load_older(src["bit_prior"])
-    ema = ResidualCoder(cfg)
+    ema = ResidualCoder(cfg).to(device)
     ema.load_state_dict(state["ema"] if state is not None else model.state_dict())
     ema.eval()
 
@@ -283,11 +289,12 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             idx = rng.integers(0, len(tr), opts.batch)
-            x, b, t1 = _batch(tr, tr_base, idx, rng, opts.crop, tr_toks, P)
+            x, b, t1 = (None if t is None else t.to(device) for t in _batch(tr, tr_base, idx, rng, opts.crop, tr_toks, P))
             if mixed:
                 keep = budget_maps(rng, nested, len(idx), opts.crop // cfg.patch, ratio, mixed)
             else:  # one budget per sample (the draw of runs before budget maps, kept so that they resume alike)
                 keep = torch.from_numpy(np.asarray(nested)[rng.integers(0, len(nested), len(idx))])
+            keep = keep.to(device)
             y, code = model(x, b, keep)
             loss = F.mse_loss(y, x)
             if prior is not None:  # + lambda x bits per pixel of the kept bits under the bit prior
