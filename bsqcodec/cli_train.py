@@ -194,6 +194,8 @@ def train_residual_cmd(
                                                     "bits per pixel to the squared error (0: no rate term).")] = 0.0,
     mixed: Annotated[float, typer.Option(help="Share of samples whose bit budget is drawn region by region (one "
                                               "first-stage patch each), so the stage learns budgets that vary.")] = 0.0,
+    context: Annotated[str, typer.Option(help="The bit prior's context: checker (two passes, the co-located first-stage "
+                                              "token) or quad3x3 (four passes, the 3x3 first-stage tokens).")] = "checker",
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where decoded crops and base pixels are cached.")] = None,
     eval_every: int = 500, checkpoint_seconds: float = 300.0, threads: int = 0,
 ) -> None:
@@ -209,7 +211,7 @@ def train_residual_cmd(
         data=str(data), out=str(out), base=str(base),
         config=ResidualConfig(patch=patch, channels=channels, bits=bits, enc_blocks=enc_blocks, dec_blocks=dec_blocks),
         steps=steps, batch=batch, crop=crop, lr=lr, seed=seed, resume=resume, init=str(init) if init else None,
-        nested=levels, ema=ema, rate_weight=rate_weight, mixed=mixed, cache_dir=str(cache_dir) if cache_dir else None, threads=threads,
+        nested=levels, ema=ema, rate_weight=rate_weight, mixed=mixed, context=context, cache_dir=str(cache_dir) if cache_dir else None, threads=threads,
         eval_every=eval_every, checkpoint_seconds=checkpoint_seconds)
     t0, last = time.time(), [0.0]
 

@@ -104,6 +104,8 @@ def export_second_run(run: str | Path, data_dir: str | Path, output: str | Path,
     r = load_run(run / "residual.ckpt", base)
     if r.prior is None:
         raise BsqError(f"{run} has no bit prior: train the stage with --rate-weight")
+    if r.prior.kind != "checker":  # format 2.1 specifies the checkerboard context; quad3x3 is trained, not yet coded
+        raise BsqError(f"{run}'s bit prior has context {r.prior.kind!r}: files code the checker context only so far")
     try:  # bad choices fail before any work
         SecondConfig(name=name, base=r.base.name, base_hash=r.base.sha256[:16].hex(), residual=r.coder.cfg,
                      prior_width=1, budget=r.prior.budget, choices=tuple(choices), lam=int(lam))

@@ -75,24 +75,38 @@ class BitPrior(nn.Module):
     the kept bits of its four neighbours (all of the first pass), and, with `budget`, the token's own bit
     budget (a fraction of `bits`; budgets may differ region by region). So a decoder could code every
     token of a pass at once: two passes per image. Bits of one token are independent given that context.
+
+    That is the context kind "checker". Kind "quad3x3" sees more (about 5% fewer bits,
+    benchmarks/bitprior_variants.py): the 3x3 first-stage tokens around (zero outside the grid), and four
+    passes -- rows and columns (even, even), (odd, odd), (even, odd), (odd, even) -- in which a token sees
+    the kept bits of its eight neighbours that earlier passes decoded.
     """
 
-    def __init__(self, base_bits: int, ratio: int, bits: int, width: int = 256, budget: bool = True) -> None:
+    KINDS = ("checker", "quad3x3")
+    NEIGH8 = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+    def __init__(self, base_bits: int, ratio: int, bits: int, width: int = 256, budget: bool = True,
+                 kind: str = "checker") -> None:
         super().__init__()
-        self.ratio, self.bits, self.budget = ratio, bits, budget
-        ctx = self.context_size(base_bits, ratio, bits, budget)
+        if kind not in self.KINDS:
+            raise ValueError(f"context kind must be one of {', '.join(self.KINDS)}, not {kind!r}")
+        self.ratio, self.bits, self.budget, self.kind = ratio, bits, budget, kind
+        ctx = self.context_size(base_bits, ratio, bits, budget, kind)
         self.net = nn.Sequential(nn.Conv2d(ctx, width, 1), nn.GELU(), nn.Conv2d(width, width, 1), nn.GELU(),
                                  nn.Conv2d(width, bits, 1))
 
     @staticmethod
-    def context_size(base_bits: int, ratio: int, bits: int, budget: bool) -> int:
+    def context_size(base_bits: int, ratio: int, bits: int, budget: bool, kind: str = "checker") -> int:
+        if kind == "quad3x3":
+            return 9 * base_bits + ratio * ratio + 4 + 8 * bits + int(budget)
         return base_bits + ratio * ratio + 1 + 4 * bits + int(budget)
 
     @classmethod
-    def from_state(cls, state: dict, base_bits: int, ratio: int, bits: int) -> "BitPrior":
-        """The prior whose weights these are (its width and whether it sees budgets read from their shapes)."""
+    def from_state(cls, state: dict, base_bits: int, ratio: int, bits: int, kind: str = "checker") -> "BitPrior":
+        """The prior of this kind whose weights these are (its width and whether it sees budgets read from
+        their shapes)."""
         width, ctx = state["net.0.weight"].shape[:2]
-        prior = cls(base_bits, ratio, bits, width, ctx == cls.context_size(base_bits, ratio, bits, True))
+        prior = cls(base_bits, ratio, bits, width, ctx == cls.context_size(base_bits, ratio, bits, True, kind), kind)
         prior.load_state_dict(state)
         return prior
 
@@ -111,6 +125,8 @@ class BitPrior(nn.Module):
     def logits(self, base_code: torch.Tensor, bits01: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """base_code (B, L1, h, w) as +-1; bits01 (B, L, H, W) in {0, 1}; kept (B, L, 1, 1) or (B, L, H, W)
         0/1 -> (B, L, H, W) logits."""
+        if self.kind == "quad3x3":
+            return self._logits_quad(base_code, bits01, kept)
         B, _, H, W = bits01.shape
         r = self.ratio
         up = base_code.repeat_interleave(r, 2).repeat_interleave(r, 3)[..., :H, :W]
@@ -122,6 +138,30 @@ class BitPrior(nn.Module):
         neigh = [p[:, :, 1:-1, :-2], p[:, :, 1:-1, 2:], p[:, :, :-2, 1:-1], p[:, :, 2:, 1:-1]]  # left, right, up, down
         extra = [kept.mean(1, keepdim=True).expand(B, 1, H, W)] if self.budget else []
         return self.net(torch.cat([up, pos, second, *(n * second for n in neigh), *extra], 1))
+
+    @staticmethod
+    def quad_pass(H: int, W: int, device=None) -> torch.Tensor:
+        """(H, W) pass of each token in kind quad3x3: 0 (even, even), 1 (odd, odd), 2 (even, odd), 3 (odd, even)."""
+        yy, xx = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
+        return torch.tensor([[0, 2], [3, 1]], device=device)[yy % 2, xx % 2]
+
+    def _logits_quad(self, base_code: torch.Tensor, bits01: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        B, L, H, W = bits01.shape
+        r, dev = self.ratio, bits01.device
+        wide = F.unfold(F.pad(base_code, (1, 1, 1, 1)), 3).view(B, -1, *base_code.shape[2:])  # channel c * 9 + 3 * dy + dx
+        up = wide.repeat_interleave(r, 2).repeat_interleave(r, 3)[..., :H, :W]
+        yy, xx = torch.meshgrid(torch.arange(H, device=dev), torch.arange(W, device=dev), indexing="ij")
+        pos = F.one_hot((yy % r) * r + (xx % r), r * r).permute(2, 0, 1).float().expand(B, -1, -1, -1)
+        ps = self.quad_pass(H, W, dev)
+        onehot = F.one_hot(ps, 4).permute(2, 0, 1).float().expand(B, -1, -1, -1)
+        s = F.pad((bits01 * 2 - 1) * kept.expand(B, L, H, W), (1, 1, 1, 1))
+        pp = F.pad(ps, (1, 1, 1, 1), value=4)  # outside the grid: never decoded earlier
+        neigh = []
+        for dy, dx in self.NEIGH8:
+            earlier = (pp[1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W] < ps).float()
+            neigh.append(s[:, :, 1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W] * earlier)
+        extra = [kept.mean(1, keepdim=True).expand(B, 1, H, W)] if self.budget else []
+        return self.net(torch.cat([up, pos, onehot, *neigh, *extra], 1))
 
     def bits_of(self, base_code: torch.Tensor, bits01: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """(B,) code length in bits of each sample's kept bits."""

@@ -52,6 +52,7 @@ class ResidualOptions:
     rate_weight: float = 0.0  # > 0: a BitPrior is trained with the stage and its code length weighs in (per bpp, MSE units)
     prior_width: int = 256
     mixed: float = 0.0  # share of samples whose budget is drawn region by region (one first-stage patch each)
+    context: str = "checker"  # the bit prior's context kind (residual.BitPrior.KINDS)
     checkpoint_seconds: float = 300.0
     log: list = field(default_factory=list)
 
@@ -83,7 +84,8 @@ def load_run(path, base=None) -> Run:
     tok = base_model.config.tokenizer
     prior = None
     if "bit_prior" in st:
-        prior = BitPrior.from_state(st["bit_prior"], tok.bits, tok.patch // cfg.patch, cfg.bits).eval()
+        prior = BitPrior.from_state(st["bit_prior"], tok.bits, tok.patch // cfg.patch, cfg.bits,
+                                    st.get("context", "checker")).eval()
     return Run(st, coder, base_model, prior)
 
 
@@ -223,11 +225,12 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
     lam = state.get("rate_weight", 0.0) if state is not None else opts.rate_weight
     ratio = base_model.cfg.patch // cfg.patch
     mixed = state.get("mixed", 0.0) if state is not None else opts.mixed
+    kind = state.get("context", "checker") if state is not None else opts.context
     prior = None
     if lam:  # a prior that sees budgets where they vary (and in runs that start from one that did)
         budget = bool(mixed) or (state is not None and state["bit_prior"]["net.0.weight"].shape[1]
-                                 == BitPrior.context_size(base_model.cfg.bits, ratio, cfg.bits, True))
-        prior = BitPrior(base_model.cfg.bits, ratio, cfg.bits, opts.prior_width, budget).to(device)
+                                 == BitPrior.context_size(base_model.cfg.bits, ratio, cfg.bits, True, kind))
+        prior = BitPrior(base_model.cfg.bits, ratio, cfg.bits, opts.prior_width, budget, kind).to(device)
     params = list(model.parameters()) + (list(prior.parameters()) if prior is not None else [])
     opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng = np.random.default_rng(opts.seed)
@@ -279,7 +282,7 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
         save_checkpoint(ckpt_path, {
             "step": step, "config": cfg.to_dict(), "stage": "residual", "base": opts.base,
             "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-            "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "rate_weight": lam, "mixed": mixed,
+            "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "rate_weight": lam, "mixed": mixed, "context": kind,
             **({"bit_prior": prior.state_dict()} if prior is not None else {}),
         })
 

@@ -169,3 +169,46 @@ def test_mixed_budgets_train_and_resume_exactly(data, model_file, tmp_path):
     tok = weights.load(model_file).config.tokenizer
     ctx = BitPrior.context_size(tok.bits, tok.patch // CFG.patch, CFG.bits, True)
     assert st["mixed"] == 0.5 and st["bit_prior"]["net.0.weight"].shape[1] == ctx
+
+
+def test_the_quad_context_sees_only_earlier_passes_and_the_first_stage_around():
+    """Kind quad3x3: a bit flipped in a token changes the logits of exactly its neighbours of later passes; a
+    first-stage token changes those of the tokens under it and around it."""
+    from bsqcodec.residual import BitPrior
+
+    torch.manual_seed(0)
+    prior = BitPrior(base_bits=5, ratio=2, bits=4, width=16, kind="quad3x3")
+    base = torch.randint(0, 2, (1, 5, 4, 4)).float() * 2 - 1
+    bits = torch.randint(0, 2, (1, 4, 8, 8)).float()
+    kept = torch.ones(1, 4, 1, 1)
+    lg = prior.logits(base, bits, kept)
+    ps = BitPrior.quad_pass(8, 8)
+    for y, x in ((3, 3), (4, 4), (4, 3), (3, 4)):
+        flipped = bits.clone()
+        flipped[0, 1, y, x] = 1 - flipped[0, 1, y, x]
+        changed = (prior.logits(base, flipped, kept) != lg).any(1)[0]
+        want = torch.zeros(8, 8, dtype=torch.bool)
+        for dy, dx in BitPrior.NEIGH8:
+            if ps[y + dy, x + dx] > ps[y, x]:
+                want[y + dy, x + dx] = True
+        assert torch.equal(changed, want), (y, x)
+    b2 = base.clone()
+    b2[0, 0, 1, 1] = -b2[0, 0, 1, 1]
+    changed = (prior.logits(b2, bits, kept) != lg).any(1)[0]
+    assert changed[0:6, 0:6].all() and not changed[6:, :].any() and not changed[:, 6:].any()
+    assert BitPrior.context_size(5, 2, 4, True, "quad3x3") == prior.net[0].weight.shape[1]
+    with pytest.raises(ValueError):
+        BitPrior(5, 2, 4, kind="hex")
+
+
+def test_a_quad_context_run_resumes_exactly_and_records_its_kind(data, model_file, tmp_path):
+    kw = dict(rate_weight=1e-3, crop=16, mixed=0.5, context="quad3x3")
+    a = train_residual(_opts(data, tmp_path / "a", model_file, steps=4, **kw))
+    train_residual(_opts(data, tmp_path / "b", model_file, steps=2, **kw))
+    b2 = train_residual(_opts(data, tmp_path / "b", model_file, steps=4, resume=True))  # the kind is the run's
+    for k in a["bit_prior"]:
+        assert torch.equal(a["bit_prior"][k], b2["bit_prior"][k]), k
+    from bsqcodec.train_residual import load_run
+
+    run = load_run(tmp_path / "b" / "residual.ckpt")
+    assert run.checkpoint["context"] == "quad3x3" and run.prior.kind == "quad3x3" and run.prior.budget
