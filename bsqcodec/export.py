@@ -117,3 +117,25 @@ def export_second_run(run: str | Path, data_dir: str | Path, output: str | Path,
     smodel = second.export(r.checkpoint, r.base, name, tuple(choices), lam, calib_ctx)
     weights.save(smodel, output)
     return smodel
+
+
+def export_look_run(run: str | Path, base: str | Path, output: str | Path, name: str, look: str = "sharp",
+                    force: bool = False):
+    """Freeze a decoder-only run (tokenizer.ckpt, trained with --decoder-only from `base`) into a look model file."""
+    from . import look as look_mod
+    from .config import TokenizerConfig
+
+    run, output = Path(run), Path(output)
+    check_output(output, force)
+    base_model = weights.load(base)
+    ckpt = weights.load_checkpoint(run / "tokenizer.ckpt")
+    cfg = ModelConfig.from_dict(ckpt["config"]).tokenizer
+    tok_cfg = TokenizerConfig(**{**cfg.to_dict(), "bits": base_model.config.tokenizer.bits})
+    if not tok_cfg.encodes_like(base_model.config.tokenizer):
+        raise BsqError(f"the run's tokenizer does not give {base_model.name}'s tokens")
+    state = weights.trained_state(ckpt)
+    tok = Tokenizer(cfg)
+    tok.load_state_dict(state)
+    m = look_mod.build(base_model, look, name, tok.truncated(tok_cfg.bits).state_dict(), tok_cfg)
+    weights.save(m, output)
+    return m
