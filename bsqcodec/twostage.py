@@ -19,7 +19,13 @@ from .intbits import context
 from .second import SecondModel
 from .tokenizer import tokens_to_bits
 
-STRIP2 = 64  # second-grid rows per strip of the residual coder
+STRIP2 = 64  # second-grid rows per strip of the residual coder, at most
+STRIP_POSITIONS = 2**16  # and at most about this many positions (wide images: narrower strips, bounded memory)
+
+
+def strip_rows(W2: int) -> int:
+    """Rows of a strip of the residual coder for a second grid W2 wide: a function of the image alone."""
+    return max(8, min(STRIP2, STRIP_POSITIONS // max(1, W2)))
 
 
 def _halo(blocks: int) -> int:
@@ -38,9 +44,10 @@ def second_bits(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray) -> to
     coder, p = smodel.coder, smodel.config.residual.patch
     H2 = base_px.shape[0] // p
     halo = _halo(smodel.config.residual.enc_blocks)
+    rows = strip_rows(base_px.shape[1] // p)
     out = []
-    for a in range(0, H2, STRIP2):
-        b = min(H2, a + STRIP2)
+    for a in range(0, H2, rows):
+        b = min(H2, a + rows)
         lo, hi = max(0, a - halo), min(H2, b + halo)
         code = coder.encode_latent(_to_float(arr[lo * p : hi * p]), _to_float(base_px[lo * p : hi * p]))
         out.append((code[0, :, a - lo : b - lo] > 0).permute(1, 2, 0).to(torch.uint8))
@@ -55,9 +62,10 @@ def pixels(smodel: SecondModel, base_px: np.ndarray, bits01: torch.Tensor, budge
     code = ((bits01.float() * 2 - 1) * kept).permute(2, 0, 1)[None] / L**0.5  # decode_code scales by sqrt(L)
     H2 = bits01.shape[0]
     halo = _halo(smodel.config.residual.dec_blocks)
+    rows = strip_rows(bits01.shape[1])
     out = np.empty_like(base_px)
-    for a in range(0, H2, STRIP2):
-        b = min(H2, a + STRIP2)
+    for a in range(0, H2, rows):
+        b = min(H2, a + rows)
         lo, hi = max(0, a - halo), min(H2, b + halo)
         y = coder.decode_code(code[..., lo:hi, :], _to_float(base_px[lo * p : hi * p]))
         y = (y[0, :, (a - lo) * p : (b - lo) * p].clamp(0, 1) * 255).round()
@@ -102,8 +110,9 @@ def choose_budgets(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, ba
         se = ((torch.from_numpy(px.astype(np.float32)) - x) ** 2).sum(-1) * inside
         bits = torch.zeros(H2, W2)
         if k:
-            tab = torch.cat([smodel.prior.tables(context(b1, bits01, budget, r, slice(a, min(H2, a + STRIP2)), cfg.budget))
-                             for a in range(0, H2, STRIP2)]).double()
+            rows = strip_rows(W2)
+            tab = torch.cat([smodel.prior.tables(context(b1, bits01, budget, r, slice(a, min(H2, a + rows)), cfg.budget))
+                             for a in range(0, H2, rows)]).double()
             p_bit = torch.gather(tab, -1, bits01.long()[..., None])[..., 0] / tab.sum(-1)
             bits = -(torch.log2(p_bit)[..., :k]).sum(-1).float()
         cost.append(_region_sums(se, P) + lam * _region_sums(bits, r))

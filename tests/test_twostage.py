@@ -247,3 +247,24 @@ def test_cut_writes_the_first_stages_file(two, tiny_model, tiny_r, image, tmp_pa
     assert r.exit_code == 1 and "no second stage" in r.output
     r = run("cut", src, "-o", tmp_path / "y.bsq")  # neither model installed nor given
     assert r.exit_code == 1 and "--model" in r.output and not (tmp_path / "y.bsq").exists()
+
+
+def test_strips_give_the_whole_images_pixels(tiny_r, tiny_model, image, monkeypatch):
+    """The residual coder runs in strips of rows with a halo: the same bits and pixels (within one level) as
+    one pass over the whole image, for strips of any height the image's width gives."""
+    enc = codec.encode_array(image, tiny_model, effort=1)
+    base = codec.padded_pixels(tiny_model, enc.tokens)
+    arr = codec._pad(image, 4)
+    monkeypatch.setattr(twostage, "STRIP_POSITIONS", 8 * 24)  # strips of 8 rows here (the 24-wide grid)
+    assert twostage.strip_rows(24) == 8
+    bits = twostage.second_bits(tiny_r, arr, base)
+    with torch.no_grad():
+        x, b = twostage._to_float(arr), twostage._to_float(base)
+        whole = (tiny_r.coder.encode_latent(x, b)[0] > 0).permute(1, 2, 0).to(torch.uint8)
+        assert torch.equal(bits, whole)
+        budget = torch.from_numpy(np.random.default_rng(0).choice([0, 2, 6], bits.shape[:2]))
+        px = twostage.pixels(tiny_r, base, bits, budget)
+        kept = torch.arange(6)[None, None, :] < budget[..., None]
+        code = ((bits.float() * 2 - 1) * kept).permute(2, 0, 1)[None] / 6**0.5
+        ref = (tiny_r.coder.decode_code(code, b)[0].clamp(0, 1) * 255).round().permute(1, 2, 0).to(torch.uint8).numpy()
+    assert np.abs(px.astype(int) - ref).max() <= 1 and (px != ref).mean() < 0.001
