@@ -410,10 +410,11 @@ def presets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
         return
     from rich.table import Table
 
-    t = Table("-q", "preset", "patch", "bits/token", "raw bpp", "model", "on")
+    on = any("first_stage" in r for r in rows)  # a column for second-stage models' first stages, where any is installed
+    t = Table("-q", "preset", "patch", "bits/token", "raw bpp", "model", *(["on"] if on else []))
     for r in rows:
         t.add_row(str(r["quality"] or "-"), r["preset"], str(r["patch"]), str(r["token_bits"]), f"{r['raw_bpp']:.4f}",
-                  r["model"][:16], r.get("first_stage", ""))
+                  r["model"][:16], *([r.get("first_stage", "")] if on else []))
     out_console.print(t)
 
 
