@@ -44,14 +44,17 @@ def validate(t: dict[str, torch.Tensor], context_size: int, width: int, bits: in
 
 
 def context(base_bits: torch.Tensor, bits01: torch.Tensor, budget: torch.Tensor, ratio: int, rows: slice | None = None,
-            with_budget: bool = True) -> torch.Tensor:
+            with_budget: bool = True, kind: str = "checker") -> torch.Tensor:
     """The integer context of every token of rows (default: all) of the second grid.
 
     base_bits (h, w, L1) 0/1 of the first-stage tokens; bits01 (H, W, L) 0/1 of the second-stage tokens
-    (only kept first-pass bits are read); budget (H, W) int bits kept per token; -> (n, H', W, C) float64
-    integers in the float prior's order: L1 first-stage signs, ratio^2 position one-hot, pass, left, right,
-    up and down neighbours' kept signs (second pass only), and the budget (with_budget).
+    (only kept bits of earlier passes are read); budget (H, W) int bits kept per token; -> (H', W, C)
+    float64 integers in the float prior's order (residual.BitPrior). Kind "checker": L1 first-stage signs,
+    ratio^2 position one-hot, pass, left, right, up and down neighbours' kept signs (second pass only), and
+    the budget (with_budget). Kind "quad3x3": see _context_quad.
     """
+    if kind == "quad3x3":
+        return _context_quad(base_bits, bits01, budget, ratio, rows, with_budget)
     H, W, L = bits01.shape
     r = ratio
     rows = rows or slice(0, H)
@@ -67,6 +70,40 @@ def context(base_bits: torch.Tensor, bits01: torch.Tensor, budget: torch.Tensor,
     y0, y1 = rows.start + 1, rows.stop + 1
     neigh = [s[y0:y1, :-2], s[y0:y1, 2:], s[y0 - 1 : y1 - 1, 1:-1], s[y0 + 1 : y1 + 1, 1:-1]]
     parts = [up, pos, second, *(n * second for n in neigh)]
+    if with_budget:
+        parts.append(budget[rows].double()[..., None])
+    return torch.cat(parts, -1)
+
+
+def _context_quad(base_bits, bits01, budget, ratio, rows, with_budget) -> torch.Tensor:
+    """Kind quad3x3: the 3x3 first-stage tokens' signs around the co-located one (channel-major: entry
+    c * 9 + 3 * (dy + 1) + (dx + 1), 0 outside the grid), the position one-hot, a one-hot of the token's pass
+    (BitPrior.quad_pass), the kept signs of its eight neighbours (BitPrior.NEIGH8 order) that an earlier
+    pass decoded (else 0), and the budget."""
+    from .residual import BitPrior
+
+    H, W, L = bits01.shape
+    h, w, L1 = base_bits.shape
+    r = ratio
+    rows = rows or slice(0, H)
+    y = torch.arange(H)[rows][:, None]
+    ys, xs = y.expand(-1, W), torch.arange(W)[None, :].expand(len(y), -1)
+    code = torch.nn.functional.pad(base_bits.double() * 2 - 1, (0, 0, 1, 1, 1, 1))  # (h+2, w+2, L1), 0 outside
+    Y, X = ys // r + 1, xs // r + 1
+    wide = torch.stack([code[Y + dy, X + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], -1)  # (H', W, L1, 9)
+    up = wide.reshape(*wide.shape[:2], L1 * 9)
+    pos = torch.nn.functional.one_hot((ys % r) * r + xs % r, r * r).double()
+    ps = BitPrior.quad_pass(H, W)
+    onehot = torch.nn.functional.one_hot(ps[rows], 4).double()
+    kept = (torch.arange(L)[None, None, :] < budget[..., None]).double()
+    s = torch.nn.functional.pad((bits01.double() * 2 - 1) * kept, (0, 0, 1, 1, 1, 1))
+    pp = torch.nn.functional.pad(ps, (1, 1, 1, 1), value=4)
+    neigh = []
+    for dy, dx in BitPrior.NEIGH8:
+        ny, nx = ys + 1 + dy, xs + 1 + dx
+        earlier = (pp[ny, nx] < ps[ys, xs]).double()[..., None]
+        neigh.append(s[ny, nx] * earlier)
+    parts = [up, pos, onehot, *neigh]
     if with_budget:
         parts.append(budget[rows].double()[..., None])
     return torch.cat(parts, -1)

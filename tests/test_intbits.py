@@ -94,3 +94,19 @@ def test_no_contexts_give_no_tables():
     prior = _prior()
     ip = intbits.IntBitPrior(intbits.export(prior, intbits.context(*_grid(1), R).reshape(-1, 1 + L1 + R * R + 4 * L + 1)))
     assert ip.tables(torch.zeros(0, ip.context_size, dtype=torch.float64)).shape == (0, L, 2)
+
+
+def test_the_quad_context_is_what_the_float_quad_prior_sees():
+    torch.manual_seed(1)
+    prior = BitPrior(L1, R, L, width=32, kind="quad3x3").eval()
+    base, bits, bmap = _grid(3)
+    ctx = intbits.context(base, bits, bmap, R, kind="quad3x3")
+    ctx = torch.cat([ctx[..., :-1], ctx[..., -1:] / L], -1)
+    with torch.no_grad():
+        want = prior.logits((base.float() * 2 - 1).permute(2, 0, 1)[None], bits.permute(2, 0, 1)[None].float(),
+                            kept_mask(bmap[None], L))[0].permute(1, 2, 0)
+        got = prior.net(ctx.float().permute(2, 0, 1)[None])[0].permute(1, 2, 0)
+    assert ctx.shape[-1] == BitPrior.context_size(L1, R, L, True, "quad3x3")
+    assert torch.allclose(got, want, atol=1e-5)
+    rows = intbits.context(base, bits, bmap, R, slice(2, 5), kind="quad3x3")
+    assert torch.equal(rows, intbits.context(base, bits, bmap, R, kind="quad3x3")[2:5])
