@@ -21,7 +21,7 @@ from .container import BAND2
 from .errors import FormatError
 from .intbits import IntBitPrior, context
 from .residual import BitPrior
-from .tokenizer import tokens_to_bits
+from .tokenizer import bits_to_tokens, tokens_to_bits
 
 
 def budgets(region_choice: np.ndarray, choices, ratio: int) -> torch.Tensor:
@@ -35,14 +35,17 @@ def map_table(region_choice: np.ndarray, n: int) -> list[int]:
     return [max(1, int(c)) for c in np.bincount(np.asarray(region_choice).ravel(), minlength=n)]
 
 
+def second_tokens(bits01: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """(H, W) int64: each second-stage token's bit count times 2^32 plus its kept bits (the first bit most
+    significant, bits not kept 0) -- what the token CRC covers."""
+    kept = torch.arange(bits01.shape[-1])[None, None, :] < budget[..., None]
+    return bits_to_tokens(bits01.long() * kept) + budget.long() * 2**32
+
+
 def token_crc(bits01: torch.Tensor, budget: torch.Tensor) -> int:
-    """CRC-32 of the second-stage tokens in raster order, each a little-endian u64: its bit count times 2^32
-    plus its kept bits (the first bit most significant, bits not kept 0). So it also checks the budget map."""
-    L = bits01.shape[-1]
-    kept = torch.arange(L)[None, None, :] < budget[..., None]
-    weights = torch.tensor([2 ** (L - 1 - i) for i in range(L)], dtype=torch.int64)
-    tokens = ((bits01.long() * kept) * weights).sum(-1) + budget.long() * 2**32
-    return zlib.crc32(np.ascontiguousarray(tokens.numpy().astype("<u8")).tobytes())
+    """CRC-32 of the second-stage tokens in raster order, each a little-endian u64 (second_tokens), so that
+    it also checks the budget map."""
+    return zlib.crc32(np.ascontiguousarray(second_tokens(bits01, budget).numpy().astype("<u8")).tobytes())
 
 
 def _pass_tables(prior: IntBitPrior, b1: torch.Tensor, bits01: torch.Tensor, budget: torch.Tensor, ratio: int,

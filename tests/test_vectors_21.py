@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from bsqcodec import codec, container, twostage, weights
+from bsqcodec import codec, container, stage2, twostage, weights
 
 from test_vectors import VEC, _image
 
@@ -19,10 +19,7 @@ REGEN = os.environ.get("BSQ_REGENERATE_VECTORS") == "2.1"
 
 
 def _second_tokens(bits01: torch.Tensor, budget: torch.Tensor) -> list[int]:
-    L = bits01.shape[-1]
-    kept = torch.arange(L)[None, None, :] < budget[..., None]
-    w = torch.tensor([2 ** (L - 1 - i) for i in range(L)], dtype=torch.int64)
-    return (((bits01.long() * kept) * w).sum(-1) + budget.long() * 2**32).reshape(-1).tolist()
+    return stage2.second_tokens(bits01, budget).reshape(-1).tolist()
 
 
 def _regenerate(base):
