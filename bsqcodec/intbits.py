@@ -43,6 +43,13 @@ def validate(t: dict[str, torch.Tensor], context_size: int, width: int, bits: in
         raise ValueError(f"tensor '{prefix}out_exp_table' must start with a positive entry")
 
 
+def _near(rows: slice, H: int) -> tuple[int, int, tuple[int, int]]:
+    """The grid rows a, b that the tokens of `rows` see (the rows and one either side, within the grid), and
+    the zero rows to pad above and below so that row 0 of the padded window is grid row rows.start - 1."""
+    a, b = max(0, rows.start - 1), min(H, rows.stop + 1)
+    return a, b, (int(a == rows.start), int(b == rows.stop))
+
+
 def context(base_bits: torch.Tensor, bits01: torch.Tensor, budget: torch.Tensor, ratio: int, rows: slice | None = None,
             with_budget: bool = True, kind: str = "checker") -> torch.Tensor:
     """The integer context of every token of rows (default: all) of the second grid.
@@ -64,11 +71,12 @@ def context(base_bits: torch.Tensor, bits01: torch.Tensor, budget: torch.Tensor,
     up = base_bits[ys // r, xs // r].double() * 2 - 1  # (H', W, L1)
     pos = torch.nn.functional.one_hot((ys % r) * r + xs % r, r * r).double()
     second = ((ys + xs) % 2).double()[..., None]
-    kept = (torch.arange(L)[None, None, :] < budget[..., None]).double()
-    first = ((torch.arange(H)[:, None] + torch.arange(W)[None, :]) % 2 == 0).double()[..., None]
-    s = torch.nn.functional.pad((bits01.double() * 2 - 1) * kept * first, (0, 0, 1, 1, 1, 1))  # (H+2, W+2, L)
-    y0, y1 = rows.start + 1, rows.stop + 1
-    neigh = [s[y0:y1, :-2], s[y0:y1, 2:], s[y0 - 1 : y1 - 1, 1:-1], s[y0 + 1 : y1 + 1, 1:-1]]
+    a, b, (top, bottom) = _near(rows, H)  # only the rows these tokens see: a band costs its own size
+    kept = (torch.arange(L)[None, None, :] < budget[a:b, :, None]).double()
+    first = ((torch.arange(a, b)[:, None] + torch.arange(W)[None, :]) % 2 == 0).double()[..., None]
+    s = torch.nn.functional.pad((bits01[a:b].double() * 2 - 1) * kept * first, (0, 0, 1, 1, top, bottom))
+    n = len(y)  # row 1 + i of s is the band's row i
+    neigh = [s[1 : 1 + n, :-2], s[1 : 1 + n, 2:], s[0:n, 1:-1], s[2 : 2 + n, 1:-1]]
     parts = [up, pos, second, *(n * second for n in neigh)]
     if with_budget:
         parts.append(budget[rows].double()[..., None])
@@ -93,16 +101,17 @@ def _context_quad(base_bits, bits01, budget, ratio, rows, with_budget) -> torch.
     wide = torch.stack([code[Y + dy, X + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], -1)  # (H', W, L1, 9)
     up = wide.reshape(*wide.shape[:2], L1 * 9)
     pos = torch.nn.functional.one_hot((ys % r) * r + xs % r, r * r).double()
-    ps = BitPrior.quad_pass(H, W)
-    onehot = torch.nn.functional.one_hot(ps[rows], 4).double()
-    kept = (torch.arange(L)[None, None, :] < budget[..., None]).double()
-    s = torch.nn.functional.pad((bits01.double() * 2 - 1) * kept, (0, 0, 1, 1, 1, 1))
-    pp = torch.nn.functional.pad(ps, (1, 1, 1, 1), value=4)
+    a, b, (top, bottom) = _near(rows, H)  # only the rows these tokens see
+    ps = BitPrior.quad_pass(H, W)[a:b]
+    kept = (torch.arange(L)[None, None, :] < budget[a:b, :, None]).double()
+    s = torch.nn.functional.pad((bits01[a:b].double() * 2 - 1) * kept, (0, 0, 1, 1, top, bottom))
+    pp = torch.nn.functional.pad(ps, (1, 1, top, bottom), value=4)  # row 1 + i, column 1 + x: the band's token (i, x)
+    own = pp[1 : 1 + len(y), 1:-1]
+    onehot = torch.nn.functional.one_hot(own, 4).double()
     neigh = []
     for dy, dx in BitPrior.NEIGH8:
-        ny, nx = ys + 1 + dy, xs + 1 + dx
-        earlier = (pp[ny, nx] < ps[ys, xs]).double()[..., None]
-        neigh.append(s[ny, nx] * earlier)
+        win = (slice(1 + dy, 1 + dy + len(y)), slice(1 + dx, 1 + dx + W))
+        neigh.append(s[win] * (pp[win] < own).double()[..., None])
     parts = [up, pos, onehot, *neigh]
     if with_budget:
         parts.append(budget[rows].double()[..., None])
