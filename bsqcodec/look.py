@@ -59,15 +59,15 @@ def build(base, look: str, name: str, tokenizer_state: dict, tokenizer_config=No
 
 def find(base, look: str, models: list | None = None) -> LookModel:
     """The look model named `look` for the model `base`: among `models`, else installed."""
-    from . import modelfile, weights
+    from . import weights
 
     for m in models or []:
         if isinstance(m, LookModel) and m.config.look == look and m.fits(base):
             return m
-    found, _ = modelfile.installed(weights.MODELS_DIR)
-    for name, (path, h, config) in found.items():
+    inst = weights.installed()  # cached: the files are read and hashed once while they do not change
+    for name, config in weights.installed_configs().items():
         if isinstance(config, LookConfig) and config.look == look and config.base_hash == base.sha256[:16].hex():
-            m = weights.load(path)
+            m = weights.load(inst[name][0])
             if m.fits(base):
                 return m
     raise ModelNotFoundError(f"no {look} look is installed for model {base.name!r}; pass its look model file with --model")

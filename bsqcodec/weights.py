@@ -176,9 +176,9 @@ def _read(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]
 
 
 @lru_cache(maxsize=None)
-def _installed_cached(key: tuple) -> tuple[dict[str, tuple[str, bytes]], dict[str, str]]:
-    found, broken = modelfile.installed(MODELS_DIR)  # name and hash only; a model is built when it is used
-    return {name: (path, h) for name, (path, h, _) in found.items()}, broken
+def _installed_cached(key: tuple) -> tuple[dict[str, tuple[str, bytes]], dict[str, str], dict]:
+    found, broken = modelfile.installed(MODELS_DIR)  # name, hash and config only; a model is built when it is used
+    return {name: (path, h) for name, (path, h, _) in found.items()}, broken, {n: c for n, (_, _, c) in found.items()}
 
 
 def _installed_files() -> tuple:
@@ -188,6 +188,11 @@ def _installed_files() -> tuple:
 def installed() -> dict[str, tuple[str, bytes]]:
     """Preset name -> (file, hash) of every readable model shipped in the package."""
     return _installed_cached(_installed_files())[0]
+
+
+def installed_configs() -> dict:
+    """Preset name -> config of every readable model shipped in the package (read with installed())."""
+    return _installed_cached(_installed_files())[2]
 
 
 def broken() -> dict[str, str]:

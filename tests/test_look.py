@@ -87,3 +87,12 @@ def test_the_command_line_decodes_either_look(file, tiny_model, sharp, tmp_path)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "s.png")), want)
     r = run("decode", tmp_path / "a.bsq", "-o", tmp_path / "t.png", "--look", "sharp", "--model", tmp_path / "tiny.safetensors")
     assert r.exit_code == 1 and "no sharp look" in r.output and not (tmp_path / "t.png").exists()
+
+
+def test_an_installed_look_is_found_by_the_model_it_decodes_for(file, tiny_model, sharp, tmp_path, monkeypatch):
+    weights.save(tiny_model, tmp_path / "tiny.safetensors")
+    weights.save(sharp, tmp_path / "tiny-sharp.safetensors")
+    (tmp_path / "retired.json").write_text('{"models": {}}')
+    monkeypatch.setattr(weights, "MODELS_DIR", tmp_path)
+    want = codec.decode_detailed(file.data, [tiny_model, sharp], look="sharp")[2]
+    assert np.array_equal(codec.decode_detailed(file.data, look="sharp")[2], want)
