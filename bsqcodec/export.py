@@ -59,11 +59,11 @@ def export_run(run: str | Path, data_dir: str | Path, output: str | Path, name: 
     return model
 
 
-def second_calibration(smodel_like, base: weights.Model, data_dir: str | Path, count: int, seed: int = 1234) -> torch.Tensor:
-    """(N, C) integer bit-prior contexts of `count` training crops (128 pixels), with budgets drawn from the
-    choices region by region: the ranges the integer bit prior is calibrated on.
-
-    smodel_like: anything with .coder (a ResidualCoder) and .config-like fields choices and budget."""
+def second_calibration(coder, choices: tuple[int, ...], budget: bool, base: weights.Model, data_dir: str | Path,
+                       count: int, seed: int = 1234) -> torch.Tensor:
+    """(N, C) integer bit-prior contexts (with the budget entry where `budget`) of `count` training crops
+    (128 pixels) under a residual coder, with budgets drawn from the choices region by region: the ranges the
+    integer bit prior is calibrated on."""
     from . import twostage
     from .intbits import context
     from .tokenizer import tokens_to_bits
@@ -75,17 +75,16 @@ def second_calibration(smodel_like, base: weights.Model, data_dir: str | Path, c
     files = [files[i] for i in rng.permutation(len(files))[: max(1, count // 2)]]
     crops = data_mod.crop_cache(files, 128, 2, seed, None)[:count]
     P, L1 = base.config.tokenizer.patch, base.config.tokenizer.bits
-    cfg = smodel_like.config
-    r = P // cfg.residual.patch
+    r = P // coder.cfg.patch
     out = []
     for crop in crops:
         crop = np.ascontiguousarray(crop[: crop.shape[0] // P * P, : crop.shape[1] // P * P])
         tokens = base.tokenizer.image_to_tokens(crop)
         base_px = base.tokenizer.tokens_to_image(tokens).numpy()
-        bits = twostage.second_bits(smodel_like, crop, base_px)
-        pick = rng.integers(0, len(cfg.choices), tuple(tokens.shape))
-        budget = torch.from_numpy(np.asarray(cfg.choices)[pick].repeat(r, 0).repeat(r, 1))
-        ctx = context(tokens_to_bits(tokens, L1), bits, budget, r, with_budget=cfg.budget)
+        bits = twostage.second_bits(coder, crop, base_px)
+        pick = rng.integers(0, len(choices), tuple(tokens.shape))
+        kept = torch.from_numpy(np.asarray(choices)[pick].repeat(r, 0).repeat(r, 1))
+        ctx = context(tokens_to_bits(tokens, L1), bits, kept, r, with_budget=budget)
         out.append(ctx.reshape(-1, ctx.shape[-1]))
     return torch.cat(out)
 
@@ -93,8 +92,6 @@ def second_calibration(smodel_like, base: weights.Model, data_dir: str | Path, c
 def export_second_run(run: str | Path, data_dir: str | Path, output: str | Path, name: str, choices: tuple[int, ...],
                       lam: int, base: str | Path | None = None, calib: int = 64, force: bool = False):
     """Freeze a second-stage run (residual.ckpt with its bit prior) into a second-stage model file."""
-    from types import SimpleNamespace
-
     from . import second
     from .config import SecondConfig
     from .train_residual import load_run
@@ -111,9 +108,7 @@ def export_second_run(run: str | Path, data_dir: str | Path, output: str | Path,
                      prior_width=1, budget=r.prior.budget, choices=tuple(choices), lam=int(lam))
     except ValueError as e:
         raise BsqError(str(e)) from None
-    probe = SimpleNamespace(coder=r.coder, config=SimpleNamespace(residual=r.coder.cfg, choices=tuple(choices),
-                                                                  budget=r.prior.budget))
-    calib_ctx = second_calibration(probe, r.base, data_dir, calib)
+    calib_ctx = second_calibration(r.coder, tuple(choices), r.prior.budget, r.base, data_dir, calib)
     smodel = second.export(r.checkpoint, r.base, name, tuple(choices), lam, calib_ctx)
     weights.save(smodel, output)
     return smodel

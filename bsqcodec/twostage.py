@@ -16,6 +16,7 @@ from . import stage2, weights
 from .container import Header, SecondStage
 from .errors import FormatError, ModelError
 from .intbits import context
+from .residual import ResidualCoder
 from .second import SecondModel
 from .tokenizer import tokens_to_bits
 
@@ -39,11 +40,11 @@ def _to_float(px: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def second_bits(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray) -> torch.Tensor:
+def second_bits(coder: ResidualCoder, arr: np.ndarray, base_px: np.ndarray) -> torch.Tensor:
     """The second-stage tokens' bits (H2, W2, L2) uint8 of the padded image and its first-stage pixels."""
-    coder, p = smodel.coder, smodel.config.residual.patch
+    p = coder.cfg.patch
     H2 = base_px.shape[0] // p
-    halo = _halo(smodel.config.residual.enc_blocks)
+    halo = _halo(coder.cfg.enc_blocks)
     rows = strip_rows(base_px.shape[1] // p)
     out = []
     for a in range(0, H2, rows):
@@ -124,7 +125,7 @@ def encode(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, base_token
     """The second stage of a file, and its tokens' bits and budgets (for its pixels): arr and base_px are the
     padded image and its first-stage pixels."""
     cfg = smodel.config
-    bits01 = second_bits(smodel, arr, base_px)
+    bits01 = second_bits(smodel.coder, arr, base_px)
     lam = cfg.lam if lam is None else lam
     pick = choose_budgets(smodel, arr, base_px, base_tokens, base_bits, bits01, lam, width, height,
                           candidates(len(cfg.choices), effort))

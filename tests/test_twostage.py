@@ -37,7 +37,7 @@ def test_a_two_stage_file_decodes_to_the_first_stages_pixels_plus_the_correction
     base = codec.padded_pixels(tiny_model, tokens)
     assert not np.array_equal(arr, base[:150, :45])  # the second stage changed the pixels
     # the same as running the pieces by hand
-    bits = twostage.second_bits(tiny_r, codec._pad(image, 4), base)
+    bits = twostage.second_bits(tiny_r.coder, codec._pad(image, 4), base)
     from bsqcodec import stage2
 
     got, budget = stage2.decode(tiny_r.prior, tokens.numpy(), 12, h.second.streams, h.second.table,
@@ -70,7 +70,7 @@ def test_the_budget_map_is_the_rate_distortion_choice_region_by_region(tiny_mode
     enc = codec.encode_array(image, tiny_model, effort=1)
     base = codec.padded_pixels(tiny_model, enc.tokens)
     arr = codec._pad(image, 4)
-    bits = twostage.second_bits(tiny_r, arr, base)
+    bits = twostage.second_bits(tiny_r.coder, arr, base)
     args = (tiny_r, arr, base, enc.tokens.numpy(), 12, bits)
     pick = twostage.choose_budgets(*args, 0.0, 45, 150)
     se = []
@@ -257,7 +257,7 @@ def test_strips_give_the_whole_images_pixels(tiny_r, tiny_model, image, monkeypa
     arr = codec._pad(image, 4)
     monkeypatch.setattr(twostage, "STRIP_POSITIONS", 8 * 24)  # strips of 8 rows here (the 24-wide grid)
     assert twostage.strip_rows(24) == 8
-    bits = twostage.second_bits(tiny_r, arr, base)
+    bits = twostage.second_bits(tiny_r.coder, arr, base)
     with torch.no_grad():
         x, b = twostage._to_float(arr), twostage._to_float(base)
         whole = (tiny_r.coder.encode_latent(x, b)[0] > 0).permute(1, 2, 0).to(torch.uint8)
