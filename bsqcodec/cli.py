@@ -337,7 +337,7 @@ def _second_info(header) -> dict:
     s = header.second
     rows2, cols2 = (n * (header.patch // s.patch) for n in header.grid)
     return {"model": s.model_hash.hex(), "patch": s.patch, "token_bits": s.bits, "grid": [rows2, cols2],
-            "choices": len(s.table), "streams": len(s.streams), "payload_bytes": sum(len(x) for x in s.streams)}
+            "choices": len(s.table), "passes": s.passes(header), "streams": len(s.streams), "payload_bytes": sum(len(x) for x in s.streams)}
 
 
 @app.command()

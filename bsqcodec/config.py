@@ -148,9 +148,15 @@ class SecondConfig:
     budget: bool  # the bit prior sees each token's bit count
     choices: tuple[int, ...]  # bits a region's tokens keep, one entry per choice of the budget map
     lam: int  # the encoder's default trade-off: squared 8-bit pixel errors per bit ("lambda" in files)
+    context: str = "checker"  # the bit prior's context kind, one of CONTEXTS (omitted from files when "checker")
+
+    CONTEXTS = {"checker": 2, "quad3x3": 4}  # context kind -> passes of each band (formats/bsq.md section 11)
 
     def __post_init__(self) -> None:
         import re
+
+        if self.context not in self.CONTEXTS:
+            raise ValueError(f"context must be one of {', '.join(self.CONTEXTS)}, not {self.context!r}")
 
         if not isinstance(self.base_hash, str) or not re.fullmatch(r"[0-9a-f]{32}", self.base_hash):
             raise ValueError("base_hash must be 32 lower-case hex digits")
@@ -164,13 +170,17 @@ class SecondConfig:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "base": self.base, "base_hash": self.base_hash, "residual": self.residual.to_dict(),
-                "prior_width": self.prior_width, "budget": self.budget, "choices": list(self.choices), "lambda": self.lam}
+                "prior_width": self.prior_width, "budget": self.budget, "choices": list(self.choices), "lambda": self.lam} | ({} if self.context == "checker" else {"context": self.context})
+
+    @property
+    def passes(self) -> int:
+        return self.CONTEXTS[self.context]
 
     @classmethod
     def from_dict(cls, d: dict) -> "SecondConfig":
         return cls(name=str(d["name"]), base=str(d["base"]), base_hash=d["base_hash"],
                    residual=ResidualConfig(**d["residual"]), prior_width=d["prior_width"], budget=d["budget"],
-                   choices=tuple(d["choices"]), lam=d["lambda"])
+                   choices=tuple(d["choices"]), lam=d["lambda"], context=d.get("context", "checker"))
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ HASH_BYTES = {1: 32, 2: 16}  # the model hash in the header: SHA-256, whole (1.x
 TOKEN_CRC = b"tCRC"  # 1.2: CRC-32 of the decoded tokens (section 5 of formats/bsq.md)
 SECOND = b"Rstg"  # 2.1: the second token stage (section 11 of formats/bsq.md)
 BAND2 = 64  # rows of second-stage tokens per band of its streams
+PASSES2 = (2, 4)  # passes of a band: the checker context's two, quad3x3's four
 MAX_CHOICES = 64
 MAX_BITS2 = 32
 MAX_BITS_V1_0 = 32  # 1.1 widened token bits to 48
@@ -74,7 +75,7 @@ class SecondStage:
     table: list[int]  # the budget map's table: one positive integer per choice of the stage's model
     model_hash: bytes  # the first 16 bytes of the stage's model hash
     token_crc: int  # CRC-32 of the second-stage tokens (section 11)
-    streams: list[bytes] = field(default_factory=list)  # the map's stream, pass 0 of every band, pass 1 of every band
+    streams: list[bytes] = field(default_factory=list)  # the map's stream, then pass 0 of every band, pass 1 of every band, ...
 
     def bands(self, header: "Header") -> int:
         """Bands of BAND2 second-stage token rows (the first stage's rows times P / P2)."""
@@ -91,8 +92,14 @@ class SecondStage:
             raise FormatError("bad budget-map table")
         if len(self.model_hash) != HASH_BYTES[2]:
             raise FormatError("bad second-stage model hash")
-        if len(self.streams) != 1 + 2 * self.bands(header):
-            raise FormatError(f"the second stage has {len(self.streams)} streams, its geometry needs {1 + 2 * self.bands(header)}")
+        nb = self.bands(header)
+        if len(self.streams) not in [1 + q * nb for q in PASSES2]:
+            raise FormatError(f"the second stage has {len(self.streams)} streams, its geometry needs "
+                              + " or ".join(str(1 + q * nb) for q in PASSES2))
+
+    def passes(self, header: "Header") -> int:
+        """Passes of each band: 2 (the checker context) or 4 (quad3x3), from the count of streams."""
+        return (len(self.streams) - 1) // self.bands(header)
 
     def chunk(self) -> bytes:
         """The Rstg chunk's content."""
@@ -115,9 +122,11 @@ class SecondStage:
         stage = cls(patch, bits, table, model_hash, crc)
         if not (1 <= patch <= 64) or header.patch % patch:  # checked before the count of lengths is computed
             raise FormatError(f"bad second-stage patch {patch} (a divisor of the patch {header.patch})")
-        lengths = [r.varint("Rstg chunk") for _ in range(1 + 2 * stage.bands(header))]
+        lengths = []
+        while r.pos < len(data) and len(lengths) < 1 + max(PASSES2) * stage.bands(header):
+            lengths.append(r.varint("Rstg chunk"))
         if r.pos != len(data):
-            raise FormatError("bad Rstg chunk (bytes after its stream lengths)")
+            raise FormatError("bad Rstg chunk (more stream lengths than its geometry allows)")
         stage.streams = [b""] * len(lengths)
         stage.validate(header)
         return stage, lengths

@@ -60,7 +60,7 @@ def export_run(run: str | Path, data_dir: str | Path, output: str | Path, name: 
 
 
 def second_calibration(coder, choices: tuple[int, ...], budget: bool, base: weights.Model, data_dir: str | Path,
-                       count: int, seed: int = 1234) -> torch.Tensor:
+                       count: int, seed: int = 1234, kind: str = "checker") -> torch.Tensor:
     """(N, C) integer bit-prior contexts (with the budget entry where `budget`) of `count` training crops
     (128 pixels) under a residual coder, with budgets drawn from the choices region by region: the ranges the
     integer bit prior is calibrated on."""
@@ -84,7 +84,7 @@ def second_calibration(coder, choices: tuple[int, ...], budget: bool, base: weig
         bits = twostage.second_bits(coder, crop, base_px)
         pick = rng.integers(0, len(choices), tuple(tokens.shape))
         kept = torch.from_numpy(np.asarray(choices)[pick].repeat(r, 0).repeat(r, 1))
-        ctx = context(tokens_to_bits(tokens, L1), bits, kept, r, with_budget=budget)
+        ctx = context(tokens_to_bits(tokens, L1), bits, kept, r, with_budget=budget, kind=kind)
         out.append(ctx.reshape(-1, ctx.shape[-1]))
     return torch.cat(out)
 
@@ -101,14 +101,12 @@ def export_second_run(run: str | Path, data_dir: str | Path, output: str | Path,
     r = load_run(run / "residual.ckpt", base)
     if r.prior is None:
         raise BsqError(f"{run} has no bit prior: train the stage with --rate-weight")
-    if r.prior.kind != "checker":  # format 2.1 specifies the checkerboard context; quad3x3 is trained, not yet coded
-        raise BsqError(f"{run}'s bit prior has context {r.prior.kind!r}: files code the checker context only so far")
     try:  # bad choices fail before any work
         SecondConfig(name=name, base=r.base.name, base_hash=r.base.sha256[:16].hex(), residual=r.coder.cfg,
-                     prior_width=1, budget=r.prior.budget, choices=tuple(choices), lam=int(lam))
+                     prior_width=1, budget=r.prior.budget, choices=tuple(choices), lam=int(lam), context=r.prior.kind)
     except ValueError as e:
         raise BsqError(str(e)) from None
-    calib_ctx = second_calibration(r.coder, tuple(choices), r.prior.budget, r.base, data_dir, calib)
+    calib_ctx = second_calibration(r.coder, tuple(choices), r.prior.budget, r.base, data_dir, calib, kind=r.prior.kind)
     smodel = second.export(r.checkpoint, r.base, name, tuple(choices), lam, calib_ctx)
     weights.save(smodel, output)
     return smodel

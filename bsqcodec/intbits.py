@@ -121,8 +121,10 @@ def _context_quad(base_bits, bits01, budget, ratio, rows, with_budget) -> torch.
 class IntBitPrior:
     """The bit prior's integer path, built from exported integer tensors (names under `prefix`)."""
 
-    def __init__(self, t: dict[str, torch.Tensor], budget: bool = True, prefix: str = "bits.", device="cpu") -> None:
+    def __init__(self, t: dict[str, torch.Tensor], budget: bool = True, prefix: str = "bits.", device="cpu",
+                 kind: str = "checker") -> None:
         self.budget = budget  # whether the context ends with the token's budget (the model's config says)
+        self.kind = kind  # the context kind (the model's config says), and with it the passes of a band
         self.layers = [IntLinear(t, prefix + n, device) for n in LAYERS]
         self.gelu = [t[f"{prefix}gelu{i}_table"].to(device=device, dtype=torch.float64) for i in (1, 2)]
         for g in self.gelu:
@@ -134,6 +136,22 @@ class IntBitPrior:
         self.out_exp = out.to(device)
         self.context_size = self.layers[0].wt.shape[0]
         self.bits = self.layers[2].wt.shape[1]
+
+    @property
+    def passes(self) -> int:
+        return 4 if self.kind == "quad3x3" else 2
+
+    def pass_grid(self, H: int, W: int) -> torch.Tensor:
+        """(H, W) the pass that codes each second-stage token: checker (y + x) mod 2; quad3x3 0 at (even, even),
+        1 at (odd, odd), 2 at (even, odd), 3 at (odd, even)."""
+        y, x = torch.arange(H)[:, None], torch.arange(W)[None, :]
+        if self.kind == "quad3x3":
+            return torch.tensor([[0, 2], [3, 1]])[y % 2, x % 2]
+        return (y + x) % 2
+
+    def context(self, base_bits, bits01, budget, ratio, rows=None) -> torch.Tensor:
+        """context() of this prior's kind and budget flag."""
+        return context(base_bits, bits01, budget, ratio, rows, self.budget, self.kind)
 
     def logits(self, ctx: torch.Tensor) -> torch.Tensor:
         """(..., C) context integers -> (..., L) logits of bit = 1, integers at 1/EXP_STEP nats."""

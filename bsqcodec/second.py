@@ -27,7 +27,7 @@ class SecondModel(modelfile.Identity):
     sha256: bytes
 
     def context_size(self, base_bits: int, ratio: int) -> int:
-        return BitPrior.context_size(base_bits, ratio, self.config.residual.bits, self.config.budget)
+        return BitPrior.context_size(base_bits, ratio, self.config.residual.bits, self.config.budget, self.config.context)
 
     def fits(self, base) -> bool:
         """Whether `base` (a weights.Model) is the first stage this model was made for, with a patch it divides."""
@@ -55,7 +55,7 @@ def from_tensors(config: SecondConfig, tensors: dict[str, torch.Tensor]) -> Seco
     try:
         intbits.validate(tensors, int(w.shape[1]), config.prior_width, config.residual.bits)
         coder.load_state_dict(float_state(tensors, "residual."), strict=True, assign=True)
-        prior = intbits.IntBitPrior(tensors, config.budget)
+        prior = intbits.IntBitPrior(tensors, config.budget, kind=config.context)
     except (RuntimeError, KeyError, ValueError) as e:
         raise ModelError(f"bad model file: its tensors do not match its config: {str(e).splitlines()[0]}") from None
     coder.eval()
@@ -82,8 +82,10 @@ def export(checkpoint: dict, base, name: str, choices: tuple[int, ...], lam: int
     if "bit_prior" not in checkpoint:
         raise ModelError("the run has no bit prior (train it with --rate-weight)")
     cfg = ResidualConfig(**checkpoint["config"])
+    context = checkpoint.get("context", "checker")  # the bit prior's context kind
     tok = base.config.tokenizer
-    fp = BitPrior.from_state(checkpoint["bit_prior"], tok.bits, tok.patch // cfg.patch, cfg.bits)
+    fp = BitPrior.from_state(checkpoint["bit_prior"], tok.bits, tok.patch // cfg.patch, cfg.bits, context)
     config = SecondConfig(name=name, base=base.name, base_hash=base.sha256[:16].hex(), residual=cfg,
-                          prior_width=fp.net[0].weight.shape[0], budget=fp.budget, choices=tuple(choices), lam=int(lam))
+                          prior_width=fp.net[0].weight.shape[0], budget=fp.budget, choices=tuple(choices), lam=int(lam),
+                          context=context)
     return build(config, trained_state(checkpoint), intbits.export(fp, calib))

@@ -2,11 +2,12 @@
 
 The budget map holds one choice per first-stage token (a region of r x r second-stage tokens, r = P / P2);
 a token keeps the first choices[map] bits of its L2. The map is one stream under the file's table. The
-kept bits are coded band by band (BAND2 rows of second-stage tokens) in two checkerboard passes: pass 0
-(tokens with even row + column) first for every band, then pass 1, each bit under the integer bit prior's
-table for it (intbits.py). Tables of a pass depend only on the first-stage tokens and, for pass 1, on
-pass 0's bits, so every table of a band's pass is computed at once, and the streams of one pass are
-independent of each other.
+kept bits are coded band by band (BAND2 rows of second-stage tokens) in passes: with the checker context
+two checkerboard passes, pass 0 (tokens with even row + column) first for every band, then pass 1; with
+the quad3x3 context four passes over the 2x2 lattice (IntBitPrior.pass_grid). Each bit is coded under the
+integer bit prior's table for it (intbits.py). Tables of a pass depend only on the first-stage tokens and
+on earlier passes' bits, so every table of a band's pass is computed at once, and the streams of one pass
+are independent of each other.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from . import entropy
 from .container import BAND2
 from .errors import FormatError
-from .intbits import IntBitPrior, context
+from .intbits import IntBitPrior
 from .residual import BitPrior
 from .tokenizer import bits_to_tokens, tokens_to_bits
 
@@ -55,16 +56,16 @@ def _pass_tables(prior: IntBitPrior, b1: torch.Tensor, bits01: torch.Tensor, bud
     tokens, then bit order. Tables are computed for those tokens only."""
     H, W, L = bits01.shape
     rows = slice(band * BAND2, min(H, (band + 1) * BAND2))
-    y = torch.arange(H)[rows][:, None]
-    coded = ((y + torch.arange(W)[None, :]) % 2 == p) & (budget[rows] > 0)
+    coded = (prior.pass_grid(H, W)[rows] == p) & (budget[rows] > 0)
     kept = torch.arange(L)[None, :] < budget[rows][coded][:, None]
-    ctx = context(b1, bits01, budget, ratio, rows, prior.budget)[coded]
+    ctx = prior.context(b1, bits01, budget, ratio, rows)[coded]
     return rows, coded, kept, prior.tables(ctx)
 
 
 def encode(prior: IntBitPrior, base_tokens: np.ndarray, base_bits: int, bits01: torch.Tensor, region_choice: np.ndarray,
            choices, ratio: int, table: list[int]) -> list[bytes]:
-    """Streams of the second stage: the map's, then pass 0 of every band, then pass 1 of every band (trimmed).
+    """Streams of the second stage: the map's, then pass 0 of every band, then pass 1 of every band, and so on
+    for the prior's passes (trimmed).
 
     bits01 (H, W, L2) 0/1, the second-stage tokens' bits (those not kept are not read)."""
     H, W, L = bits01.shape
@@ -72,7 +73,7 @@ def encode(prior: IntBitPrior, base_tokens: np.ndarray, base_bits: int, bits01: 
     budget = budgets(region_choice, choices, ratio)
     rc = np.asarray(region_choice).ravel()
     streams = [entropy.encode(rc, np.tile(np.asarray(table, np.float64), (len(rc), 1)), trimmed=True)]
-    for p in (0, 1):
+    for p in range(prior.passes):
         for band in range(-(-H // BAND2)):
             rows, coded, kept, tab = _pass_tables(prior, b1, bits01, budget, ratio, band, p)
             streams.append(entropy.encode(bits01[rows][coded][kept].numpy(), tab[kept].numpy(), trimmed=True))
@@ -86,8 +87,10 @@ def decode(prior: IntBitPrior, base_tokens: np.ndarray, base_bits: int, streams:
     H, W = h * ratio, w * ratio
     if len(table) != len(choices):
         raise FormatError(f"the budget-map table has {len(table)} entries, the second-stage model {len(choices)} choices")
-    if len(streams) != 1 + 2 * -(-H // BAND2):
-        raise FormatError("wrong number of second-stage streams")
+    nb = -(-H // BAND2)
+    if len(streams) != 1 + prior.passes * nb:
+        raise FormatError(f"the file codes the second stage in {(len(streams) - 1) // nb} passes, "
+                          f"its second-stage model in {prior.passes}")
     try:
         rc = entropy.decode(streams[0], np.tile(np.asarray(table, np.float64), (h * w, 1)), trimmed=True).reshape(h, w)
     except FormatError as e:
@@ -95,10 +98,9 @@ def decode(prior: IntBitPrior, base_tokens: np.ndarray, base_bits: int, streams:
     b1 = tokens_to_bits(torch.as_tensor(np.asarray(base_tokens, dtype=np.int64)), base_bits)
     budget = budgets(rc, choices, ratio)
     bits01 = torch.zeros(H, W, L, dtype=torch.uint8)
-    if prior.context_size != BitPrior.context_size(base_bits, ratio, L, prior.budget) or prior.bits != L:
+    if prior.context_size != BitPrior.context_size(base_bits, ratio, L, prior.budget, prior.kind) or prior.bits != L:
         raise FormatError("the second-stage model does not fit the file's token geometry")
-    nb = -(-H // BAND2)
-    for p in (0, 1):
+    for p in range(prior.passes):
         for band in range(nb):
             rows, coded, kept, tab = _pass_tables(prior, b1, bits01, budget, ratio, band, p)
             try:

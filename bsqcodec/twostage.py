@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from . import stage2, weights
 from .container import Header, SecondStage
 from .errors import FormatError, ModelError
-from .intbits import context
 from .residual import ResidualCoder
 from .second import SecondModel
 from .tokenizer import tokens_to_bits
@@ -112,7 +111,7 @@ def choose_budgets(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, ba
         bits = torch.zeros(H2, W2)
         if k:
             rows = strip_rows(W2)
-            tab = torch.cat([smodel.prior.tables(context(b1, bits01, budget, r, slice(a, min(H2, a + rows)), cfg.budget))
+            tab = torch.cat([smodel.prior.tables(smodel.prior.context(b1, bits01, budget, r, slice(a, min(H2, a + rows))))
                              for a in range(0, H2, rows)]).double()
             p_bit = torch.gather(tab, -1, bits01.long()[..., None])[..., 0] / tab.sum(-1)
             bits = -(torch.log2(p_bit)[..., :k]).sum(-1).float()

@@ -10,7 +10,10 @@ Switches (`wrong`):
 - "budget_fraction": the budget entry is k / L2 rounded, not k;
 - "swapped_tables": bit i's table is (T1, T0);
 - "band_edges": a pass-1 context reads neighbours outside the token's band as 0;
-- "bands_128": bands of 128 rows, not 64.
+- "bands_128": bands of 128 rows, not 64;
+- "quad_passes_swapped" (quad3x3): (even, odd) tokens in pass 3 and (odd, even) in pass 2;
+- "quad_window_major" (quad3x3): the 3 x 3 codes at entry 9·... read as (window position)·L + c;
+- "quad_all_neighbours" (quad3x3): neighbours of later passes are seen too (as their bits stand so far).
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ def decode(header, base_tokens: list[list[int]], t: dict, cfg: dict, wrong=froze
     H, W = rows * r, cols * r
     band = 128 if "bands_128" in wrong else 64
     nb = -(-H // band)
-    if len(s.streams) != 1 + 2 * nb:
+    quad = cfg.get("context", "checker") == "quad3x3"
+    Q = 4 if quad else 2
+    if len(s.streams) != 1 + Q * nb:
         return None
     rc = spec_ref.decode(s.streams[0], [s.table] * (rows * cols), 2)
     if rc is None or not spec_ref.stream_ok(s.streams[0], rc, [s.table] * (rows * cols), 2):
@@ -61,20 +66,45 @@ def decode(header, base_tokens: list[list[int]], t: dict, cfg: dict, wrong=froze
     k = [[cfg["choices"][rc[(y // r) * cols + x // r]] for x in range(W)] for y in range(H)]
     bits = [[[0] * L2 for _ in range(W)] for _ in range(H)]
     first_parity = 1 if "rows_first_pass" in wrong else 0
-    for p in (0, 1):
+
+    def pass_of(y, x):
+        if not quad:
+            return int((y + x) % 2 != first_parity)
+        table = [[0, 3], [2, 1]] if "quad_passes_swapped" in wrong else [[0, 2], [3, 1]]
+        return table[y % 2][x % 2]
+
+    def code(ty, tx):  # a first-stage token's code entries, 0 outside the first grid
+        if not (0 <= ty < rows and 0 <= tx < cols):
+            return [0] * L1
+        return [1 if base_tokens[ty][tx] >> (L1 - 1 - i) & 1 else -1 for i in range(L1)]
+
+    for p in range(Q):
         for b in range(nb):
             order, tabs = [], []
             for y in range(b * band, min(H, b * band + band)):
                 for x in range(W):
-                    if ((y + x) % 2 == first_parity) == (p == 1) or k[y][x] == 0:
+                    if pass_of(y, x) != p or k[y][x] == 0:
                         continue
-                    tok = base_tokens[y // r][x // r]
-                    ctx = [1 if tok >> (L1 - 1 - i) & 1 else -1 for i in range(L1)]
+                    if quad:
+                        window = [code(y // r + dy, x // r + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+                        if "quad_window_major" in wrong:
+                            ctx = [e for c in window for e in c]
+                        else:
+                            ctx = [window[j][c] for c in range(L1) for j in range(9)]
+                    else:
+                        ctx = code(y // r, x // r)
                     ctx += [1 if j == (y % r) * r + x % r else 0 for j in range(r * r)]
-                    ctx.append(p)
-                    for ny, nx in ((y, x - 1), (y, x + 1), (y - 1, x), (y + 1, x)):
+                    if quad:
+                        ctx += [1 if j == p else 0 for j in range(4)]
+                        near = [(y + dy, x + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+                    else:
+                        ctx.append(p)
+                        near = [(y, x - 1), (y, x + 1), (y - 1, x), (y + 1, x)]
+                    for ny, nx in near:
+                        inside = 0 <= ny < H and 0 <= nx < W
+                        earlier = inside and (pass_of(ny, nx) < p or "quad_all_neighbours" in wrong)
                         for i in range(L2):
-                            ok = p == 1 and 0 <= ny < H and 0 <= nx < W and (i < k[ny][nx] or "neighbours_all" in wrong)
+                            ok = earlier and (i < k[ny][nx] or "neighbours_all" in wrong)
                             ok = ok and not ("band_edges" in wrong and ny // band != b)
                             ctx.append((1 if bits[ny][nx][i] else -1) if ok else 0)
                     if cfg["budget"]:

@@ -216,12 +216,16 @@ class TestSecondStage:
         ok = bytes([4, 24, 3]) + bytes([5, 1, 3]) + bytes(range(16, 32)) + struct.pack("<I", 7) + bytes([3, 2, 2])
         h, _ = container.unpack(self._with_chunk(ok))
         assert h.second.patch == 4 and h.second.table == [5, 1, 3] and h.second.streams == [b"map", b"p0", b"p1"]
+        assert h.second.passes(h) == 2
+        quad, _ = container.unpack(self._with_chunk(ok + bytes([0, 0])))  # four passes of the one band
+        assert quad.second.streams == [b"map", b"p0", b"p1", b"", b""] and quad.second.passes(quad) == 4
         cases = {
             "version 2.1": self._with_chunk(ok, minor=0),
             "second-stage patch": self._with_chunk(bytes([3]) + ok[1:]),  # not a divisor of 8
             "token bits": self._with_chunk(bytes([4, 33]) + ok[2:]),
             "budget-map table": self._with_chunk(bytes([4, 24, 3, 5, 0, 3]) + ok[6:]),  # a zero entry
-            "after its stream lengths": self._with_chunk(ok + b"\0"),
+            "geometry needs 3 or 5": self._with_chunk(ok + b"\0"),  # three passes
+            "more stream lengths": self._with_chunk(ok + bytes(3)),
         }
         for what, blob in cases.items():
             with pytest.raises(FormatError, match=what):

@@ -212,9 +212,8 @@ def test_a_quad_context_run_resumes_exactly_and_records_its_kind(data, model_fil
 
     run = load_run(tmp_path / "b" / "residual.ckpt")
     assert run.checkpoint["context"] == "quad3x3" and run.prior.kind == "quad3x3" and run.prior.budget
-    from bsqcodec.errors import BsqError
     from bsqcodec.export import export_second_run
 
-    with pytest.raises(BsqError, match="checker context only"):  # files do not code it yet
-        export_second_run(tmp_path / "b", data, tmp_path / "x.safetensors", "x", (0, 2, 6), 300)
-    assert not (tmp_path / "x.safetensors").exists()
+    smodel = export_second_run(tmp_path / "b", data, tmp_path / "x.safetensors", "x", (0, 2, 6), 300, calib=4)
+    assert smodel.config.context == "quad3x3" and smodel.prior.kind == "quad3x3" and smodel.prior.passes == 4
+    assert weights.load(tmp_path / "x.safetensors").sha256 == smodel.sha256

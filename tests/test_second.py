@@ -11,21 +11,23 @@ from bsqcodec.residual import BitPrior, ResidualCoder
 RCFG = ResidualConfig(patch=2, channels=8, bits=6, enc_blocks=1, dec_blocks=1)
 
 
-def tiny_second(base, seed=0, name="tiny-r") -> second.SecondModel:
-    """A random second-stage model for `base` (the tiny model): patch 2 under its patch 4."""
+def tiny_second(base, seed=0, name="tiny-r", kind="checker") -> second.SecondModel:
+    """A random second-stage model for `base` (the tiny model): patch 2 under its patch 4, bit prior context `kind`."""
     torch.manual_seed(seed)
     coder = ResidualCoder(RCFG)
     tok = base.config.tokenizer
-    fp = BitPrior(tok.bits, tok.patch // RCFG.patch, RCFG.bits, width=16)
+    fp = BitPrior(tok.bits, tok.patch // RCFG.patch, RCFG.bits, width=16, kind=kind)
     with torch.no_grad():
         for p in list(coder.parameters()) + list(fp.parameters()):
             p.normal_(0, 0.2)
     ckpt = {"config": RCFG.to_dict(), "model": coder.state_dict(), "bit_prior": fp.state_dict()}
+    if kind != "checker":
+        ckpt["context"] = kind
     g = torch.Generator().manual_seed(seed)
     r = tok.patch // RCFG.patch
     calib = intbits.context(torch.randint(0, 2, (4, 4, tok.bits), generator=g),
                             torch.randint(0, 2, (4 * r, 4 * r, RCFG.bits), generator=g),
-                            torch.randint(0, RCFG.bits + 1, (4 * r, 4 * r), generator=g), r)
+                            torch.randint(0, RCFG.bits + 1, (4 * r, 4 * r), generator=g), r, kind=kind)
     return second.export(ckpt, base, name, (0, 2, 4, 6), 300, calib.reshape(-1, calib.shape[-1]))
 
 

@@ -13,17 +13,18 @@ L1, R, L = 5, 2, 6
 CHOICES = (0, 2, 4, 6)
 
 
-@pytest.fixture(scope="module")
-def prior():
+@pytest.fixture(scope="module", params=BitPrior.KINDS)
+def prior(request):
+    kind = request.param
     torch.manual_seed(0)
-    fp = BitPrior(L1, R, L, width=16).eval()
+    fp = BitPrior(L1, R, L, width=16, kind=kind).eval()
     with torch.no_grad():
         for p in fp.parameters():
             p.mul_(3)
     g = torch.Generator().manual_seed(5)
     calib = intbits.context(torch.randint(0, 2, (4, 4, L1), generator=g), torch.randint(0, 2, (8, 8, L), generator=g),
-                            torch.full((8, 8), 4), R)
-    return intbits.IntBitPrior(intbits.export(fp, calib.reshape(-1, calib.shape[-1])))
+                            torch.full((8, 8), 4), R, kind=kind)
+    return intbits.IntBitPrior(intbits.export(fp, calib.reshape(-1, calib.shape[-1])), kind=kind)
 
 
 def _case(seed, h, w):
@@ -38,7 +39,7 @@ def test_round_trip_across_bands(prior):
     tokens, rc, bits = _case(0, BAND2 // R + 3, 5)  # two bands of the second grid
     table = stage2.map_table(rc, len(CHOICES))
     streams = stage2.encode(prior, tokens, L1, bits, rc, CHOICES, R, table)
-    assert len(streams) == 1 + 2 * 2
+    assert len(streams) == 1 + prior.passes * 2
     got, budget = stage2.decode(prior, tokens, L1, streams, table, CHOICES, R, L)
     kept = torch.arange(L)[None, None, :] < budget[..., None]
     assert torch.equal(budget, stage2.budgets(rc, CHOICES, R))
@@ -52,7 +53,7 @@ def test_the_streams_cost_what_the_tables_say(prior):
     streams = stage2.encode(prior, tokens, L1, bits, rc, CHOICES, R, table)
     budget = stage2.budgets(rc, CHOICES, R)
     b1 = torch.from_numpy(((tokens[..., None] >> np.arange(L1 - 1, -1, -1)) & 1))
-    tab = prior.tables(intbits.context(b1, bits, budget, R))
+    tab = prior.tables(prior.context(b1, bits, budget, R))
     kept = (torch.arange(L)[None, None, :] < budget[..., None]).double()
     ideal = intbits.bits_cost(tab, bits, kept)
     assert abs(8 * sum(map(len, streams[1:])) - ideal) < 8 * 2 * 2 + 0.01 * ideal  # within a few bytes a stream
@@ -73,7 +74,7 @@ def test_a_changed_byte_a_wrong_table_or_a_missing_stream_is_refused(prior):
             continue
         # a changed stream that still decodes must decode to other bits (the token CRC then fails)
         assert stage2.token_crc(got, budget) != stage2.token_crc(bits, stage2.budgets(rc, CHOICES, R))
-    with pytest.raises(FormatError, match="number of second-stage streams"):
+    with pytest.raises(FormatError, match=f"in {prior.passes - 1} passes, its second-stage model in {prior.passes}"):
         stage2.decode(prior, tokens, L1, streams[:-1], table, CHOICES, R, L)
     with pytest.raises(FormatError, match="table"):
         stage2.decode(prior, tokens, L1, streams, table[:-1], CHOICES, R, L)

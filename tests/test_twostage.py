@@ -47,6 +47,19 @@ def test_a_two_stage_file_decodes_to_the_first_stages_pixels_plus_the_correction
     assert np.array_equal(arr, twostage.pixels(tiny_r, base, got, budget)[:150, :45])
 
 
+def test_a_quad_context_model_codes_four_passes_a_band(tiny_model, image):
+    quad = tiny_second(tiny_model, seed=4, name="tiny-q", kind="quad3x3")
+    assert quad.config.context == "quad3x3" and "context" in quad.config.to_dict()
+    assert "context" not in tiny_second(tiny_model).config.to_dict()  # checker models keep their 2.1 hashes
+    enc = codec.encode_array(image, quad, effort=1, models=[tiny_model])
+    h, _ = container.unpack(enc.data)
+    assert len(h.second.streams) == 1 + 4 * 2 and h.second.passes(h) == 4
+    header, tokens, arr = codec.decode_detailed(enc.data, [tiny_model, quad])
+    assert np.array_equal(arr, enc.pixels()) and torch.equal(tokens, enc.tokens)
+    _, bits, budget = twostage.decode_tokens(header, tiny_model, tokens.numpy(), [tiny_model, quad])
+    assert int(budget.max()) > 0  # bits were kept and coded in the four passes
+
+
 def test_the_cut_is_the_first_stages_own_file(two, tiny_model, image):
     cut = container.first_stage(two.data, "tiny")
     assert cut == codec.encode_array(image, tiny_model, effort=1).data
@@ -142,6 +155,7 @@ def test_the_command_line_encodes_decodes_and_describes_two_stage_files(tiny_mod
     info = json.loads(r.stdout)
     assert info["version"] == "2.1" and info["second_stage"]["model"] == tiny_r.sha256[:16].hex()
     assert info["second_stage"]["payload_bytes"] == res["second_stage_bytes"] and info["second_stage"]["grid"] == [12, 16]
+    assert info["second_stage"]["passes"] == 2
     r = run("decode", bsq, "-o", tmp_path / "b.png", "--quiet")
     assert r.exit_code == 0, r.output
     out = np.asarray(Image.open(tmp_path / "b.png"))
