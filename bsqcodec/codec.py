@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import container, entropy, images, search, twostage, weights
+from . import container, entropy, images, search, weights
 from . import look as look_mod
 from . import workers as workers_mod
 from .config import DEFAULT_BATCH_TILES, MAX_BATCH_TILES, RUNG_NAMES, LookConfig
@@ -186,6 +186,8 @@ def _encode_two(arr: np.ndarray, smodel: SecondModel, icc, progress, effort: int
     P = base.config.tokenizer.patch
     base_px = padded_pixels(base, tokens)
     header.minor, header.preset = 1, smodel.name
+    from . import twostage  # second-stage files only
+
     header.second, bits, budget = twostage.encode(smodel, _pad(arr, P), base_px, tokens.numpy(),
                                                   base.config.tokenizer.bits, width, height, lam, effort)
     return Encoded(container.pack(header, streams), tokens, est, header,
@@ -379,6 +381,8 @@ def decode_detailed(data: bytes, models: list | None = None, batch_tiles: int = 
     if crc is not None and crc != container.token_crc(tokens.numpy()):
         raise FormatError("the decoded tokens do not match the file's token checksum (tCRC): a stream was altered")
     if header.second is not None:
+        from . import twostage
+
         px = twostage.decode(header, model, tokens.numpy(), padded_pixels(model, tokens), models)
         return header, tokens, px[: header.height, : header.width]
     arr = tokens_to_array(pixels_of, tokens, header.width, header.height)

@@ -92,8 +92,14 @@ def to_pil(arr: np.ndarray, icc: bytes | None = None) -> Image.Image:
 
 
 def format_for(suffix: str) -> str | None:
-    """The Pillow format that writes files with this suffix (".png" -> "PNG"), or None."""
-    fmt = Image.registered_extensions().get(suffix.lower())
+    """The Pillow format that writes files with this suffix (".png" -> "PNG"), or None.
+
+    Pillow's common formats first (Image.preinit): loading every plugin (registered_extensions) takes
+    longer than writing a photo's PNG, so that waits for a suffix they lack."""
+    Image.preinit()
+    fmt = Image.EXTENSION.get(suffix.lower())
+    if fmt not in Image.SAVE:
+        fmt = Image.registered_extensions().get(suffix.lower())
     return fmt if fmt in Image.SAVE else None
 
 

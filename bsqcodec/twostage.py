@@ -38,9 +38,15 @@ def _to_float(px: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(px, dtype=np.float32)).permute(2, 0, 1)[None].div_(255)  # a copy: px may be read-only
 
 
-@torch.no_grad()
 def second_bits(coder: ResidualCoder, arr: np.ndarray, base_px: np.ndarray) -> torch.Tensor:
     """The second-stage tokens' bits (H2, W2, L2) uint8 of the padded image and its first-stage pixels."""
+    return (second_latent(coder, arr, base_px) > 0).to(torch.uint8)
+
+
+@torch.no_grad()
+def second_latent(coder: ResidualCoder, arr: np.ndarray, base_px: np.ndarray) -> torch.Tensor:
+    """The residual coder's projections (H2, W2, L2) float32 of the padded image and its first-stage pixels:
+    their signs are its bits."""
     p = coder.cfg.patch
     H2 = base_px.shape[0] // p
     halo = _halo(coder.cfg.enc_blocks)
@@ -50,7 +56,7 @@ def second_bits(coder: ResidualCoder, arr: np.ndarray, base_px: np.ndarray) -> t
         b = min(H2, a + rows)
         lo, hi = max(0, a - halo), min(H2, b + halo)
         code = coder.encode_latent(_to_float(arr[lo * p : hi * p]), _to_float(base_px[lo * p : hi * p]))
-        out.append((code[0, :, a - lo : b - lo] > 0).permute(1, 2, 0).to(torch.uint8))
+        out.append(code[0, :, a - lo : b - lo].permute(1, 2, 0))
     return torch.cat(out)
 
 
@@ -119,17 +125,40 @@ def choose_budgets(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, ba
     return np.asarray(among)[torch.stack(cost).argmin(0).numpy()]
 
 
+@torch.no_grad()
+def bit_costs(smodel: SecondModel, b1: torch.Tensor, bits01: torch.Tensor, budget: torch.Tensor, r: int):
+    """(cost of each bit being 0, being 1), each (H2, W2, L2) in bits, under the bit prior's tables with
+    bits01 and budget as every token's context (search2.py)."""
+    H2, W2 = bits01.shape[:2]
+    rows = strip_rows(W2)
+    tab = torch.cat([smodel.prior.tables(smodel.prior.context(b1, bits01, budget, r, slice(a, min(H2, a + rows))))
+                     for a in range(0, H2, rows)]).double()
+    p = tab / tab.sum(-1, keepdim=True)
+    return -torch.log2(p[..., 0]), -torch.log2(p[..., 1])
+
+
 def encode(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, base_tokens: np.ndarray, base_bits: int,
            width: int, height: int, lam: float | None = None, effort: int = 4) -> tuple[SecondStage, torch.Tensor, torch.Tensor]:
     """The second stage of a file, and its tokens' bits and budgets (for its pixels): arr and base_px are the
-    padded image and its first-stage pixels."""
+    padded image and its first-stage pixels. The budgets are chosen for the coder's own bits; from effort 2
+    the search (search2.py) then chooses the kept bits for those budgets."""
+    from . import search2
+
     cfg = smodel.config
-    bits01 = second_bits(smodel.coder, arr, base_px)
+    latent = second_latent(smodel.coder, arr, base_px)
+    bits01 = (latent > 0).to(torch.uint8)
     lam = cfg.lam if lam is None else lam
     pick = choose_budgets(smodel, arr, base_px, base_tokens, base_bits, bits01, lam, width, height,
                           candidates(len(cfg.choices), effort))
-    table = stage2.map_table(pick, len(cfg.choices))
     r = base_px.shape[0] // base_tokens.shape[0] // cfg.residual.patch
+    steps = search2.iterations(effort)
+    if steps:
+        budget = stage2.budgets(pick, cfg.choices, r)
+        b1 = tokens_to_bits(torch.as_tensor(np.asarray(base_tokens, dtype=np.int64)), base_bits)
+        costs = bit_costs(smodel, b1, bits01, budget, r)
+        bits01 = search2.refine(smodel.coder, torch.nn.functional.normalize(latent, dim=-1), arr, base_px, budget,
+                                costs, lam, steps, width, height)
+    table = stage2.map_table(pick, len(cfg.choices))
     streams = stage2.encode(smodel.prior, base_tokens, base_bits, bits01, pick, cfg.choices, r, table)
     budget = stage2.budgets(pick, cfg.choices, r)
     crc = stage2.token_crc(bits01, budget)

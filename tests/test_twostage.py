@@ -282,3 +282,49 @@ def test_strips_give_the_whole_images_pixels(tiny_r, tiny_model, image, monkeypa
         code = ((bits.float() * 2 - 1) * kept).permute(2, 0, 1)[None] / 6**0.5
         ref = (tiny_r.coder.decode_code(code, b)[0].clamp(0, 1) * 255).round().permute(1, 2, 0).to(torch.uint8).numpy()
     assert np.abs(px.astype(int) - ref).max() <= 1 and (px != ref).mean() < 0.001
+
+
+def _objective(smodel, arr, base_px, b1, bits, budget, lam, r):
+    """Squared 8-bit error of the decoded pixels + lam x the kept bits' costs (the search's rule)."""
+    px = twostage.pixels(smodel, base_px, bits, budget).astype(np.float64)
+    c0, c1 = twostage.bit_costs(smodel, b1, bits, budget, r)
+    kept = torch.arange(bits.shape[-1])[None, None, :] < budget[..., None]
+    rate = float((torch.where(bits.bool(), c1, c0) * kept).sum())
+    return float(((px - arr) ** 2).sum()) + lam * rate
+
+
+def test_the_search_lowers_error_plus_lambda_rate_and_effort_1_keeps_the_coders_signs(tiny_model, tiny_r, image):
+    from bsqcodec import search2, stage2
+    from bsqcodec.tokenizer import tokens_to_bits
+
+    tokens = codec.image_to_tokens(tiny_model, image)
+    base_px = codec.padded_pixels(tiny_model, tokens)
+    arr = codec._pad(image, 4)
+    latent = twostage.second_latent(tiny_r.coder, arr, base_px)
+    start = (latent > 0).to(torch.uint8)
+    assert torch.equal(start, twostage.second_bits(tiny_r.coder, arr, base_px))
+    budget = stage2.budgets(np.full(tokens.shape, 2), tiny_r.config.choices, 2)  # 4 of 6 bits everywhere
+    b1 = tokens_to_bits(tokens, 12)
+    costs = twostage.bit_costs(tiny_r, b1, start, budget, 2)
+    lam = 300.0
+    h, w = image.shape[:2]
+    u = torch.nn.functional.normalize(latent, dim=-1)
+    assert torch.equal(search2.refine(tiny_r.coder, u, arr, base_px, budget, costs, lam, 0, w, h), start)
+    found = search2.refine(tiny_r.coder, u, arr, base_px, budget, costs, lam, 8, w, h)
+    kept = torch.arange(6)[None, None, :] < budget[..., None]
+    assert (found[kept] != start[kept]).any()  # it moved
+    before = _objective(tiny_r, arr, base_px, b1, start, budget, lam, 2)
+    after = _objective(tiny_r, arr, base_px, b1, found, budget, lam, 2)
+    assert after < before
+    # effort 1 files hold the coder's own signs
+    enc = codec.encode_array(image, tiny_r, effort=1, models=[tiny_model])
+    header, _ = container.unpack(enc.data)
+    _, bits, bud = twostage.decode_tokens(header, tiny_model, enc.tokens.numpy(), [tiny_model, tiny_r])
+    keep = torch.arange(6)[None, None, :] < bud[..., None]
+    assert torch.equal(bits[keep], twostage.second_bits(tiny_r.coder, arr, codec.padded_pixels(tiny_model, enc.tokens))[keep])
+
+
+def test_a_searched_file_decodes_to_the_encoders_pixels(tiny_model, tiny_r, image):
+    enc = codec.encode_array(image, tiny_r, effort=4, models=[tiny_model])
+    _, tokens, arr = codec.decode_detailed(enc.data, [tiny_model, tiny_r])
+    assert np.array_equal(arr, enc.pixels())
