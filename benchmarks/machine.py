@@ -27,6 +27,10 @@ def suffix() -> str:
 
 def describe(model=None) -> dict:
     """The processor, its flags, the switches in force and the paths the codec takes on it."""
+    if model is not None and hasattr(model.config, "base"):  # a second-stage rung: its first stage's prior
+        from bsqcodec import codec
+
+        model = codec.base_model(model)
     lin = model.prior.layers[0]["qkv"] if model is not None else None
     return {
         "kind": kind(),

@@ -34,6 +34,16 @@ def kodak_line(preset: str, bench: dict) -> str:
             f"JPEG XL {m['jxl']['ratio']:.3f}x (`benchmarks/results/bench-kodak.json`).")
 
 
+def bench_line(preset: str, bench: dict) -> str:
+    """kodak_line for a rung that kodak.py does not measure (a second-stage rung): the bench's numbers only."""
+    t = bench["totals"][preset]
+    m = t["matched"]
+    ratios = ", ".join(f"{name} {m[c]['ratio']:.3f}x" for c, name in (("jpeg", "JPEG needs"), ("webp", "WebP"), ("avif", "AVIF"),
+                                                                   ("jxl", "JPEG XL")) if m.get(c, {}).get("ratio"))
+    return (f"{t['bpp']:.4f} bpp, {t['mean_psnr']:.2f} dB mean RGB PSNR, MS-SSIM {t['mean_ms_ssim']:.4f}. At matched PSNR, "
+            f"image by image: {ratios} the bytes (`benchmarks/results/bench-{bench['dataset']}.json`).")
+
+
 def _why(bench: dict, codec: str) -> str:
     """Why a BD-rate is missing, from the bench notes, with the two curves' PSNR ranges."""
     note = next((n.split(": ", 1)[1] for n in bench["notes"] if n.startswith(f"BD-rate against {codec}:")), "no result")
@@ -49,10 +59,11 @@ def results_section(bench: dict) -> str:
     rows = ["| preset | bytes (24 images) | bpp | PSNR (dB) | MS-SSIM | bits/token (raw) | JPEG | WebP | AVIF | JPEG XL | PNG |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset, t in bench["totals"].items():
-        k = load(f"kodak-{preset}.json")["summary"]
+        k = (load(f"kodak-{preset}.json") or {}).get("summary")  # kodak.py: first-stage rungs
         ratios = " | ".join(f"{t['matched'][c]['ratio']:.3f}x" if t["matched"].get(c, {}).get("ratio") else "-" for c in CODECS)
+        bits = f"{k['coded_bits_per_token']:.2f} ({k['raw_bits_per_token']})" if k else "two stages"
         rows.append(f"| {preset} | {t['bsqc_bytes']} | {t['bpp']:.4f} | {t['mean_psnr']:.2f} | {t['mean_ms_ssim']:.4f} | "
-                    f"{k['coded_bits_per_token']:.2f} ({k['raw_bits_per_token']}) | {ratios} | {t['png_ratio']:.1f}x |")
+                    f"{bits} | {ratios} | {t['png_ratio']:.1f}x |")
     unreached = sum(m["images_unreachable"] for t in bench["totals"].values() for m in t["matched"].values())
     rng = bench.get("bd_rate_psnr_range_db", {})
     bd = ", ".join(f"{c.upper()} undefined ({_why(bench, c)})" if v is None else
@@ -206,19 +217,29 @@ def current_models(presets) -> dict:
 
 def ladder_table(bench: dict) -> str:
     """The README's quality table: one row per rung that the bench ran."""
-    from bsqcodec.config import LADDER
+    from bsqcodec.config import LADDER, RUNG_NAMES
+    from bsqcodec.modelfile import installed
 
+    configs = {c.name: c for c in LADDER}
+    inst = installed()[0]
     rows = ["| `-q` | preset | token bits (groups) | Kodak bpp | Kodak PSNR (dB) | MS-SSIM | decode 768x512, 2 cores: AVX-512 | AVX2 |",
             "|---|---|---|---|---|---|---|---|"]
-    for q, cfg in enumerate(LADDER, 1):
-        t = bench["totals"].get(cfg.name)
+    for q, name in enumerate(RUNG_NAMES, 1):
+        t = bench["totals"].get(name)
         if t is None:
             continue
         decs = []
         for suffix in ("", "-avx2"):
-            sp = load(f"speed-{cfg.name}{suffix}.json")
-            decs.append(f"{sp['decode_seconds_2_threads']:.2f} s" if sp and sp["model"] == bench["models"][cfg.name] else "-")
-        rows.append(f"| {q} | {cfg.name} | {cfg.tokenizer.bits} ({cfg.prior.groups}) | {t['bpp']:.3f} | {t['mean_psnr']:.2f} | "
+            sp = load(f"speed-{name}{suffix}.json")
+            decs.append(f"{sp['decode_seconds_2_threads']:.2f} s" if sp and sp["model"] == bench["models"][name] else "-")
+        if name in configs:
+            bits = f"{configs[name].tokenizer.bits} ({configs[name].prior.groups})"
+        else:  # a second-stage rung: its first stage's tokens, then up to L2 bits per P2 x P2 token
+            sc = inst[name][2]
+            fc = configs[sc.base]
+            bits = (f"{fc.tokenizer.bits} ({fc.prior.groups}), then 0-{sc.residual.bits} per "
+                    f"{sc.residual.patch}x{sc.residual.patch} (lambda {sc.lam})")
+        rows.append(f"| {q} | {name} | {bits} | {t['bpp']:.3f} | {t['mean_psnr']:.2f} | "
                     f"{t['mean_ms_ssim']:.4f} | {' | '.join(decs)} |")
     bd = ", ".join(f"{c.upper()} {v:+.1f}%" if v is not None else f"{c.upper()} undefined ({_why(bench, c)})"
                    for c, v in bench["bd_rate_psnr"].items())
@@ -243,7 +264,7 @@ def main() -> None:
     section = results_section(bench)
     for name in ("cbsd68", "mcmaster"):
         other = load(f"bench-{name}.json")
-        if other and other["models"] == bench["models"]:
+        if other and all(bench["models"].get(p) == h for p, h in other["models"].items()):  # the installed rungs it ran
             section += "\n" + other_dataset_section(other)
     if eff:
         section += ("\n### Encoder effort (`results/effort-kodak.json`, `effort.py`)\n\n" + effort_table(eff)
@@ -254,8 +275,8 @@ def main() -> None:
     readme.write_text(s)
     card = CARD.read_text()
     for preset in bench["totals"]:
-        card = re.sub(rf"(<!-- kodak:{preset} -->).*?(<!-- /kodak -->)", lambda m: m.group(1) + kodak_line(preset, bench) + m.group(2),
-                      card, flags=re.S)
+        line = kodak_line(preset, bench) if load(f"kodak-{preset}.json") else bench_line(preset, bench)
+        card = re.sub(rf"(<!-- kodak:{preset} -->).*?(<!-- /kodak -->)", lambda m: m.group(1) + line + m.group(2), card, flags=re.S)
     CARD.write_text(card)
 
 

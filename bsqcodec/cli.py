@@ -402,8 +402,8 @@ def presets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
         t = getattr(config, "tokenizer", None) or config.residual  # a second-stage model: its own grid
         row = {"preset": name, "quality": rung.get(name), "model": h.hex(), "patch": t.patch, "token_bits": t.bits,
                "raw_bpp": t.bits / t.patch**2, "file": Path(path).name}
-        if hasattr(config, "base"):
-            row["first_stage"] = config.base
+        if hasattr(config, "base"):  # a second-stage model: its first stage and its rate-distortion trade-off
+            row["first_stage"], row["lambda"] = config.base, config.lam
         rows.append(row)
     if as_json:
         _emit_json({"presets": rows})
@@ -414,7 +414,7 @@ def presets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     t = Table("-q", "preset", "patch", "bits/token", "raw bpp", "model", *(["on"] if on else []))
     for r in rows:
         t.add_row(str(r["quality"] or "-"), r["preset"], str(r["patch"]), str(r["token_bits"]), f"{r['raw_bpp']:.4f}",
-                  r["model"][:16], *([r.get("first_stage", "")] if on else []))
+                  r["model"][:16], *([f"{r['first_stage']}, lambda {r['lambda']}" if "first_stage" in r else ""] if on else []))
     out_console.print(t)
 
 

@@ -26,9 +26,10 @@ from .residual import ResidualCoder
 # gradient steps per effort (1 to 9). Each step runs the stage's decoder forward and backward over the image.
 ITERATIONS = {1: 0, 2: 1, 3: 2, 4: 4, 5: 6, 6: 8, 7: 12, 8: 16, 9: 32}
 # Adam's learning rate on the unit-norm code. Measured on kodim01-02 (the default rung's stage, lambda 200,
-# against no search: +0.49 dB... see benchmarks/README.md): 0.001 at 4 steps +0.36 dB for +0.9% bytes;
-# 0.0005 gains less per step, 0.002 (and 0.006 for the first steps, as the first stage's search) spends
-# more bytes for the same PSNR.
+# benchmarks/residual_search.py): 0.001 at 4 steps +0.36 dB for +0.9% bytes; 0.0005 gains less per step;
+# 0.002 (and 0.006 for the first steps, as the first stage's search) spends more bytes for the same PSNR.
+# On kodim01-04 4 steps give +0.33 dB for +0.7% bytes at lambda 200, where lowering lambda to 150 buys
+# +0.40 dB for +12% (results/residual-search-defq4600.json).
 LR = 0.001
 WINDOW_POSITIONS = 2**15  # second-grid positions optimised together, at most about (bounds memory)
 

@@ -113,13 +113,26 @@ def _installed_presets() -> list[str]:
     return sorted(weights.installed())
 
 
-if REGEN_PRESETS:
+def _second_tokens(data: bytes, tokens: torch.Tensor) -> dict:
+    """A 2.1 file's second-stage tokens as its vector records them (test_vectors_21.py)."""
+    from bsqcodec import stage2, twostage
+
+    header, _ = container.unpack(data)
+    _, bits, budget = twostage.decode_tokens(header, weights.find(header.model_hash, None, None), tokens.numpy())
+    return {"second_grid": list(budget.shape), "second_tokens": stage2.second_tokens(bits, budget).reshape(-1).tolist()}
+
+
+if REGEN_PRESETS:  # writes the vectors of presets that have none; existing vectors are never rewritten
     PRESET_VEC.mkdir(parents=True, exist_ok=True)
     for _name in _installed_presets():
-        _enc = codec.encode_array(_preset_image(), weights.preset(_name), effort=1)  # the tokenizer's own tokens
+        if (PRESET_VEC / f"{_name}.bsq").exists():
+            continue
+        _enc = codec.encode_array(_preset_image(), weights.preset(_name), effort=1)  # the coders' own tokens
         (PRESET_VEC / f"{_name}.bsq").write_bytes(_enc.data)
-        (PRESET_VEC / f"{_name}.tokens.json").write_text(
-            json.dumps({"grid": list(_enc.tokens.shape), "tokens": _enc.tokens.reshape(-1).tolist()}) + "\n")
+        _rec = {"grid": list(_enc.tokens.shape), "tokens": _enc.tokens.reshape(-1).tolist()}
+        if _enc.header.second is not None:
+            _rec.update(_second_tokens(_enc.data, _enc.tokens))
+        (PRESET_VEC / f"{_name}.tokens.json").write_text(json.dumps(_rec) + "\n")
 
 
 def test_every_shipped_preset_has_a_vector_and_every_vector_a_preset():
@@ -143,7 +156,9 @@ def test_preset_vector_decodes_to_recorded_tokens_and_bytes(name):
     want = torch.tensor(expected["tokens"]).reshape(expected["grid"])
     header, tokens, arr = codec.decode_detailed(data)  # the installed model, found by its hash
     assert header.preset == name and torch.equal(tokens, want) and arr.shape == (72, 136, 3)
-    model = weights.preset(name)
+    model = weights.find(header.model_hash, None, None)  # of a second-stage rung: its first stage
+    if header.second is not None:  # its second stage's tokens too
+        assert {k: expected[k] for k in ("second_grid", "second_tokens")} == _second_tokens(data, tokens)
     streams, _ = codec.encode_tokens(model, header, want)
     assert container.pack(header, streams) == data
 
