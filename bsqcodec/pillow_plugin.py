@@ -1,7 +1,7 @@
 """Pillow plugin: `import bsqcodec` lets every Pillow program read and write .bsq files.
 
     Image.open("photo.bsq")                       # header read now, pixels decoded on load()
-    im.save("photo.bsq", quality=3)               # quality 1..5 = the rung (-q), or preset= / model=
+    im.save("photo.bsq", quality=3)               # quality 1..9 = the rung (-q), or preset= / model=
     im.save("photo.bsq", effort=9)                # encoder search 1..9, as `bsqc encode --effort`
 
 Opening reads the header (size, preset, model; checksums verified) and exposes its fields in

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import stage2, weights
+from . import cpu, stage2, weights
 from .container import Header, SecondStage
 from .errors import FormatError, ModelError
 from .residual import ResidualCoder
@@ -70,12 +70,28 @@ def pixels(smodel: SecondModel, base_px: np.ndarray, bits01: torch.Tensor, budge
     halo = _halo(smodel.config.residual.dec_blocks)
     rows = strip_rows(bits01.shape[1])
     out = np.empty_like(base_px)
-    for a in range(0, H2, rows):
+
+    def strip(a: int) -> None:
         b = min(H2, a + rows)
         lo, hi = max(0, a - halo), min(H2, b + halo)
-        y = coder.decode_code(code[..., lo:hi, :], _to_float(base_px[lo * p : hi * p]))
+        with torch.no_grad():
+            y = coder.decode_code(code[..., lo:hi, :], _to_float(base_px[lo * p : hi * p]))
         y = (y[0, :, (a - lo) * p : (b - lo) * p].clamp(0, 1) * 255).round()
         out[a * p : b * p] = y.permute(1, 2, 0).to(torch.uint8).numpy()
+
+    # strips of shapes that depend on the image alone, each on single-threaded kernels, the strips in
+    # threads: the same pixels for any thread count (as the first stage's decoder, tokenizer.tokens_to_image)
+    starts = list(range(0, H2, rows))
+    workers = min(len(starts), max(1, torch.get_num_threads()))
+    with cpu.single_threaded_kernels():
+        if workers == 1:
+            for a in starts:
+                strip(a)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(strip, starts))
     return out
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,11 +162,25 @@ def test_quality_option_picks_the_rung(tmp_path):
         assert r.exit_code == 0, r.output
         assert json.loads(r.stdout)["preset"] == cfg.name
         assert weights.preset(f"q{q}").name == cfg.name
+    if "q6" in inst:  # a second-stage rung: a 2.1 file on the default rung's
+        out = tmp_path / "p6.bsq"
+        r = runner.invoke(app, ["encode", str(img), "-q", "6", "-o", str(out), "--json", "--quiet"])
+        assert r.exit_code == 0 and json.loads(r.stdout)["preset"] == "q6", r.output
+        header, _ = container.unpack(out.read_bytes())
+        assert (header.minor, header.preset) == (1, "q6") and header.second is not None
+        assert codec.decode_detailed(out.read_bytes())[2].shape == (24, 40, 3)
     assert runner.invoke(app, ["encode", str(img), "-q", "10"]).exit_code == 2  # usage error from the parser
-    if "q6" not in inst:  # a rung above the ladder's first stages that is not installed: one clear line
+    # a rung that is not installed (here: every rung but q1, in a models folder of its own): one clear line
+    only = tmp_path / "models"
+    only.mkdir()
+    if "q1" in inst:
+        (only / "q1.safetensors").write_bytes(Path(inst["q1"][0]).read_bytes())
+    (only / "retired.json").write_bytes((weights.MODELS_DIR / "retired.json").read_bytes())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(weights, "MODELS_DIR", only)
         r = runner.invoke(app, ["encode", str(img), "-q", "6", "-o", str(tmp_path / "x.bsq")])
-        assert r.exit_code == 1 and "quality 6 (preset 'q6') is not installed" in r.output, r.output
-        assert not (tmp_path / "x.bsq").exists()
+    assert r.exit_code == 1 and "quality 6 (preset 'q6') is not installed" in r.output, r.output
+    assert not (tmp_path / "x.bsq").exists()
     r = runner.invoke(app, ["encode", str(img), "-q", "1", "--preset", "default"])
     assert r.exit_code == 1 and "choose one" in r.output
 

@@ -259,17 +259,19 @@ def _spec_hash(path: Path, always_up: bool | None = None) -> bytes:
     n = struct.unpack("<Q", raw[:8])[0]
     head = json.loads(raw[8 : 8 + n])
     meta = head.pop("__metadata__")
-    assert meta["format"] == "bsqcodec-model-1"
+    fmt = meta["format"]
+    assert fmt in ("bsqcodec-model-1", "bsqcodec-second-1")  # section 6, and section 11's second-stage models
     cfg = json.loads(meta["config"])
-    tok = cfg["tokenizer"]
-    for k in ("up_channels", "up_blocks"):
-        v = tok.get(k, 0)
-        if always_up or (always_up is None and v):
-            tok[k] = v
-        else:
-            tok.pop(k, None)
+    if fmt == "bsqcodec-model-1":
+        tok = cfg["tokenizer"]
+        for k in ("up_channels", "up_blocks"):
+            v = tok.get(k, 0)
+            if always_up or (always_up is None and v):
+                tok[k] = v
+            else:
+                tok.pop(k, None)
     names = {"I8": "torch.int8", "I64": "torch.int64", "F16": "torch.float16", "F32": "torch.float32"}
-    h = hashlib.sha256(b"bsqcodec-model-1")
+    h = hashlib.sha256(fmt.encode())
     h.update(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode())
     for name in sorted(head):
         t = head[name]
@@ -281,7 +283,8 @@ def _spec_hash(path: Path, always_up: bool | None = None) -> bytes:
 
 
 def test_model_hash_from_the_spec_text_names_every_vectors_model():
-    files = [VEC / "tiny-model.safetensors", *(Path(p) for p, _ in weights.installed().values())]
+    files = [VEC / "tiny-model.safetensors", VEC / "tiny-second.safetensors", VEC / "tiny-second-quad.safetensors",
+             *(Path(p) for p, _ in weights.installed().values())]
     for path in files:
         digest = _spec_hash(path)
         assert digest == weights.load(path).sha256
@@ -296,7 +299,7 @@ def test_model_hash_from_the_spec_text_names_every_vectors_model():
 
 def test_geometry_names_the_config_keys():
     """Section 6: (P, L, G, R, C) are tokenizer.patch, tokenizer.bits, prior.groups, prior.tile_rows/cols."""
-    for name in weights.installed():
+    for name in _first_stage_presets():
         m = weights.preset(name)
         h = container.unpack((PRESET_V2 / f"{name}.bsq").read_bytes())[0]
         c = m.config

@@ -328,3 +328,19 @@ def test_a_searched_file_decodes_to_the_encoders_pixels(tiny_model, tiny_r, imag
     enc = codec.encode_array(image, tiny_r, effort=4, models=[tiny_model])
     _, tokens, arr = codec.decode_detailed(enc.data, [tiny_model, tiny_r])
     assert np.array_equal(arr, enc.pixels())
+
+
+def test_second_stage_pixels_are_the_same_for_any_thread_count(two, tiny_model, tiny_r):
+    header, _ = container.unpack(two.data)
+    _, bits, budget = twostage.decode_tokens(header, tiny_model, two.tokens.numpy(), [tiny_model, tiny_r])
+    base = codec.padded_pixels(tiny_model, two.tokens)
+    n = torch.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got.append(twostage.pixels(tiny_r, base, bits, budget))
+    finally:
+        torch.set_num_threads(n)
+    assert all(np.array_equal(got[0], g) for g in got[1:])
+    assert bits.shape[0] > twostage.strip_rows(bits.shape[1])  # more than one strip

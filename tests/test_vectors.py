@@ -118,7 +118,7 @@ def _second_tokens(data: bytes, tokens: torch.Tensor) -> dict:
     from bsqcodec import stage2, twostage
 
     header, _ = container.unpack(data)
-    _, bits, budget = twostage.decode_tokens(header, weights.find(header.model_hash, None, None), tokens.numpy())
+    _, bits, budget = twostage.decode_tokens(header, weights.find(header.model_hash, header.preset), tokens.numpy())
     return {"second_grid": list(budget.shape), "second_tokens": stage2.second_tokens(bits, budget).reshape(-1).tolist()}
 
 
@@ -156,7 +156,7 @@ def test_preset_vector_decodes_to_recorded_tokens_and_bytes(name):
     want = torch.tensor(expected["tokens"]).reshape(expected["grid"])
     header, tokens, arr = codec.decode_detailed(data)  # the installed model, found by its hash
     assert header.preset == name and torch.equal(tokens, want) and arr.shape == (72, 136, 3)
-    model = weights.find(header.model_hash, None, None)  # of a second-stage rung: its first stage
+    model = weights.find(header.model_hash, header.preset)  # of a second-stage rung: its first stage
     if header.second is not None:  # its second stage's tokens too
         assert {k: expected[k] for k in ("second_grid", "second_tokens")} == _second_tokens(data, tokens)
     streams, _ = codec.encode_tokens(model, header, want)
