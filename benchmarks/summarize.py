@@ -218,10 +218,10 @@ def current_models(presets) -> dict:
 def ladder_table(bench: dict) -> str:
     """The README's quality table: one row per rung that the bench ran."""
     from bsqcodec.config import LADDER, RUNG_NAMES
-    from bsqcodec.modelfile import installed
+    from bsqcodec.weights import installed_configs
 
     configs = {c.name: c for c in LADDER}
-    inst = installed()[0]
+    inst = installed_configs()
     rows = ["| `-q` | preset | token bits (groups) | Kodak bpp | Kodak PSNR (dB) | MS-SSIM | decode 768x512, 2 cores: AVX-512 | AVX2 |",
             "|---|---|---|---|---|---|---|---|"]
     for q, name in enumerate(RUNG_NAMES, 1):
@@ -235,7 +235,7 @@ def ladder_table(bench: dict) -> str:
         if name in configs:
             bits = f"{configs[name].tokenizer.bits} ({configs[name].prior.groups})"
         else:  # a second-stage rung: its first stage's tokens, then up to L2 bits per P2 x P2 token
-            sc = inst[name][2]
+            sc = inst[name]
             fc = configs[sc.base]
             bits = (f"{fc.tokenizer.bits} ({fc.prior.groups}), then 0-{sc.residual.bits} per "
                     f"{sc.residual.patch}x{sc.residual.patch} (lambda {sc.lam})")

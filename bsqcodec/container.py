@@ -18,6 +18,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+from .config import SecondConfig
 from .errors import ChecksumError, FormatError, LimitError, VersionError
 
 MAGIC = b"BSQC"
@@ -27,7 +28,7 @@ HASH_BYTES = {1: 32, 2: 16}  # the model hash in the header: SHA-256, whole (1.x
 TOKEN_CRC = b"tCRC"  # 1.2: CRC-32 of the decoded tokens (section 5 of formats/bsq.md)
 SECOND = b"Rstg"  # 2.1: the second token stage (section 11 of formats/bsq.md)
 BAND2 = 64  # rows of second-stage tokens per band of its streams
-PASSES2 = (2, 4)  # passes of a band: the checker context's two, quad3x3's four
+PASSES2 = tuple(sorted(set(SecondConfig.CONTEXTS.values())))  # passes of a band: the checker context's 2, quad3x3's 4
 MAX_CHOICES = 64
 MAX_BITS2 = 32
 MAX_BITS_V1_0 = 32  # 1.1 widened token bits to 48

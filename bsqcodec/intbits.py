@@ -102,7 +102,7 @@ def _context_quad(base_bits, bits01, budget, ratio, rows, with_budget) -> torch.
     up = wide.reshape(*wide.shape[:2], L1 * 9)
     pos = torch.nn.functional.one_hot((ys % r) * r + xs % r, r * r).double()
     a, b, (top, bottom) = _near(rows, H)  # only the rows these tokens see
-    ps = BitPrior.quad_pass(H, W)[a:b]
+    ps = BitPrior.quad_pass(b - a, W, y0=a)
     kept = (torch.arange(L)[None, None, :] < budget[a:b, :, None]).double()
     s = torch.nn.functional.pad((bits01[a:b].double() * 2 - 1) * kept, (0, 0, 1, 1, top, bottom))
     pp = torch.nn.functional.pad(ps, (1, 1, top, bottom), value=4)  # row 1 + i, column 1 + x: the band's token (i, x)
@@ -139,15 +139,18 @@ class IntBitPrior:
 
     @property
     def passes(self) -> int:
-        return 4 if self.kind == "quad3x3" else 2
+        from .config import SecondConfig
 
-    def pass_grid(self, H: int, W: int) -> torch.Tensor:
-        """(H, W) the pass that codes each second-stage token: checker (y + x) mod 2; quad3x3 0 at (even, even),
-        1 at (odd, odd), 2 at (even, odd), 3 at (odd, even)."""
-        y, x = torch.arange(H)[:, None], torch.arange(W)[None, :]
+        return SecondConfig.CONTEXTS[self.kind]
+
+    def pass_grid(self, rows: slice, W: int) -> torch.Tensor:
+        """(rows, W) the pass that codes each second-stage token of these grid rows: checker (y + x) mod 2;
+        quad3x3 BitPrior.quad_pass."""
+        from .residual import BitPrior
+
         if self.kind == "quad3x3":
-            return torch.tensor([[0, 2], [3, 1]])[y % 2, x % 2]
-        return (y + x) % 2
+            return BitPrior.quad_pass(rows.stop - rows.start, W, y0=rows.start)
+        return (torch.arange(rows.start, rows.stop)[:, None] + torch.arange(W)[None, :]) % 2
 
     def context(self, base_bits, bits01, budget, ratio, rows=None) -> torch.Tensor:
         """context() of this prior's kind and budget flag."""

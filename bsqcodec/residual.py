@@ -12,12 +12,24 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ResidualConfig
+from .config import ResidualConfig, SecondConfig
 from .tokenizer import BSQ, ResBlock, _to_pixels
+
+
+def halo(blocks: int) -> int:
+    """Second-grid rows of context a strip of the coder needs: the 3x3 input convolution, two per residual
+    block, and the overlapping output (decoder) -- one more than each side needs."""
+    return 2 + 2 * blocks
+
+
+def to_float(px: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 pixels -> (1, 3, H, W) float32 in [0, 1], a copy (px may be read-only)."""
+    return torch.from_numpy(np.array(px, dtype=np.float32)).permute(2, 0, 1)[None].div_(255)
 
 
 class ResidualCoder(nn.Module):
@@ -82,7 +94,7 @@ class BitPrior(nn.Module):
     the kept bits of its eight neighbours that earlier passes decoded.
     """
 
-    KINDS = ("checker", "quad3x3")
+    KINDS = tuple(SecondConfig.CONTEXTS)
     NEIGH8 = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
     def __init__(self, base_bits: int, ratio: int, bits: int, width: int = 256, budget: bool = True,
@@ -140,9 +152,10 @@ class BitPrior(nn.Module):
         return self.net(torch.cat([up, pos, second, *(n * second for n in neigh), *extra], 1))
 
     @staticmethod
-    def quad_pass(H: int, W: int, device=None) -> torch.Tensor:
-        """(H, W) pass of each token in kind quad3x3: 0 (even, even), 1 (odd, odd), 2 (even, odd), 3 (odd, even)."""
-        yy, xx = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
+    def quad_pass(H: int, W: int, device=None, y0: int = 0) -> torch.Tensor:
+        """(H, W) pass of each token of grid rows y0 ... y0 + H - 1 in kind quad3x3: 0 (even, even), 1 (odd, odd),
+        2 (even, odd), 3 (odd, even)."""
+        yy, xx = torch.meshgrid(torch.arange(y0, y0 + H, device=device), torch.arange(W, device=device), indexing="ij")
         return torch.tensor([[0, 2], [3, 1]], device=device)[yy % 2, xx % 2]
 
     def _logits_quad(self, base_code: torch.Tensor, bits01: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .residual import ResidualCoder
+from .residual import ResidualCoder, halo, to_float
 
 # gradient steps per effort (1 to 9). Each step runs the stage's decoder forward and backward over the image.
 ITERATIONS = {1: 0, 2: 1, 3: 2, 4: 4, 5: 6, 6: 8, 7: 12, 8: 16, 9: 32}
@@ -38,10 +38,6 @@ def iterations(effort: int) -> int:
     return ITERATIONS[effort]
 
 
-def _float(px: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(px, dtype=np.float32)).permute(2, 0, 1)[None].div_(255)
-
-
 def refine(coder: ResidualCoder, u: torch.Tensor, arr: np.ndarray, base_px: np.ndarray, budget: torch.Tensor,
            costs: tuple[torch.Tensor, torch.Tensor], lam: float, steps: int, width: int, height: int) -> torch.Tensor:
     """Bits (H2, W2, L) uint8 after `steps` gradient steps from the unit-norm codes u (H2, W2, L).
@@ -54,7 +50,7 @@ def refine(coder: ResidualCoder, u: torch.Tensor, arr: np.ndarray, base_px: np.n
         return (u > 0).to(torch.uint8)
     p, L = coder.cfg.patch, coder.cfg.bits
     H2, W2 = u.shape[:2]
-    halo = 2 + 2 * coder.cfg.dec_blocks
+    seen = halo(coder.cfg.dec_blocks)
     rows = max(4, WINDOW_POSITIONS // max(1, W2))
     code = u.permute(2, 0, 1)[None].float().clone()  # (1, L, H2, W2)
     kept = (torch.arange(L)[:, None, None] < budget[None]).float()[None]
@@ -62,9 +58,9 @@ def refine(coder: ResidualCoder, u: torch.Tensor, arr: np.ndarray, base_px: np.n
     with torch.enable_grad():
         for r0 in range(0, H2, rows):
             r1 = min(H2, r0 + rows)
-            a, b = max(0, r0 - halo), min(H2, r1 + halo)
-            x = _float(arr[a * p : b * p])
-            base = _float(base_px[a * p : b * p])
+            a, b = max(0, r0 - seen), min(H2, r1 + seen)
+            x = to_float(arr[a * p : b * p])
+            base = to_float(base_px[a * p : b * p])
             y0, y1 = (r0 - a) * p, (min(r1 * p, height) - a * p)  # the pixel rows this window owns
             if y1 <= y0:
                 continue

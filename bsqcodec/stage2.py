@@ -56,7 +56,7 @@ def _pass_tables(prior: IntBitPrior, b1: torch.Tensor, bits01: torch.Tensor, bud
     tokens, then bit order. Tables are computed for those tokens only."""
     H, W, L = bits01.shape
     rows = slice(band * BAND2, min(H, (band + 1) * BAND2))
-    coded = (prior.pass_grid(H, W)[rows] == p) & (budget[rows] > 0)
+    coded = (prior.pass_grid(rows, W) == p) & (budget[rows] > 0)
     kept = torch.arange(L)[None, :] < budget[rows][coded][:, None]
     ctx = prior.context(b1, bits01, budget, ratio, rows)[coded]
     return rows, coded, kept, prior.tables(ctx)

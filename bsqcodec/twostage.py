@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from . import cpu, stage2, weights
 from .container import Header, SecondStage
 from .errors import FormatError, ModelError
-from .residual import ResidualCoder
+from .residual import ResidualCoder, halo, to_float
 from .second import SecondModel
 from .tokenizer import tokens_to_bits
 
@@ -26,16 +26,6 @@ STRIP_POSITIONS = 2**16  # and at most about this many positions (wide images: n
 def strip_rows(W2: int) -> int:
     """Rows of a strip of the residual coder for a second grid W2 wide: a function of the image alone."""
     return max(8, min(STRIP2, STRIP_POSITIONS // max(1, W2)))
-
-
-def _halo(blocks: int) -> int:
-    """Rows of context a strip needs: the 3x3 input convolution, two per residual block, and the overlapping
-    output (decoder) -- one more than each side needs."""
-    return 2 + 2 * blocks
-
-
-def _to_float(px: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(px, dtype=np.float32)).permute(2, 0, 1)[None].div_(255)  # a copy: px may be read-only
 
 
 def second_bits(coder: ResidualCoder, arr: np.ndarray, base_px: np.ndarray) -> torch.Tensor:
@@ -49,13 +39,13 @@ def second_latent(coder: ResidualCoder, arr: np.ndarray, base_px: np.ndarray) ->
     their signs are its bits."""
     p = coder.cfg.patch
     H2 = base_px.shape[0] // p
-    halo = _halo(coder.cfg.enc_blocks)
+    seen = halo(coder.cfg.enc_blocks)
     rows = strip_rows(base_px.shape[1] // p)
     out = []
     for a in range(0, H2, rows):
         b = min(H2, a + rows)
-        lo, hi = max(0, a - halo), min(H2, b + halo)
-        code = coder.encode_latent(_to_float(arr[lo * p : hi * p]), _to_float(base_px[lo * p : hi * p]))
+        lo, hi = max(0, a - seen), min(H2, b + seen)
+        code = coder.encode_latent(to_float(arr[lo * p : hi * p]), to_float(base_px[lo * p : hi * p]))
         out.append(code[0, :, a - lo : b - lo].permute(1, 2, 0))
     return torch.cat(out)
 
@@ -67,15 +57,15 @@ def pixels(smodel: SecondModel, base_px: np.ndarray, bits01: torch.Tensor, budge
     kept = torch.arange(L)[None, None, :] < budget[..., None]
     code = ((bits01.float() * 2 - 1) * kept).permute(2, 0, 1)[None] / L**0.5  # decode_code scales by sqrt(L)
     H2 = bits01.shape[0]
-    halo = _halo(smodel.config.residual.dec_blocks)
+    seen = halo(smodel.config.residual.dec_blocks)
     rows = strip_rows(bits01.shape[1])
     out = np.empty_like(base_px)
 
     def strip(a: int) -> None:
         b = min(H2, a + rows)
-        lo, hi = max(0, a - halo), min(H2, b + halo)
+        lo, hi = max(0, a - seen), min(H2, b + seen)
         with torch.no_grad():
-            y = coder.decode_code(code[..., lo:hi, :], _to_float(base_px[lo * p : hi * p]))
+            y = coder.decode_code(code[..., lo:hi, :], to_float(base_px[lo * p : hi * p]))
         y = (y[0, :, (a - lo) * p : (b - lo) * p].clamp(0, 1) * 255).round()
         out[a * p : b * p] = y.permute(1, 2, 0).to(torch.uint8).numpy()
 
@@ -99,7 +89,6 @@ def _region_sums(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.avg_pool2d(x[None, None], size, divisor_override=1)[0, 0]
 
 
-@torch.no_grad()
 def candidates(n: int, effort: int) -> list[int]:
     """The choices the encoder weighs at an effort: all of them from effort 3 up, else every other one and
     the last (half the decoder passes)."""
@@ -132,11 +121,8 @@ def choose_budgets(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, ba
         se = ((torch.from_numpy(px.astype(np.float32)) - x) ** 2).sum(-1) * inside
         bits = torch.zeros(H2, W2)
         if k:
-            rows = strip_rows(W2)
-            tab = torch.cat([smodel.prior.tables(smodel.prior.context(b1, bits01, budget, r, slice(a, min(H2, a + rows))))
-                             for a in range(0, H2, rows)]).double()
-            p_bit = torch.gather(tab, -1, bits01.long()[..., None])[..., 0] / tab.sum(-1)
-            bits = -(torch.log2(p_bit)[..., :k]).sum(-1).float()
+            c0, c1 = bit_costs(smodel, b1, bits01, budget, r)
+            bits = torch.where(bits01.bool(), c1, c0)[..., :k].sum(-1).float()
         cost.append(_region_sums(se, P) + lam * _region_sums(bits, r))
     return np.asarray(among)[torch.stack(cost).argmin(0).numpy()]
 
@@ -167,16 +153,15 @@ def encode(smodel: SecondModel, arr: np.ndarray, base_px: np.ndarray, base_token
     pick = choose_budgets(smodel, arr, base_px, base_tokens, base_bits, bits01, lam, width, height,
                           candidates(len(cfg.choices), effort))
     r = base_px.shape[0] // base_tokens.shape[0] // cfg.residual.patch
+    budget = stage2.budgets(pick, cfg.choices, r)
     steps = search2.iterations(effort)
     if steps:
-        budget = stage2.budgets(pick, cfg.choices, r)
         b1 = tokens_to_bits(torch.as_tensor(np.asarray(base_tokens, dtype=np.int64)), base_bits)
         costs = bit_costs(smodel, b1, bits01, budget, r)
         bits01 = search2.refine(smodel.coder, torch.nn.functional.normalize(latent, dim=-1), arr, base_px, budget,
                                 costs, lam, steps, width, height)
     table = stage2.map_table(pick, len(cfg.choices))
     streams = stage2.encode(smodel.prior, base_tokens, base_bits, bits01, pick, cfg.choices, r, table)
-    budget = stage2.budgets(pick, cfg.choices, r)
     crc = stage2.token_crc(bits01, budget)
     return SecondStage(cfg.residual.patch, cfg.residual.bits, table, smodel.sha256[:16], crc, streams), bits01, budget
 

@@ -195,9 +195,8 @@ def test_crafted_vectors_cover_the_coders_blind_spots():
 def _first_stage_presets() -> list[str]:
     """The installed presets that are first stages (second-stage rungs exist in 2.1 files only)."""
     from bsqcodec.config import ModelConfig
-    from bsqcodec.modelfile import installed
 
-    return sorted(n for n, (_, _, cfg) in installed()[0].items() if isinstance(cfg, ModelConfig))
+    return sorted(n for n, cfg in weights.installed_configs().items() if isinstance(cfg, ModelConfig))
 
 
 @pytest.mark.parametrize("name", _first_stage_presets())

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bsqcodec import codec, container, twostage
+from bsqcodec import codec, container, residual, twostage
 from bsqcodec.errors import BsqError, FormatError, ModelNotFoundError
 
 from conftest import smooth_image
@@ -273,7 +273,7 @@ def test_strips_give_the_whole_images_pixels(tiny_r, tiny_model, image, monkeypa
     assert twostage.strip_rows(24) == 8
     bits = twostage.second_bits(tiny_r.coder, arr, base)
     with torch.no_grad():
-        x, b = twostage._to_float(arr), twostage._to_float(base)
+        x, b = residual.to_float(arr), residual.to_float(base)
         whole = (tiny_r.coder.encode_latent(x, b)[0] > 0).permute(1, 2, 0).to(torch.uint8)
         assert torch.equal(bits, whole)
         budget = torch.from_numpy(np.random.default_rng(0).choice([0, 2, 6], bits.shape[:2]))
