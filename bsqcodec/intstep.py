@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 import torch
 
-from .intprior import LN_EPS, LN_SCALE, QMAX, RES_MAX, IntLinear, IntPrior, OUT_LEN
+from .intprior import ATT_LEN, LN_EPS, LN_SCALE, MAX_KEYS, QMAX, RES_MAX, IntLinear, IntPrior, OUT_LEN
 
 
 def stepper(ip: IntPrior, B: int, T: int) -> "NumpyStep | TorchStep":
@@ -46,8 +46,19 @@ class TorchStep:
         return self.ip.group_table(h, j, e).cpu().numpy().astype(np.float64)
 
 
+F32_EXACT = float(2**24)  # every integer up to this magnitude is a float32
+
+
 class _Linear:
-    """IntLinear on NumPy float64 integers (n, in) -> (n, out), by the layer's path of products."""
+    """IntLinear on NumPy float64 integers (n, in) -> (n, out), by the layer's path of products.
+
+    On the float32 path, a batch whose products are all small enough takes one float32 product of x
+    itself instead of two of its base-64 digits: every partial sum of row b's products with column j
+    is at most sum_i |x_bi| |w_ij|, which is at most both (sum_i |x_bi|) * max|w| and
+    max|x| * max_j sum_i |w_ij|. When the smaller bound is at most 2^24, every partial sum, in any
+    order, is an integer that float32 holds exactly, so the product is the same integer as the
+    digits' (LayerNorm outputs are mostly far below QMAX, so most steps qualify).
+    """
 
     def __init__(self, lin: IntLinear) -> None:
         self.path = lin.path
@@ -56,10 +67,21 @@ class _Linear:
         self.w64 = lin.wt.numpy()
         self.scale = lin.scale.numpy()
         self.offset = lin.offset.numpy()
+        aw = np.abs(self.w64)
+        self.w_max = float(aw.max(initial=0.0))  # bounds of the one-product test
+        self.col_l1 = float(aw.sum(0).max(initial=0.0))
+
+    def one_product(self, x: np.ndarray) -> bool:
+        """Whether x's float32 product with the weights is exact (see the class docstring)."""
+        ax = np.abs(x)
+        return min(float(ax.sum(-1).max(initial=0.0)) * self.w_max, float(ax.max(initial=0.0)) * self.col_l1) <= F32_EXACT
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.path == "float64":
             return np.floor(x @ self.w64 * self.scale + self.offset)
+        if self.path == "float32" and self.one_product(x):
+            acc = (x.astype(np.float32) @ self.w32).astype(np.float64)
+            return np.floor(acc * self.scale + self.offset)
         n = len(x)
         if self.path == "int8":
             xi = x.astype(np.int16)
@@ -86,6 +108,22 @@ def _layernorm(x: np.ndarray) -> np.ndarray:
     return _clamp(n, QMAX)
 
 
+def _attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, att_w: np.ndarray, att_scale: float) -> np.ndarray:
+    """IntPrior._attend_one's integers for one query: q (B, nh, 1, hs), keys kt (B, nh, hs, keys),
+    values v (B, nh, keys, hs + 1) whose last column is 1; float64 integers -> (B, nh, 1, hs).
+
+    The same values as IntPrior's digit products, in one float64 product each: |q.k| <= QMAX^2 * 128
+    and the weighted sums <= ATT_ONE * QMAX * MAX_KEYS, both far below 2^53, so they are exact in any
+    order; gap, index and mean are IntPrior's element-wise operations on the same values.
+    """
+    dots = np.matmul(q, kt)  # (B, nh, 1, keys)
+    gap = dots.max(-1, keepdims=True) - dots
+    idx = np.minimum(gap * att_scale + 0.5, ATT_LEN).astype(np.int64)  # positive: truncation is the floor
+    r = np.matmul(att_w[idx], v)  # (B, nh, 1, hs + 1)
+    pv, wsum = r[..., :-1], r[..., -1:]
+    return np.floor((wsum + 2 * pv) / (wsum * 2))
+
+
 class _Params:
     """A prior's tensors as NumPy arrays, built once per IntPrior."""
 
@@ -96,6 +134,8 @@ class _Params:
         self.row_emb, self.col_emb, self.cond_emb = ip.row_emb.numpy(), ip.col_emb.numpy(), ip.cond_emb.numpy()
         self.offs = np.arange(ip.cfg.groups) * ip.n
         self.out_exp = ip.out_exp.numpy()
+        d = ip.att_digits_np.astype(np.float64)
+        self.att_w = d[0] * 256 + d[1] * 16 + d[2]  # the attention weights (ATT_LEN + 1,), exact integers
         self.layers = [(_Linear(L["qkv"]), _Linear(L["proj"]), _Linear(L["fc1"]), _Linear(L["fc2"]),
                         L["gelu"].numpy(), L["att_scale"]) for L in ip.layers]
         self.heads = [_Linear(h) for h in ip.heads]
@@ -105,13 +145,19 @@ _PARAMS: "weakref.WeakKeyDictionary[IntPrior, _Params]" = weakref.WeakKeyDiction
 
 
 class NumpyStep:
-    """IntPrior's step in NumPy on the CPU, with a KV cache of IntPrior's layout (float32 integers)."""
+    """IntPrior's step in NumPy on the CPU, with a KV cache of its own (float64 integers)."""
 
     def __init__(self, ip: IntPrior, B: int, T: int) -> None:
         self.ip = ip
         self.p = _PARAMS.get(ip) or _PARAMS.setdefault(ip, _Params(ip))
-        cache = ip.new_cache(B, T)
-        self.k, self.v = cache.k.numpy(), cache.v.numpy()  # (layers, B, heads, T, hs (+1 column of ones))
+        L, H = ip.cfg.layers, ip.cfg.heads
+        hs = ip.cfg.dim // H
+        if T > MAX_KEYS:
+            raise ValueError(f"at most {MAX_KEYS} tokens per tile")
+        # float64 integers; keys transposed, so that each step's dot products read them in order;
+        # values with a column of ones, so that the weighted sum's product also sums the weights
+        self.kt = np.zeros((L, B, H, hs, T))
+        self.v = np.ones((L, B, H, T, hs + 1))
 
     def embed(self, prev: np.ndarray | None, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Inputs (B, D) of positions (rows, cols) after tokens of symbols prev (B, G); None = start."""
@@ -126,11 +172,11 @@ class NumpyStep:
         H = self.ip.cfg.heads
         hs = C // H
         for li, (qkv_l, proj, fc1, fc2, gelu, att_scale) in enumerate(self.p.layers):
-            qkv = _clamp(qkv_l(_layernorm(x)), QMAX).astype(np.float32)  # float32 holds these exactly
+            qkv = _clamp(qkv_l(_layernorm(x)), QMAX)
             q = qkv[:, :C].reshape(B, H, 1, hs)
-            self.k[li, :, :, pos] = qkv[:, C : 2 * C].reshape(B, H, hs)
+            self.kt[li, :, :, :, pos] = qkv[:, C : 2 * C].reshape(B, H, hs)
             self.v[li, :, :, pos, :-1] = qkv[:, 2 * C :].reshape(B, H, hs)
-            o = self.ip.attend_one_np(q, self.k[li, :, :, : pos + 1], self.v[li, :, :, : pos + 1], att_scale)
+            o = _attend(q, self.kt[li, ..., : pos + 1], self.v[li, :, :, : pos + 1], self.p.att_w, att_scale)
             x = _clamp(x + proj(o.reshape(B, C)), RES_MAX)
             h = _clamp(fc1(_layernorm(x)), QMAX)
             g = gelu[(h + QMAX).astype(np.int64)]  # integers: the conversion is exact

@@ -189,6 +189,38 @@ def test_digit_products_equal_float64_ones(seed, width, extreme, path):
     assert np.array_equal(step(x.numpy()), ref.numpy())
 
 
+@given(st.integers(0, 2**31 - 1), st.sampled_from([7, 192, 768]))
+def test_one_float32_product_only_where_it_is_exact(seed, width):
+    """The step's float32 path multiplies x itself, in one product, only when its bound proves every
+    partial sum exact; large inputs take the digits, and there one product would round."""
+    from bsqcodec.intprior import QMAX, IntLinear
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (6, width), generator=g, dtype=torch.int8)
+    w[:, 0] = 127  # max|w| = 127 in every layer
+    t = {"l.w": w, "l.m": torch.randint(2**22, 2**23, (6,), generator=g), "l.s": torch.tensor(23), "l.b": torch.randint(-99, 99, (6,))}
+    lin = IntLinear(t, "l", "cpu")
+    lin.use("float32")
+    step = intstep._Linear(lin)
+    small = torch.randint(-2**24 // (127 * width), 2**24 // (127 * width) + 1, (4, width), generator=g).double()
+    assert step.one_product(small.numpy())
+    ref = torch.floor(torch.matmul(small, lin.wt) * lin.scale + lin.offset)
+    assert np.array_equal(step(small.numpy()), ref.numpy())
+    if width < 192:
+        return
+    # products of one sign whose sums pass 2^24, odd: a float32 sum of them rounds
+    big = (QMAX - 2 * torch.randint(0, 8, (4, width), generator=g)).double()
+    wb = torch.full((6, width), 127, dtype=torch.int8)
+    lin = IntLinear({**t, "l.w": wb}, "l", "cpu")
+    lin.use("float32")
+    step = intstep._Linear(lin)
+    ref = torch.floor(torch.matmul(big, lin.wt) * lin.scale + lin.offset).numpy()
+    assert not step.one_product(big.numpy())
+    assert np.array_equal(step(big.numpy()), ref)
+    rounded = np.floor((big.numpy().astype(np.float32) @ step.w32).astype(np.float64) * step.scale + step.offset)
+    assert not np.array_equal(rounded, ref)  # what one product would have given
+
+
 def test_product_path_follows_the_cpu_and_the_switch(monkeypatch):
     """int8 only where the CPU has int8 dot products, float32 digits where exact, float64 otherwise;
     BSQ_PRODUCTS forces a path where it applies."""
@@ -241,3 +273,9 @@ def test_numpy_attention_equals_torch_attention(seed, keys, hs, extreme, spread)
     big[0][..., :keys, :], big[1][..., :keys, :] = K, V
     Kv, Vv = big[0][..., :keys, :], big[1][..., :keys, :]
     assert torch.equal(torch.from_numpy(ip.attend_one_np(q.numpy(), Kv.numpy(), Vv.numpy(), att_scale)), want)
+    # the decoder's step: float64 products, keys transposed, read from a larger cache
+    kt, v = np.zeros((B, nh, hs, MAX_KEYS)), np.ones((B, nh, MAX_KEYS, hs + 1))
+    kt[..., :keys], v[..., :keys, :] = K.transpose(-1, -2).numpy(), V.numpy()
+    att_w = intstep._Params(ip).att_w
+    got = intstep._attend(q.double().numpy(), kt[..., :keys], v[..., :keys, :], att_w, att_scale)
+    assert got.dtype == np.float64 and np.array_equal(got, want.numpy())
