@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .adam import Adam
 from .config import DEFAULT_EFFORT, MAX_EFFORT, MIN_EFFORT  # noqa: F401 - defined there, light for the CLI
 from .tokenizer import Tokenizer, tokens_to_bits
 
@@ -160,7 +161,7 @@ class _Search:
         rows = self.u.shape[-2]
         a, b = max(0, r0 - halo), min(rows, r1 + halo)
         own = self.u[:, :, r0:r1].clone().requires_grad_(True)
-        opt = torch.optim.Adam([own], lr=learning_rate(1))
+        opt = Adam(own, learning_rate(1))
         y0, y1 = r0 * p, min(self.height, r1 * p)  # the pixel rows this window owns
         tgt = self.target[:, :, y0:y1]
         n_px = self.height * self.width
@@ -178,10 +179,8 @@ class _Search:
                     bit = (ste[:, :, r0 - a : r1 - a] * math.sqrt(L) + 1) / 2  # 1 where the code is +1
                     loss = loss + self.lam * (bit * c1 + (1 - bit) * c0).sum() / n_px
                 (grad,) = torch.autograd.grad(loss, [own])
-            own.grad = grad
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(i)
-            opt.step()
+            opt.lr = learning_rate(i)
+            opt.step(grad)
             with torch.no_grad():
                 self.u[:, :, r0:r1] = own
             after(i)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .adam import Adam
 from .residual import ResidualCoder, halo, to_float
 
 # gradient steps per effort (1 to 9). Each step runs the stage's decoder forward and backward over the image.
@@ -66,7 +67,7 @@ def refine(coder: ResidualCoder, u: torch.Tensor, arr: np.ndarray, base_px: np.n
                 continue
             tgt = x[:, :, y0:y1, :width]
             own = code[:, :, r0:r1].clone().requires_grad_(True)
-            opt = torch.optim.Adam([own], lr=LR)
+            opt = Adam(own, LR)
             for _ in range(steps):
                 v = torch.cat([code[:, :, a:r0], own, code[:, :, r1:b]], 2)
                 ste = coder.quant.straight_through(F.normalize(v, dim=1)) * kept[:, :, a:b]
@@ -75,7 +76,6 @@ def refine(coder: ResidualCoder, u: torch.Tensor, arr: np.ndarray, base_px: np.n
                 bit = (ste[:, :, r0 - a : r1 - a] * math.sqrt(L) + 1) / 2  # 1 where the code is +1 (kept bits)
                 rate = (bit * c1[:, :, r0:r1] + (1 - bit) * c0[:, :, r0:r1]).sum()
                 (grad,) = torch.autograd.grad(se + lam * rate, [own])
-                own.grad = grad
-                opt.step()
+                opt.step(grad)
             code[:, :, r0:r1] = own.detach()
     return (code[0] > 0).permute(1, 2, 0).to(torch.uint8)

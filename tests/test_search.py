@@ -160,3 +160,39 @@ def test_pillow_save_takes_effort(tmp_path, photo):
     assert (tmp_path / "a.bsq").read_bytes() == plain_sign_bytes(weights.preset("q2"), photo)
     im.save(tmp_path / "b.bsq", quality=2, effort=6)
     assert (tmp_path / "b.bsq").read_bytes() == codec.encode(photo, "q2", effort=6)
+
+
+def test_the_searches_adam_takes_torchs_steps_exactly():
+    """bsqcodec.adam.Adam (no torch._dynamo import) updates a tensor exactly as torch.optim.Adam does,
+    with the learning rate changed between steps as the search changes it."""
+    from bsqcodec.adam import Adam
+
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 5, 7, generator=g)
+    ours, theirs = start.clone(), start.clone().requires_grad_(True)
+    opt_ours, opt_theirs = Adam(ours, 0.006), torch.optim.Adam([theirs], lr=0.006)
+    for i in range(1, 9):
+        grad = torch.randn(3, 5, 7, generator=g) * 10.0 ** (i % 4 - 2)
+        lr = search.learning_rate(i)
+        opt_ours.lr = lr
+        opt_ours.step(grad)
+        for group in opt_theirs.param_groups:
+            group["lr"] = lr
+        theirs.grad = grad.clone()
+        opt_theirs.step()
+        assert torch.equal(ours, theirs.detach()), i
+    assert not torch.equal(ours, start)
+
+
+def test_encoding_does_not_import_torch_dynamo(tmp_path):
+    """Creating torch.optim's Adam imports torch._dynamo, about a second of every encode; the searches
+    use their own."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from bsqcodec import codec; "
+            "codec.encode_array(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8), 'q6', effort=4); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
