@@ -116,6 +116,21 @@ def _split64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, torch.add(x, hi, alpha=-64)
 
 
+F32_EXACT = float(2**24)  # every integer up to this magnitude is a float32
+
+
+def one_f32_product(row_l1: float, x_max: float, w_max: float, col_l1: float) -> bool:
+    """Whether one float32 product of x (rows of L1 norm at most row_l1, entries at most x_max in
+    magnitude) with integer weights (entries at most w_max, columns of L1 norm at most col_l1) is exact.
+
+    Every partial sum of row b's products with column j, in any order, is at most
+    sum_i |x_bi| |w_ij|, which is at most both row_l1 * w_max and x_max * col_l1. When the smaller is
+    at most 2^24, every partial sum is an integer that float32 holds exactly, so the product equals
+    the digits' (LayerNorm outputs are mostly far below QMAX: most batches qualify).
+    """
+    return min(row_l1 * w_max, x_max * col_l1) <= F32_EXACT
+
+
 def product_path(n_in: int, device) -> str:
     """The fastest exact path for the products of a linear layer n_in wide (every path gives the same integers).
 
@@ -153,6 +168,9 @@ class IntLinear:
             raise ValueError("multiplier out of range")
         self.scale = _scale(m, int(t[f"{name}.s"].item()))
         self.offset = t[f"{name}.b"].to(device=device, dtype=torch.float64) + 0.5
+        aw = self.wt.abs()
+        self.w_max = float(aw.max()) if aw.numel() else 0.0  # bounds for one_f32_product
+        self.col_l1 = float(aw.sum(0).max()) if aw.numel() else 0.0
         self.use(product_path(w.shape[1], self.wt.device))
 
     def use(self, path: str) -> None:
@@ -170,7 +188,8 @@ class IntLinear:
         """x: float64 integers with |x| <= QMAX, shape (..., in).
 
         The product is exact whatever the summation order. In float64: every partial sum is an
-        integer below QMAX * 127 * MAX_IN < 2^30. Split into base-64 digits (x = 64 hi + lo,
+        integer below QMAX * 127 * MAX_IN < 2^30. In float32, x itself where one_f32_product proves
+        it exact; otherwise split into base-64 digits (x = 64 hi + lo,
         |hi| <= 32, 0 <= lo < 64), each digit's products summed over n inputs stay below 63 * 128 * n:
         below 2^31 in int32 for any n <= MAX_IN, below 2^24 in float32 for n <= F32_MAX_IN. The digits'
         sums are recombined in float64.
@@ -184,6 +203,10 @@ class IntLinear:
             xi = x2.to(torch.int16)
             r = torch._int_mm(torch.cat([xi >> 6, xi & 63]).to(torch.int8), self.w8)  # arithmetic shift: floor(x / 64)
         else:
+            ax = x2.abs()
+            if n and one_f32_product(float(ax.sum(-1).max()), float(ax.max()), self.w_max, self.col_l1):
+                acc = torch.matmul(x2.float(), self.w32).double()
+                return torch.addcmul(self.offset, acc, self.scale).floor_().view(*lead, -1)
             hi, lo = _split64(x2)
             r = torch.matmul(torch.cat([hi, lo]).float(), self.w32)
         acc = torch.add(r[n:].double(), r[:n].double(), alpha=64)  # |acc| < 2047 * 128 * 4096 < 2^31: exact

@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 import torch
 
-from .intprior import ATT_LEN, LN_EPS, LN_SCALE, MAX_KEYS, QMAX, RES_MAX, IntLinear, IntPrior, OUT_LEN
+from .intprior import ATT_LEN, LN_EPS, LN_SCALE, MAX_KEYS, QMAX, RES_MAX, IntLinear, IntPrior, OUT_LEN, one_f32_product
 
 
 def stepper(ip: IntPrior, B: int, T: int) -> "NumpyStep | TorchStep":
@@ -46,18 +46,11 @@ class TorchStep:
         return self.ip.group_table(h, j, e).cpu().numpy().astype(np.float64)
 
 
-F32_EXACT = float(2**24)  # every integer up to this magnitude is a float32
-
-
 class _Linear:
     """IntLinear on NumPy float64 integers (n, in) -> (n, out), by the layer's path of products.
 
     On the float32 path, a batch whose products are all small enough takes one float32 product of x
-    itself instead of two of its base-64 digits: every partial sum of row b's products with column j
-    is at most sum_i |x_bi| |w_ij|, which is at most both (sum_i |x_bi|) * max|w| and
-    max|x| * max_j sum_i |w_ij|. When the smaller bound is at most 2^24, every partial sum, in any
-    order, is an integer that float32 holds exactly, so the product is the same integer as the
-    digits' (LayerNorm outputs are mostly far below QMAX, so most steps qualify).
+    itself instead of two of its base-64 digits, as IntLinear does (intprior.one_f32_product).
     """
 
     def __init__(self, lin: IntLinear) -> None:
@@ -67,14 +60,12 @@ class _Linear:
         self.w64 = lin.wt.numpy()
         self.scale = lin.scale.numpy()
         self.offset = lin.offset.numpy()
-        aw = np.abs(self.w64)
-        self.w_max = float(aw.max(initial=0.0))  # bounds of the one-product test
-        self.col_l1 = float(aw.sum(0).max(initial=0.0))
+        self.w_max, self.col_l1 = lin.w_max, lin.col_l1
 
     def one_product(self, x: np.ndarray) -> bool:
-        """Whether x's float32 product with the weights is exact (see the class docstring)."""
+        """Whether x's float32 product with the weights is exact (intprior.one_f32_product)."""
         ax = np.abs(x)
-        return min(float(ax.sum(-1).max(initial=0.0)) * self.w_max, float(ax.max(initial=0.0)) * self.col_l1) <= F32_EXACT
+        return one_f32_product(float(ax.sum(-1).max(initial=0.0)), float(ax.max(initial=0.0)), self.w_max, self.col_l1)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.path == "float64":

@@ -191,7 +191,7 @@ def test_digit_products_equal_float64_ones(seed, width, extreme, path):
 
 @given(st.integers(0, 2**31 - 1), st.sampled_from([7, 192, 768]))
 def test_one_float32_product_only_where_it_is_exact(seed, width):
-    """The step's float32 path multiplies x itself, in one product, only when its bound proves every
+    """The float32 path (IntLinear's and the step's) multiplies x itself, in one product, only when its bound proves every
     partial sum exact; large inputs take the digits, and there one product would round."""
     from bsqcodec.intprior import QMAX, IntLinear
 
@@ -206,6 +206,7 @@ def test_one_float32_product_only_where_it_is_exact(seed, width):
     assert step.one_product(small.numpy())
     ref = torch.floor(torch.matmul(small, lin.wt) * lin.scale + lin.offset)
     assert np.array_equal(step(small.numpy()), ref.numpy())
+    assert torch.equal(lin(small), ref)  # IntLinear takes the same one product
     if width < 192:
         return
     # products of one sign whose sums pass 2^24, odd: a float32 sum of them rounds
@@ -217,6 +218,7 @@ def test_one_float32_product_only_where_it_is_exact(seed, width):
     ref = torch.floor(torch.matmul(big, lin.wt) * lin.scale + lin.offset).numpy()
     assert not step.one_product(big.numpy())
     assert np.array_equal(step(big.numpy()), ref)
+    assert np.array_equal(lin(big).numpy(), ref)
     rounded = np.floor((big.numpy().astype(np.float32) @ step.w32).astype(np.float64) * step.scale + step.offset)
     assert not np.array_equal(rounded, ref)  # what one product would have given
 
