@@ -227,12 +227,13 @@ def _exact_dots(q: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values of every layer: (layers, B, heads, T, head size), float32 integers."""
+    """Preallocated keys and values of every layer: (layers, B, heads, T, head size), integers in
+    float32 or float64 (both hold them exactly)."""
 
-    def __init__(self, layers: int, B: int, heads: int, T: int, hs: int, device) -> None:
-        self.k = torch.zeros(layers, B, heads, T, hs, dtype=torch.float32, device=device)
+    def __init__(self, layers: int, B: int, heads: int, T: int, hs: int, device, dtype=torch.float32) -> None:
+        self.k = torch.zeros(layers, B, heads, T, hs, dtype=dtype, device=device)
         # values carry an extra column of ones, so that attention sums its weights in the same product
-        self.v = torch.ones(layers, B, heads, T, hs + 1, dtype=torch.float32, device=device)
+        self.v = torch.ones(layers, B, heads, T, hs + 1, dtype=dtype, device=device)
 
     def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.shape[2]
@@ -328,7 +329,10 @@ class IntPrior:
         # base-16 digits of the attention weights, most significant first, and a 1 for their sum
         # (ATT_LEN + 1, 3): one gather gives the three digits of each weight
         self.att_digits_t = torch.stack([(att // 16**i) % 16 for i in (2, 1, 0)], 1).to(device=dev, dtype=torch.float32)
-        self.att_digits_np = self.att_digits_t.t().contiguous().cpu().numpy()  # (3, ATT_LEN + 1)
+        self.att_w = att.to(device=dev, dtype=torch.float64)  # the weights themselves, for float64 products
+        # the KV cache: float64 on the CPU, whose float64 products are fast (one product instead of
+        # the digits' two and three); float32 elsewhere (a GPU's float64 is slow)
+        self.kv_dtype = torch.float64 if dev.type == "cpu" else torch.float32
         self.att_radix = torch.tensor([[256.0, 16.0, 1.0]], dtype=torch.float64, device=dev)  # digits -> weights
         out = t["out_exp_table"].long()
         if out.shape != (OUT_LEN + 1,) or int(out.max()) > OUT_ONE or int(out.min()) < 0:
@@ -374,19 +378,24 @@ class IntPrior:
         largest dot, so leaving it out changes nothing, and it saves work and memory.
         """
         T = q.shape[-2]
-        if T == 1:
+        exact64 = K.dtype == torch.float64  # the CPU's cache: one float64 product each, exact (below 2^53)
+        if T == 1 and not exact64:
             return self._attend_one(q, K, V, L)
         if T > QUERY_BLOCK:
             outs = [self._attend(q[..., a : a + QUERY_BLOCK, :], K[..., : pos + min(T, a + QUERY_BLOCK), :],
                                  V[..., : pos + min(T, a + QUERY_BLOCK), :], L, pos + a) for a in range(0, T, QUERY_BLOCK)]
             return torch.cat(outs, -2)
-        dots = _exact_dots(q, K)  # (B, nh, T, pos+T)
+        dots = torch.matmul(q, K.transpose(-1, -2)) if exact64 else _exact_dots(q, K)  # (B, nh, T, pos+T)
         # teacher forcing: later keys are masked out, so that it matches the one-by-one path
         mask = torch.ones(T, pos + T, dtype=torch.bool, device=self.device).tril(pos)
         dots = dots.masked_fill(~mask, -math.inf)  # never the maximum: each row keeps its diagonal
         gap = (dots.amax(-1, keepdim=True) - dots).clamp(max=CLAMP_GAP)
         idx = _requant(gap, L["att_scale"], 0.5).clamp(max=ATT_LEN).long()
         idx = idx.masked_fill(~mask, ATT_LEN)  # weight exactly 0 (the table's last entry), whatever the scale
+        if exact64:  # |sum of weight * v| <= ATT_ONE * QMAX * MAX_KEYS < 2^33
+            r = torch.matmul(_lookup(self.att_w, idx), V)
+            pv, wsum = r[..., :-1], r[..., -1:]
+            return torch.add(wsum, pv, alpha=2).div_(wsum * 2).floor_()
         B, nh = idx.shape[:2]
         keys = idx.shape[-1]
         digits = _lookup(self.att_digits_t, idx).transpose(-1, -2).reshape(B, nh, 3 * T, keys)  # rows (T, digit)
@@ -394,16 +403,12 @@ class IntPrior:
         return self._weighted_mean(torch.matmul(digits, V).double().view(B, nh, T, 3, -1))[..., 0, :]
 
     def _attend_one(self, q, K, V, L) -> torch.Tensor:
-        """_attend for one query position: the same integers with fewer operations.
-
-        The float32 cache is read once per product (the cache's size sets the speed of decoding):
-        q's two base-64 digits share one product with K, the weights' three base-16 digits one
-        with V, all exact below 2^24 as in _attend; nothing is masked, since every cached key is
-        earlier. On the CPU the same operations run in NumPy, whose stacked products of these small
-        matrices take a third of the time of torch's (speed only: every value is the same integer).
+        """_attend for one query position of a float32 cache (devices other than the CPU): the same
+        integers with fewer operations. The cache is read once per product (the cache's size sets the
+        speed of decoding): q's two base-64 digits share one product with K, the weights' three
+        base-16 digits one with V, all exact below 2^24 as in _attend; nothing is masked, since
+        every cached key is earlier.
         """
-        if self.device.type == "cpu":
-            return torch.from_numpy(self.attend_one_np(q.numpy(), K.numpy(), V.numpy(), L["att_scale"]))
         return self._attend_one_torch(q, K, V, L["att_scale"])
 
     def _attend_one_torch(self, q, K, V, att_scale: float) -> torch.Tensor:
@@ -416,19 +421,6 @@ class IntPrior:
         idx = gap.mul_(att_scale).add_(0.5).clamp_(max=ATT_LEN).long()  # (B, nh, 1, keys)
         digits = _lookup(self.att_digits_t, idx[..., 0, :]).transpose(-1, -2)  # (B, nh, 3, keys)
         return self._weighted_mean(torch.matmul(digits, V).double())
-
-    def attend_one_np(self, q: np.ndarray, K: np.ndarray, V: np.ndarray, att_scale: float) -> np.ndarray:
-        """_attend_one's integers, computed by the same IEEE 754 operations in NumPy."""
-        hi = np.floor(q / 64)
-        r = np.matmul(np.concatenate([hi, q - 64 * hi], -2), K.swapaxes(-1, -2)).astype(np.float64)
-        dots = r[..., 1:, :] + r[..., :1, :] * 64
-        gap = dots.max(-1, keepdims=True) - dots
-        idx = np.minimum(gap * att_scale + 0.5, ATT_LEN).astype(np.int64)  # positive: truncation is the floor
-        digits = np.take(self.att_digits_np, idx[..., 0, :], axis=1).transpose(1, 2, 0, 3)  # (B, nh, 3, keys)
-        r = np.matmul(digits, V).astype(np.float64)  # (B, nh, 3, hs + 1)
-        r = r[..., :1, :] * 256 + r[..., 1:2, :] * 16 + r[..., 2:, :]
-        pv, wsum = r[..., :-1], r[..., -1:]
-        return np.floor((wsum + 2 * pv) / (wsum * 2))
 
     def _weighted_mean(self, r: torch.Tensor) -> torch.Tensor:
         """Products of the weights' three base-16 digits with V, (..., 3, hs + 1) -> (..., 1, hs).
@@ -446,7 +438,7 @@ class IntPrior:
         H = self.cfg.heads
         hs = C // H
         for li, L in enumerate(self.layers):
-            qkv = L["qkv"](int_layernorm(x)).clamp_(-QMAX, QMAX).float()  # float32 holds these exactly
+            qkv = L["qkv"](int_layernorm(x)).clamp_(-QMAX, QMAX).to(self.kv_dtype)  # either holds these exactly
             q, k, v = qkv.split(C, dim=2)
             q = q.view(B, T, H, hs).transpose(1, 2)  # (B, nh, T, hs)
             k = k.view(B, T, H, hs).transpose(1, 2)
@@ -473,7 +465,7 @@ class IntPrior:
         if T > MAX_KEYS:
             raise ValueError(f"at most {MAX_KEYS} tokens per tile")
         C = self.cfg.dim
-        return KVCache(self.cfg.layers, B, self.cfg.heads, T, C // self.cfg.heads, self.device)
+        return KVCache(self.cfg.layers, B, self.cfg.heads, T, C // self.cfg.heads, self.device, self.kv_dtype)
 
     def tables(self, sym: torch.Tensor, rows: int, cols: int) -> list[torch.Tensor]:
         """Teacher-forced tables for B tiles of one shape: sym (B, T, G) -> list over groups of (B, T, n)."""

@@ -125,8 +125,7 @@ class _Params:
         self.row_emb, self.col_emb, self.cond_emb = ip.row_emb.numpy(), ip.col_emb.numpy(), ip.cond_emb.numpy()
         self.offs = np.arange(ip.cfg.groups) * ip.n
         self.out_exp = ip.out_exp.numpy()
-        d = ip.att_digits_np.astype(np.float64)
-        self.att_w = d[0] * 256 + d[1] * 16 + d[2]  # the attention weights (ATT_LEN + 1,), exact integers
+        self.att_w = ip.att_w.numpy()  # the attention weights (ATT_LEN + 1,), float64 integers
         self.layers = [(_Linear(L["qkv"]), _Linear(L["proj"]), _Linear(L["fc1"]), _Linear(L["fc2"]),
                         L["gelu"].numpy(), L["att_scale"]) for L in ip.layers]
         self.heads = [_Linear(h) for h in ip.heads]

@@ -122,6 +122,20 @@ class TestIntegerExactness:
                     tab = step.table(h, j, s[:, t, :j])
                     assert tab.dtype == np.float64 and np.array_equal(tab, want[j][:, t].numpy()), (type(step), t, j)
 
+    @given(st.integers(0, 10**6), st.sampled_from([(3, 4), (6, 7)]))
+    def test_float64_and_float32_caches_give_the_same_tables(self, seed, shape):
+        """The CPU's float64 cache and products, and the float32 cache with digit products that other
+        devices use, give the same tables, teacher-forced and token by token."""
+        rows, cols = shape
+        p, ip = make(seed % 5, rows=rows, cols=cols)
+        sym = p.symbols(torch.randint(0, 4096, (2, rows, cols), generator=torch.Generator().manual_seed(seed)))
+        assert ip.kv_dtype == torch.float64
+        cpu_tables = ip.tables(sym, rows, cols), kv_tables(ip, sym, rows, cols)
+        ip.kv_dtype = torch.float32
+        for a, b in zip(cpu_tables, (ip.tables(sym, rows, cols), kv_tables(ip, sym, rows, cols))):
+            for x, y in zip(a, b):
+                assert torch.equal(x, y)
+
     @pytest.mark.parametrize("att_scale", [1e-6, 1e-9])
     def test_masked_keys_get_no_weight_at_any_attention_scale(self, att_scale):
         # a barely trained prior has a tiny attention scale; teacher forcing must still ignore later keys
@@ -246,7 +260,8 @@ def test_product_path_follows_the_cpu_and_the_switch(monkeypatch):
 @given(st.integers(0, 2**31 - 1), st.sampled_from([2, 37, 512]), st.sampled_from([1, 16, 128]), st.booleans(),
        st.sampled_from([1e-6, 0.3, 3.0, 1e3]))
 def test_numpy_attention_equals_torch_attention(seed, keys, hs, extreme, spread):
-    """The decoder's NumPy attention step computes exactly the torch step's integers, extremes included."""
+    """Attention by float64 products (the CPU's: IntPrior's and the decoder's NumPy step) computes exactly
+    the float32 digits' integers, extremes included."""
     from bsqcodec.intprior import MAX_KEYS, QMAX
 
     _, ip = make(0)
@@ -267,14 +282,10 @@ def test_numpy_attention_equals_torch_attention(seed, keys, hs, extreme, spread)
         V = torch.randint(-QMAX, QMAX + 1, (B, nh, keys, hs), generator=g).float()
     assert keys <= MAX_KEYS
     V = torch.cat([V, torch.ones(B, nh, keys, 1)], -1)  # the cache's column of ones
-    want = ip._attend_one_torch(q, K, V, att_scale)
-    got = torch.from_numpy(ip.attend_one_np(q.numpy(), K.numpy(), V.numpy(), att_scale))
+    want = ip._attend_one_torch(q, K, V, att_scale)  # float32 digits, as on devices other than the CPU
+    L = {"att_scale": att_scale}
+    got = ip._attend(q.double(), K.double(), V.double(), L, keys - 1)  # the CPU's float64 cache
     assert got.dtype == want.dtype and torch.equal(got, want)
-    # and through a strided view of a larger cache, as the decoder reads it
-    big = torch.zeros(B, nh, MAX_KEYS, hs), torch.ones(B, nh, MAX_KEYS, hs + 1)
-    big[0][..., :keys, :], big[1][..., :keys, :] = K, V
-    Kv, Vv = big[0][..., :keys, :], big[1][..., :keys, :]
-    assert torch.equal(torch.from_numpy(ip.attend_one_np(q.numpy(), Kv.numpy(), Vv.numpy(), att_scale)), want)
     # the decoder's step: float64 products, keys transposed, read from a larger cache
     kt, v = np.zeros((B, nh, hs, MAX_KEYS)), np.ones((B, nh, MAX_KEYS, hs + 1))
     kt[..., :keys], v[..., :keys, :] = K.transpose(-1, -2).numpy(), V.numpy()
