@@ -50,72 +50,81 @@ def _near(rows: slice, H: int) -> tuple[int, int, tuple[int, int]]:
     return a, b, (int(a == rows.start), int(b == rows.stop))
 
 
+def _coords(rows: slice, W: int, at: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid rows and columns (n,) of the tokens of `rows`: all in raster order, or those where `at` (a
+    (rows, W) mask) is set."""
+    ys = torch.arange(rows.start, rows.stop)[:, None].expand(-1, W)
+    xs = torch.arange(W)[None, :].expand(rows.stop - rows.start, -1)
+    return (ys[at], xs[at]) if at is not None else (ys.reshape(-1), xs.reshape(-1))
+
+
+def _shaped(parts: list[torch.Tensor], rows: slice, W: int, at: torch.Tensor | None) -> torch.Tensor:
+    ctx = torch.cat(parts, -1)
+    return ctx if at is not None else ctx.view(rows.stop - rows.start, W, -1)
+
+
 def context(base_bits: torch.Tensor, bits01: torch.Tensor, budget: torch.Tensor, ratio: int, rows: slice | None = None,
-            with_budget: bool = True, kind: str = "checker") -> torch.Tensor:
-    """The integer context of every token of rows (default: all) of the second grid.
+            with_budget: bool = True, kind: str = "checker", at: torch.Tensor | None = None) -> torch.Tensor:
+    """The integer context of every token of rows (default: all) of the second grid, or of those tokens
+    of rows where the (rows, W) mask `at` is set.
 
     base_bits (h, w, L1) 0/1 of the first-stage tokens; bits01 (H, W, L) 0/1 of the second-stage tokens
     (only kept bits of earlier passes are read); budget (H, W) int bits kept per token; -> (H', W, C)
-    float64 integers in the float prior's order (residual.BitPrior). Kind "checker": L1 first-stage signs,
-    ratio^2 position one-hot, pass, left, right, up and down neighbours' kept signs (second pass only), and
-    the budget (with_budget). Kind "quad3x3": see _context_quad.
+    float64 integers in the float prior's order (residual.BitPrior), or (n, C) for the n tokens of `at`
+    in raster order. Kind "checker": L1 first-stage signs, ratio^2 position one-hot, pass, left, right,
+    up and down neighbours' kept signs (second pass only), and the budget (with_budget). Kind
+    "quad3x3": see _context_quad.
     """
-    if kind == "quad3x3":
-        return _context_quad(base_bits, bits01, budget, ratio, rows, with_budget)
     H, W, L = bits01.shape
-    r = ratio
     rows = rows or slice(0, H)
-    y = torch.arange(H)[rows][:, None]
-    x = torch.arange(W)[None, :]
-    ys, xs = y.expand(-1, W), x.expand(len(y), -1)
-    up = base_bits[ys // r, xs // r].double() * 2 - 1  # (H', W, L1)
-    pos = torch.nn.functional.one_hot((ys % r) * r + xs % r, r * r).double()
-    second = ((ys + xs) % 2).double()[..., None]
+    iy, ix = _coords(rows, W, at)
+    if kind == "quad3x3":
+        return _shaped(_context_quad(base_bits, bits01, budget, ratio, rows, iy, ix, with_budget), rows, W, at)
+    r = ratio
+    up = base_bits[iy // r, ix // r].double() * 2 - 1  # (n, L1)
+    pos = torch.nn.functional.one_hot((iy % r) * r + ix % r, r * r).double()
+    second = ((iy + ix) % 2).double()[:, None]
     a, b, (top, bottom) = _near(rows, H)  # only the rows these tokens see: a band costs its own size
     kept = (torch.arange(L)[None, None, :] < budget[a:b, :, None]).double()
     first = ((torch.arange(a, b)[:, None] + torch.arange(W)[None, :]) % 2 == 0).double()[..., None]
     s = torch.nn.functional.pad((bits01[a:b].double() * 2 - 1) * kept * first, (0, 0, 1, 1, top, bottom))
-    n = len(y)  # row 1 + i of s is the band's row i
-    neigh = [s[1 : 1 + n, :-2], s[1 : 1 + n, 2:], s[0:n, 1:-1], s[2 : 2 + n, 1:-1]]
-    parts = [up, pos, second, *(n * second for n in neigh)]
+    sy, sx = iy - rows.start + 1, ix + 1  # row 1 + i, column 1 + x of s: the band's token (i, x)
+    neigh = [s[sy, sx - 1], s[sy, sx + 1], s[sy - 1, sx], s[sy + 1, sx]]  # left, right, up, down
+    parts = [up, pos, second, *(second * n for n in neigh)]
     if with_budget:
-        parts.append(budget[rows].double()[..., None])
-    return torch.cat(parts, -1)
+        parts.append(budget[iy, ix].double()[:, None])
+    return _shaped(parts, rows, W, at)
 
 
-def _context_quad(base_bits, bits01, budget, ratio, rows, with_budget) -> torch.Tensor:
-    """Kind quad3x3: the 3x3 first-stage tokens' signs around the co-located one (channel-major: entry
-    c * 9 + 3 * (dy + 1) + (dx + 1), 0 outside the grid), the position one-hot, a one-hot of the token's pass
+def _context_quad(base_bits, bits01, budget, ratio, rows, iy, ix, with_budget) -> list[torch.Tensor]:
+    """Kind quad3x3 (the parts of the context of the tokens at grid rows iy, columns ix): the 3x3
+    first-stage tokens' signs around the co-located one (channel-major: entry c * 9 + 3 * (dy + 1) +
+    (dx + 1), 0 outside the grid), the position one-hot, a one-hot of the token's pass
     (BitPrior.quad_pass), the kept signs of its eight neighbours (BitPrior.NEIGH8 order) that an earlier
     pass decoded (else 0), and the budget."""
     from .residual import BitPrior
 
     H, W, L = bits01.shape
-    h, w, L1 = base_bits.shape
+    L1 = base_bits.shape[-1]
     r = ratio
-    rows = rows or slice(0, H)
-    y = torch.arange(H)[rows][:, None]
-    ys, xs = y.expand(-1, W), torch.arange(W)[None, :].expand(len(y), -1)
     code = torch.nn.functional.pad(base_bits.double() * 2 - 1, (0, 0, 1, 1, 1, 1))  # (h+2, w+2, L1), 0 outside
-    Y, X = ys // r + 1, xs // r + 1
-    wide = torch.stack([code[Y + dy, X + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], -1)  # (H', W, L1, 9)
-    up = wide.reshape(*wide.shape[:2], L1 * 9)
-    pos = torch.nn.functional.one_hot((ys % r) * r + xs % r, r * r).double()
+    Y, X = iy // r + 1, ix // r + 1
+    wide = torch.stack([code[Y + dy, X + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], -1)  # (n, L1, 9)
+    up = wide.reshape(len(iy), L1 * 9)
+    pos = torch.nn.functional.one_hot((iy % r) * r + ix % r, r * r).double()
     a, b, (top, bottom) = _near(rows, H)  # only the rows these tokens see
     ps = BitPrior.quad_pass(b - a, W, y0=a)
     kept = (torch.arange(L)[None, None, :] < budget[a:b, :, None]).double()
     s = torch.nn.functional.pad((bits01[a:b].double() * 2 - 1) * kept, (0, 0, 1, 1, top, bottom))
     pp = torch.nn.functional.pad(ps, (1, 1, top, bottom), value=4)  # row 1 + i, column 1 + x: the band's token (i, x)
-    own = pp[1 : 1 + len(y), 1:-1]
+    sy, sx = iy - rows.start + 1, ix + 1
+    own = pp[sy, sx]
     onehot = torch.nn.functional.one_hot(own, 4).double()
-    neigh = []
-    for dy, dx in BitPrior.NEIGH8:
-        win = (slice(1 + dy, 1 + dy + len(y)), slice(1 + dx, 1 + dx + W))
-        neigh.append(s[win] * (pp[win] < own).double()[..., None])
+    neigh = [s[sy + dy, sx + dx] * (pp[sy + dy, sx + dx] < own).double()[:, None] for dy, dx in BitPrior.NEIGH8]
     parts = [up, pos, onehot, *neigh]
     if with_budget:
-        parts.append(budget[rows].double()[..., None])
-    return torch.cat(parts, -1)
+        parts.append(budget[iy, ix].double()[:, None])
+    return parts
 
 
 class IntBitPrior:
@@ -152,9 +161,9 @@ class IntBitPrior:
             return BitPrior.quad_pass(rows.stop - rows.start, W, y0=rows.start)
         return (torch.arange(rows.start, rows.stop)[:, None] + torch.arange(W)[None, :]) % 2
 
-    def context(self, base_bits, bits01, budget, ratio, rows=None) -> torch.Tensor:
+    def context(self, base_bits, bits01, budget, ratio, rows=None, at=None) -> torch.Tensor:
         """context() of this prior's kind and budget flag."""
-        return context(base_bits, bits01, budget, ratio, rows, self.budget, self.kind)
+        return context(base_bits, bits01, budget, ratio, rows, self.budget, self.kind, at)
 
     def logits(self, ctx: torch.Tensor) -> torch.Tensor:
         """(..., C) context integers -> (..., L) logits of bit = 1, integers at 1/EXP_STEP nats."""

@@ -53,12 +53,12 @@ def _pass_tables(prior: IntBitPrior, b1: torch.Tensor, bits01: torch.Tensor, bud
                  band: int, p: int) -> tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What pass p of a band codes: (its rows, the (rows, W) mask of its tokens that keep bits, their (n, L)
     mask of kept bits, and the (n, L, 2) tables of those tokens' bits); stream order is raster order of the
-    tokens, then bit order. Tables are computed for those tokens only."""
+    tokens, then bit order. Contexts and tables are computed for those tokens only."""
     H, W, L = bits01.shape
     rows = slice(band * BAND2, min(H, (band + 1) * BAND2))
     coded = (prior.pass_grid(rows, W) == p) & (budget[rows] > 0)
     kept = torch.arange(L)[None, :] < budget[rows][coded][:, None]
-    ctx = prior.context(b1, bits01, budget, ratio, rows)[coded]
+    ctx = prior.context(b1, bits01, budget, ratio, rows, at=coded)
     return rows, coded, kept, prior.tables(ctx)
 
 

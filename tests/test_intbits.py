@@ -41,6 +41,8 @@ def test_the_context_is_what_the_float_prior_sees(budget):
     assert torch.allclose(got, want, atol=1e-5)
     rows = intbits.context(base, bits, bmap, R, slice(3, 6), with_budget=budget)
     assert torch.equal(rows, intbits.context(base, bits, bmap, R, with_budget=budget)[3:6])
+    at = torch.rand(rows.shape[:2], generator=torch.Generator().manual_seed(3)) < 0.4  # some tokens of the rows
+    assert torch.equal(intbits.context(base, bits, bmap, R, slice(3, 6), with_budget=budget, at=at), rows[at])
 
 
 def test_the_integer_prior_follows_the_float_one():
@@ -110,3 +112,5 @@ def test_the_quad_context_is_what_the_float_quad_prior_sees():
     assert torch.allclose(got, want, atol=1e-5)
     rows = intbits.context(base, bits, bmap, R, slice(2, 5), kind="quad3x3")
     assert torch.equal(rows, intbits.context(base, bits, bmap, R, kind="quad3x3")[2:5])
+    at = torch.rand(rows.shape[:2], generator=torch.Generator().manual_seed(3)) < 0.4  # some tokens of the rows
+    assert torch.equal(intbits.context(base, bits, bmap, R, slice(2, 5), kind="quad3x3", at=at), rows[at])
