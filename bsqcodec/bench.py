@@ -13,6 +13,7 @@ from PIL import Image
 from . import baselines, codec, images, search
 from .config import RUNG_NAMES
 from .errors import BsqError
+from .look import LookModel
 from .metrics import METRICS, bd_rate, ms_ssim, overlap, psnr
 
 SCHEMA = "bsqcodec-bench-1"
@@ -39,14 +40,20 @@ def find_images(root: Path, limit: int | None = None) -> list[Path]:
 
 
 def run(root: Path, models: list, limit: int | None = None, codecs=baselines.LOSSY,
-        progress=None, sweep: bool | None = None, effort: int = search.DEFAULT_EFFORT, metric: str = "psnr") -> dict:
+        progress=None, sweep: bool | None = None, effort: int = search.DEFAULT_EFFORT, metric: str = "psnr",
+        look: str = "faithful") -> dict:
     """The whole benchmark as a JSON-ready dict (schema in benchmarks/README.md); bsqc encodes at `effort`.
 
     metric: the score codecs are matched at, image by image ("psnr" or another of metrics.METRICS); the
-    curves and BD-rates are in it too.
+    curves and BD-rates are in it too. look: which decoder makes bsqc's pixels (codec.LOOKS; look models
+    among `models` or installed); with another than "faithful", each file's faithful scores are kept too.
     """
     if metric not in METRICS:
         raise BsqError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    if look not in codec.LOOKS:
+        raise BsqError(f"unknown look {look!r}; choose from {', '.join(codec.LOOKS)}")
+    extra = models
+    models = [m for m in models if not isinstance(m, LookModel)]  # the rungs; look models only decode
     files = find_images(Path(root), limit)
     usable, notes = [], []
     for c in codecs:
@@ -65,12 +72,16 @@ def run(root: Path, models: list, limit: int | None = None, codecs=baselines.LOS
             t0 = time.perf_counter()
             data = codec.encode_array(arr, m, effort=effort, models=models).data  # a second stage's first among them
             t1 = time.perf_counter()
-            out = np.asarray(codec.decode(data, models=models))
+            out = np.asarray(codec.decode(data, models=extra, look=look))
             t2 = time.perf_counter()
             p = psnr(arr, out)
             row["bsqc"][m.name] = {"bytes": len(data), "bpp": len(data) * 8 / (w * h), "psnr": p,
                                    "ms_ssim": ms_ssim(arr, out), "encode_seconds": t1 - t0, "decode_seconds": t2 - t1}
             score = p if metric == "psnr" else row["bsqc"][m.name].setdefault(metric, METRICS[metric](arr, out))
+            if look != "faithful":  # the same file's own decoder, to compare the looks
+                plain = np.asarray(codec.decode(data, models=models))
+                row["bsqc"][m.name]["faithful"] = {"psnr": psnr(arr, plain),
+                                                   **({metric: METRICS[metric](arr, plain)} if metric != "psnr" else {})}
             row["matched"][m.name] = {}
             for c in usable:
                 pt = baselines.matched(arr, c, score, seen[c.name], metric)
@@ -86,7 +97,13 @@ def run(root: Path, models: list, limit: int | None = None, codecs=baselines.LOS
         per_image.append(row)
         if progress:
             progress("bench", i + 1, len(files))
-    return _summarize(root, models, usable, per_image, curve_pts, sweep, notes, effort, metric)
+    res = _summarize(root, models, usable, per_image, curve_pts, sweep, notes, effort, metric)
+    res["look"] = look
+    if look != "faithful":
+        for m in models:
+            rows = [r["bsqc"][m.name]["faithful"] for r in per_image]
+            res["totals"][m.name]["faithful"] = {f"mean_{k}": float(np.mean([x[k] for x in rows])) for k in rows[0]}
+    return res
 
 
 def _summarize(root, models, usable, per_image, curve_pts, sweep, notes, effort, metric="psnr") -> dict:

@@ -432,6 +432,8 @@ def bench(
     effort: Annotated[int, typer.Option("--effort", "-e", min=MIN_EFFORT, max=MAX_EFFORT, help="bsqc's encoder effort (as in encode).")] = DEFAULT_EFFORT,
     metric: Annotated[str, typer.Option("--metric", help="Match the codecs at this score, image by image: psnr, or "
                                                          "ssimulacra2 (needs bsqcodec[perceptual]).")] = "psnr",
+    look: Annotated[str, typer.Option("--look", help="Score bsqc's files decoded with this look (as decode --look; a look "
+                                                     "model file can be given with --model); the faithful scores are kept too.")] = "faithful",
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite --json/--csv/--plot files that exist.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
@@ -450,13 +452,14 @@ def bench(
     with LazyProgress(err_console, enabled=not quiet) as prog:
         if sweep is None:
             sweep = len(models) > 1 or plot_out is not None
-        res = bench_mod.run(folder, models, limit, progress=prog, sweep=sweep, effort=effort, metric=metric)
+        res = bench_mod.run(folder, models, limit, progress=prog, sweep=sweep, effort=effort, metric=metric, look=look)
     for n in res["notes"]:
         err_console.print(f"note: {n}", markup=False)
     from rich.table import Table
 
     label = "PSNR" if metric == "psnr" else metric.upper()
-    t = Table(title=f"{res['dataset']}: {res['images']} images, bytes at matched {label} (ratio = codec / bsqc), effort {effort}")
+    seen = "" if look == "faithful" else f", the {look} look"
+    t = Table(title=f"{res['dataset']}: {res['images']} images, bytes at matched {label} (ratio = codec / bsqc), effort {effort}{seen}")
     t.add_column("preset")
     t.add_column("bsqc bytes", justify="right")
     t.add_column("bpp", justify="right")
@@ -464,12 +467,15 @@ def bench(
     t.add_column("MS-SSIM", justify="right")
     if metric != "psnr":
         t.add_column(label, justify="right")
+    if look != "faithful":  # the same files' own decoder
+        t.add_column(f"{label} faithful", justify="right")
     t.add_column("PNG", justify="right")
     for c in res["baselines"]:
         t.add_column(c.upper(), justify="right")
     for name, tot in res["totals"].items():
         cells = [name, str(tot["bsqc_bytes"]), f"{tot['bpp']:.4f}", f"{tot['mean_psnr']:.2f}", f"{tot['mean_ms_ssim']:.4f}",
-                 *([f"{tot[f'mean_{metric}']:.2f}"] if metric != "psnr" else []), f"{tot['png_ratio']:.2f}x"]
+                 *([f"{tot[f'mean_{metric}']:.2f}"] if metric != "psnr" else []),
+                 *([f"{tot['faithful'][f'mean_{metric}']:.2f}"] if look != "faithful" else []), f"{tot['png_ratio']:.2f}x"]
         for c in res["baselines"]:
             m = tot["matched"][c]
             cell = f"{m['ratio']:.2f}x" if m["ratio"] else "-"

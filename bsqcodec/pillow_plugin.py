@@ -1,6 +1,7 @@
 """Pillow plugin: `import bsqcodec` lets every Pillow program read and write .bsq files.
 
     Image.open("photo.bsq")                       # header read now, pixels decoded on load()
+    im.set_look("sharp")                          # before load(): decode with an installed look model
     im.save("photo.bsq", quality=3)               # quality 1..9 = the rung (-q), or preset= / model=
     im.save("photo.bsq", effort=9)                # encoder search 1..9, as `bsqc encode --effort`
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 from PIL import Image, ImageFile
 
 from . import container
-from .config import DEFAULT_EFFORT, RUNG_NAMES
+from .config import DEFAULT_EFFORT, RUNG_NAMES, LookConfig
 
 FORMAT = "BSQ"
 
@@ -37,7 +38,17 @@ class BsqImageFile(ImageFile.ImageFile):
         icc = header.chunk(b"iCCP")
         if icc:
             self.info["icc_profile"] = icc
-        self.tile = [ImageFile._Tile("bsq", (0, 0) + self._size, 0, None)]
+        self.tile = [ImageFile._Tile("bsq", (0, 0) + self._size, 0, "faithful")]
+
+    def set_look(self, look: str) -> None:
+        """Decode with this look (`bsqc decode --look`): "faithful", the model's own decoder, or another
+        look whose look model is installed. Call it before the pixels are loaded."""
+        looks = ("faithful", *LookConfig.LOOKS)
+        if look not in looks:
+            raise ValueError(f"unknown look {look!r}; choose from {', '.join(looks)}")
+        if not self.tile:
+            raise ValueError("the pixels are already loaded; set the look before load()")
+        self.tile = [t._replace(args=look) for t in self.tile]
 
 
 class _BsqDecoder(ImageFile.PyDecoder):
@@ -47,7 +58,7 @@ class _BsqDecoder(ImageFile.PyDecoder):
         from . import codec
 
         self.fd.seek(0)
-        _, _, arr = codec.decode_detailed(self.fd.read())
+        _, _, arr = codec.decode_detailed(self.fd.read(), look=self.args[0] if self.args else "faithful")
         self.set_as_raw(arr.tobytes())
         return -1, 0
 

@@ -140,3 +140,41 @@ def test_a_second_stage_rung_is_benched_like_the_others(folder, tiny_model):
         assert row["bsqc"]["q6"]["bytes"] == len(data)
         assert row["bsqc"]["q6"]["psnr"] == pytest.approx(psnr(arr, codec.decode_detailed(data, [tiny_model, q6])[2]))
     assert "q6" in bench.LADDER_NAMES and {p["preset"] for p in res["curves"]["bsqc"]} == {"tiny", "q6"}
+
+
+def test_bench_scores_a_look_and_keeps_the_faithful_scores(folder, tiny_model, tmp_path):
+    """--look sharp: bsqc's files are decoded with the look model and matched at its scores; each file's
+    faithful scores are kept beside them."""
+    from bsqcodec.metrics import ssimulacra2
+    from test_look import tiny_sharp
+
+    sharp = tiny_sharp(tiny_model)
+    res = bench.run(folder, [tiny_model, sharp], limit=2, codecs=(baselines.JPEG,), metric="ssimulacra2", look="sharp")
+    assert res["look"] == "sharp" and list(res["totals"]) == ["tiny"]
+    for row in res["per_image"]:
+        arr = np.asarray(Image.open(folder / row["image"]).convert("RGB"))
+        data = codec.encode_array(arr, tiny_model).data
+        b = row["bsqc"]["tiny"]
+        got = np.asarray(codec.decode(data, [tiny_model, sharp], look="sharp"))
+        plain = np.asarray(codec.decode(data, [tiny_model]))
+        assert b["psnr"] == pytest.approx(psnr(arr, got)) and b["ssimulacra2"] == pytest.approx(ssimulacra2(arr, got))
+        assert b["faithful"]["ssimulacra2"] == pytest.approx(ssimulacra2(arr, plain)) != b["ssimulacra2"]
+        assert row["matched"]["tiny"]["jpeg"]["ssimulacra2"] >= b["ssimulacra2"]
+    t = res["totals"]["tiny"]["faithful"]
+    assert t["mean_ssimulacra2"] == pytest.approx(np.mean([r["bsqc"]["tiny"]["faithful"]["ssimulacra2"] for r in res["per_image"]]))
+    with pytest.raises(Exception, match="unknown look"):
+        bench.run(folder, [tiny_model], limit=1, look="blurry")
+
+
+def test_cli_bench_takes_a_look(folder, tiny_model, tmp_path):
+    from test_look import tiny_sharp
+
+    weights.save(tiny_model, tmp_path / "tiny.safetensors")
+    weights.save(tiny_sharp(tiny_model), tmp_path / "sharp.safetensors")
+    r = CliRunner().invoke(app, ["bench", str(folder), "--model", str(tmp_path / "tiny.safetensors"), "--model",
+                                 str(tmp_path / "sharp.safetensors"), "--look", "sharp", "--limit", "1", "--no-sweep",
+                                 "--quiet", "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    assert "the sharp look" in r.output and "PSNR faithful" in r.output
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["look"] == "sharp" and "faithful" in res["totals"]["tiny"]

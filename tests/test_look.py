@@ -96,3 +96,25 @@ def test_an_installed_look_is_found_by_the_model_it_decodes_for(file, tiny_model
     monkeypatch.setattr(weights, "MODELS_DIR", tmp_path)
     want = codec.decode_detailed(file.data, [tiny_model, sharp], look="sharp")[2]
     assert np.array_equal(codec.decode_detailed(file.data, look="sharp")[2], want)
+
+
+def test_the_pillow_plugin_decodes_either_look(file, tiny_model, sharp, tmp_path, monkeypatch):
+    import bsqcodec  # noqa: F401 - registers the plugin
+
+    weights.save(tiny_model, tmp_path / "tiny.safetensors")
+    weights.save(sharp, tmp_path / "tiny-sharp.safetensors")
+    (tmp_path / "retired.json").write_text('{"models": {}}')
+    monkeypatch.setattr(weights, "MODELS_DIR", tmp_path)
+    (tmp_path / "a.bsq").write_bytes(file.data)
+    faithful = codec.decode_detailed(file.data)[2]
+    want = codec.decode_detailed(file.data, look="sharp")[2]
+    assert not np.array_equal(faithful, want)
+    with Image.open(tmp_path / "a.bsq") as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), faithful)  # the default look
+    with Image.open(tmp_path / "a.bsq") as im:
+        im.set_look("sharp")
+        assert np.array_equal(np.asarray(im.convert("RGB")), want)
+        with pytest.raises(ValueError, match="already loaded"):
+            im.set_look("faithful")
+    with Image.open(tmp_path / "a.bsq") as im, pytest.raises(ValueError, match="unknown look"):
+        im.set_look("blurry")
