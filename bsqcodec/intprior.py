@@ -385,22 +385,36 @@ class IntPrior:
             outs = [self._attend(q[..., a : a + QUERY_BLOCK, :], K[..., : pos + min(T, a + QUERY_BLOCK), :],
                                  V[..., : pos + min(T, a + QUERY_BLOCK), :], L, pos + a) for a in range(0, T, QUERY_BLOCK)]
             return torch.cat(outs, -2)
-        dots = torch.matmul(q, K.transpose(-1, -2)) if exact64 else _exact_dots(q, K)  # (B, nh, T, pos+T)
+        if exact64:
+            return self._attend64(q, K, V, L, pos)
+        dots = _exact_dots(q, K)  # (B, nh, T, pos+T)
         # teacher forcing: later keys are masked out, so that it matches the one-by-one path
         mask = torch.ones(T, pos + T, dtype=torch.bool, device=self.device).tril(pos)
         dots = dots.masked_fill(~mask, -math.inf)  # never the maximum: each row keeps its diagonal
         gap = (dots.amax(-1, keepdim=True) - dots).clamp(max=CLAMP_GAP)
         idx = _requant(gap, L["att_scale"], 0.5).clamp(max=ATT_LEN).long()
         idx = idx.masked_fill(~mask, ATT_LEN)  # weight exactly 0 (the table's last entry), whatever the scale
-        if exact64:  # |sum of weight * v| <= ATT_ONE * QMAX * MAX_KEYS < 2^33
-            r = torch.matmul(_lookup(self.att_w, idx), V)
-            pv, wsum = r[..., :-1], r[..., -1:]
-            return torch.add(wsum, pv, alpha=2).div_(wsum * 2).floor_()
         B, nh = idx.shape[:2]
         keys = idx.shape[-1]
         digits = _lookup(self.att_digits_t, idx).transpose(-1, -2).reshape(B, nh, 3 * T, keys)  # rows (T, digit)
         # V's last column is 1, so the product also sums the weights; exact: 15 * 2047 * 512 < 2^24
         return self._weighted_mean(torch.matmul(digits, V).double().view(B, nh, T, 3, -1))[..., 0, :]
+
+    def _attend64(self, q, K, V, L, pos: int) -> torch.Tensor:
+        """_attend's integers for a float64 cache (the CPU's), by the same operations in place: one float64
+        product for the dots (|q.k| <= QMAX^2 * 128) and one for the weighted sums (<= ATT_ONE * QMAX *
+        MAX_KEYS), both exact. A later key's dot is -inf, so its gap is +inf and its index ATT_LEN: weight
+        exactly 0, whatever the scale; only the last T keys can be later than a query."""
+        T = q.shape[-2]
+        dots = torch.matmul(q, K.transpose(-1, -2))  # (B, nh, T, pos+T)
+        if T > 1:
+            later = torch.ones(T, T, dtype=torch.bool, device=self.device).triu(1)
+            dots[..., pos:].masked_fill_(later, -math.inf)  # never the maximum: each row keeps its diagonal
+        top = dots.amax(-1, keepdim=True)
+        idx = dots.neg_().add_(top).mul_(L["att_scale"]).add_(0.5).floor_().clamp_(max=ATT_LEN).long()  # _requant's
+        r = torch.matmul(_lookup(self.att_w, idx), V)
+        pv, wsum = r[..., :-1], r[..., -1:]
+        return torch.add(wsum, pv, alpha=2).div_(wsum * 2).floor_()
 
     def _attend_one(self, q, K, V, L) -> torch.Tensor:
         """_attend for one query position of a float32 cache (devices other than the CPU): the same
