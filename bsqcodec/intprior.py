@@ -412,9 +412,7 @@ class IntPrior:
             dots[..., pos:].masked_fill_(later, -math.inf)  # never the maximum: each row keeps its diagonal
         top = dots.amax(-1, keepdim=True)
         idx = dots.neg_().add_(top).mul_(L["att_scale"]).add_(0.5).floor_().clamp_(max=ATT_LEN).long()  # _requant's
-        r = torch.matmul(_lookup(self.att_w, idx), V)
-        pv, wsum = r[..., :-1], r[..., -1:]
-        return torch.add(wsum, pv, alpha=2).div_(wsum * 2).floor_()
+        return self._rounded_mean(torch.matmul(_lookup(self.att_w, idx), V))
 
     def _attend_one(self, q, K, V, L) -> torch.Tensor:
         """_attend for one query position of a float32 cache (devices other than the CPU): the same
@@ -442,7 +440,11 @@ class IntPrior:
         V's last column is 1, so r[..., -1] sums the weights. The digits recombine as 256 r0 + 16 r1
         + r2 (exact, below 2^33); the result is the rounded weighted mean, at v's scale.
         """
-        r = torch.matmul(self.att_radix, r)
+        return self._rounded_mean(torch.matmul(self.att_radix, r))
+
+    def _rounded_mean(self, r: torch.Tensor) -> torch.Tensor:
+        """Sums of weight * v with the weights' sum last, (..., hs + 1) -> the weighted mean (..., hs) at v's
+        scale, rounded half up: floor((2 p + q) / 2q), exact for these integers (intprior.md section 1)."""
         pv, wsum = r[..., :-1], r[..., -1:]
         return torch.add(wsum, pv, alpha=2).div_(wsum * 2).floor_()
 

@@ -106,8 +106,9 @@ def test_roundhalfup_of_either_sign_is_the_floor_of_2p_plus_q_over_2q():
     t = weights.random_model(TINY, seed=3).tensors
     ip = IntPrior(TINY.prior, {k[len("prior."):]: v for k, v in t.items() if k.startswith("prior.")})
     for p, q in itertools.product(range(-50, 51), (1, 2, 3, 4, 10, 4095, 4096)):
-        # _weighted_mean's operations on r = (p, q) as its three digits' products recombined (256 r0 + 16 r1 + r2)
-        r = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [float(p), float(q)]]], dtype=torch.float64)
-        got = int(ip._weighted_mean(r)[0, 0, 0])
+        # the rounding of both attention paths (float64 products, and the digits' recombined) on r = (p, q)
+        got = int(ip._rounded_mean(torch.tensor([[float(p), float(q)]], dtype=torch.float64))[0, 0])
+        r = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [float(p), float(q)]]], dtype=torch.float64)  # digits 256 r0 + 16 r1 + r2
+        assert int(ip._weighted_mean(r)[0, 0, 0]) == got
         assert got == (2 * p + q) // (2 * q) == math.floor(Fraction(p, q) + Fraction(1, 2))
     assert (2 * -5 + 2) // (2 * 2) == -2  # -2.5 -> -2: not half away from zero (-3), not truncation of (2p+q)/2q
