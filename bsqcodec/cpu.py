@@ -7,6 +7,7 @@ the codec picks its paths from these flags (benchmarks record them beside every 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 
@@ -103,3 +104,21 @@ class single_threaded_kernels:
         torch.set_num_threads(self.n)
         if self.blas is not None:
             _openblas()[1](self.blas)
+
+
+@contextlib.contextmanager
+def threads_of_kernels(workers: int):
+    """Yields run(fn, items) -> [fn(item) ...], mapping over items in `workers` Python threads (here when 1),
+    each on single-threaded kernels (torch releases the interpreter lock in them).
+
+    For work cut into pieces whose shapes depend on the input alone: each piece's float sums are then
+    the same for any thread count (a multi-threaded kernel may split and round them differently).
+    """
+    with single_threaded_kernels():
+        if workers <= 1:
+            yield lambda fn, items: [fn(i) for i in items]
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            yield lambda fn, items: list(pool.map(fn, items))

@@ -280,21 +280,8 @@ class Tokenizer(nn.Module):
         if bf16 is None:
             bf16 = tokens.device.type == "cpu" and native_bf16()
         starts = list(range(0, tokens.shape[0], self._strip_rows(tokens.shape[1])))
-        workers = max(1, torch.get_num_threads())
-        with cpu.single_threaded_kernels():
-            if workers == 1:
-                return torch.cat([self._decode_strip(tokens, r0, bf16, _serial) for r0 in starts], 0)
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(workers) as pool:
-                def run(fn, items):
-                    return list(pool.map(fn, items))
-
-                return torch.cat([self._decode_strip(tokens, r0, bf16, run) for r0 in starts], 0)
-
-
-def _serial(fn, items) -> list:
-    return [fn(i) for i in items]
+        with cpu.threads_of_kernels(torch.get_num_threads()) as run:
+            return torch.cat([self._decode_strip(tokens, r0, bf16, run) for r0 in starts], 0)
 
 
 def _to_pixels(channels: int, patch: int, overlap: bool) -> nn.ConvTranspose2d:

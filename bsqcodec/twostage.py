@@ -72,16 +72,8 @@ def pixels(smodel: SecondModel, base_px: np.ndarray, bits01: torch.Tensor, budge
     # strips of shapes that depend on the image alone, each on single-threaded kernels, the strips in
     # threads: the same pixels for any thread count (as the first stage's decoder, tokenizer.tokens_to_image)
     starts = list(range(0, H2, rows))
-    workers = min(len(starts), max(1, torch.get_num_threads()))
-    with cpu.single_threaded_kernels():
-        if workers == 1:
-            for a in starts:
-                strip(a)
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(strip, starts))
+    with cpu.threads_of_kernels(min(len(starts), torch.get_num_threads())) as run:
+        run(strip, starts)
     return out
 
 
