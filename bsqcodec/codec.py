@@ -16,7 +16,7 @@ from PIL import Image
 from . import container, entropy, images, search, weights
 from . import look as look_mod
 from . import workers as workers_mod
-from .config import DEFAULT_BATCH_TILES, MAX_BATCH_TILES, RUNG_NAMES, LookConfig
+from .config import DEFAULT_BATCH_TILES, LOOKS, MAX_BATCH_TILES, RUNG_NAMES
 from .container import Header
 from .errors import BsqError, FormatError, TargetError
 from .metrics import psnr  # noqa: F401  (re-exported: codec.psnr)
@@ -358,9 +358,6 @@ def _verified(fn, tile: int):
         return fn()
     except FormatError as e:
         raise FormatError(f"tile {tile}: {e}") from None
-
-
-LOOKS = ("faithful", *LookConfig.LOOKS)  # the model's own decoder, then the looks a look model can give
 
 
 def decode_detailed(data: bytes, models: list | None = None, batch_tiles: int = DEFAULT_BATCH_TILES,

@@ -214,6 +214,9 @@ class LookConfig:
                    tokenizer=TokenizerConfig(**d["tokenizer"]))
 
 
+LOOKS = ("faithful", *LookConfig.LOOKS)  # what a decoder can give: the model's own decoder, then the look models'
+
+
 SEED = ModelConfig(
     name="seed",
     tokenizer=TokenizerConfig(patch=5, channels=128, bits=10, enc_blocks=0, dec_blocks=0, overlap=False),

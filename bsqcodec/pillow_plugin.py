@@ -14,7 +14,7 @@ from __future__ import annotations
 from PIL import Image, ImageFile
 
 from . import container
-from .config import DEFAULT_EFFORT, RUNG_NAMES, LookConfig
+from .config import DEFAULT_EFFORT, LOOKS, RUNG_NAMES
 
 FORMAT = "BSQ"
 
@@ -43,9 +43,8 @@ class BsqImageFile(ImageFile.ImageFile):
     def set_look(self, look: str) -> None:
         """Decode with this look (`bsqc decode --look`): "faithful", the model's own decoder, or another
         look whose look model is installed. Call it before the pixels are loaded."""
-        looks = ("faithful", *LookConfig.LOOKS)
-        if look not in looks:
-            raise ValueError(f"unknown look {look!r}; choose from {', '.join(looks)}")
+        if look not in LOOKS:
+            raise ValueError(f"unknown look {look!r}; choose from {', '.join(LOOKS)}")
         if not self.tile:
             raise ValueError("the pixels are already loaded; set the look before load()")
         self.tile = [t._replace(args=look) for t in self.tile]
