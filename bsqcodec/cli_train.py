@@ -32,7 +32,10 @@ def _run(stage: str, **kw) -> dict:
     with Progress(*cols, console=err_console, transient=False, disable=plain) as bar:
         task = bar.add_task(stage, total=opts.steps, info="")
 
-        def progress(step, loss=None, metric=None, elapsed=None, eval=None):
+        def progress(step, loss=None, metric=None, elapsed=None, eval=None, note=None):
+            if note is not None:
+                err_console.print(f"step {step}: {note}", markup=False)
+                return
             if eval is not None:
                 last_eval[0] = f"{eval:.3f}"
                 err_console.print(f"step {step}: held-out {metric_name} {eval:.3f}", markup=False)
@@ -84,8 +87,10 @@ def train_tokenizer(
                                                     "term beside the squared error (a sharper look). 0: none.")] = 0.0,
     feature_matching: Annotated[float, typer.Option(help="With --adversarial: weight of matching the discriminator's "
                                                          "features on the real image.")] = 0.0,
+    perceptual: Annotated[float, typer.Option(help="With --decoder-only: weight of (100 - SSIMULACRA2) / 100, "
+                                                   "computed here and differentiable, beside the squared error.")] = 0.0,
 ) -> None:
-    """Train the patch autoencoder (MSE)."""
+    """Train the patch autoencoder (MSE; a decoder alone may add perceptual and adversarial terms)."""
     try:
         levels = tuple(sorted(int(b) for b in nested.split(","))) if nested else ()
     except ValueError:
@@ -95,7 +100,7 @@ def train_tokenizer(
          cache_dir=str(cache_dir) if cache_dir else None, eval_every=eval_every,
          checkpoint_seconds=checkpoint_seconds, threads=threads, init=str(init) if init else None, nested=levels,
          code_lr_mult=code_lr_mult, bf16=bf16, ema=ema, decoder_only=decoder_only, adversarial=adversarial,
-         feature_matching=feature_matching)
+         feature_matching=feature_matching, perceptual=perceptual)
 
 
 @train_app.command("prior")

@@ -53,6 +53,7 @@ class TrainOptions:
     decoder_only: bool = False  # tokenizer stage: the encoder is frozen, so the tokens (and a prior on them) stay valid
     adversarial: float = 0.0  # decoder-only: weight of a patch discriminator's hinge term (a sharper look); 0: none
     feature_matching: float = 0.0  # decoder-only, with adversarial: weight of matching its features on the real image
+    perceptual: float = 0.0  # decoder-only: weight of (100 - SSIMULACRA2) / 100 (perceptual.loss) beside squared error
     log: list = field(default_factory=list)
 
 
@@ -135,6 +136,8 @@ def train(opts: TrainOptions, progress=None) -> dict:
             raise BsqError("--decoder-only is for the tokenizer stage")
         model.freeze_encoder()
     opt = torch.optim.AdamW(_param_groups(model, opts), lr=opts.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    if opts.perceptual and not opts.decoder_only:
+        raise BsqError("--perceptual trains a decoder only (--decoder-only)")
     disc = disc_opt = None
     if opts.adversarial or opts.feature_matching:
         if not opts.decoder_only or world > 1:
@@ -186,6 +189,10 @@ def train(opts: TrainOptions, progress=None) -> dict:
                     from .discriminator import generator_loss
 
                     loss = loss + generator_loss(disc, out["x"], out["y"], out["code"], opts.adversarial, opts.feature_matching)
+            if opts.perceptual:
+                from . import perceptual
+
+                loss = loss + opts.perceptual * perceptual.loss(out["x"].float(), out["y"].float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -205,7 +212,12 @@ def train(opts: TrainOptions, progress=None) -> dict:
                 progress(step=step, loss=loss.item(), metric=metric, elapsed=time.time() - t_start)
             if rank == 0 and (step % opts.eval_every == 0 or step == opts.steps) and eval_arr is not None:
                 ev = evaluate(opts.stage, ema if ema is not None else model, eval_arr, device)
-                opts.log.append({"step": step, "eval": ev})
+                entry = {"step": step, "eval": ev}
+                if opts.perceptual or disc is not None:
+                    entry["eval_ssimulacra2"] = evaluate_ssimulacra2(ema if ema is not None else model, eval_arr, device)
+                    if progress is not None:
+                        progress(step=step, note=f"held-out SSIMULACRA2 {entry['eval_ssimulacra2']:.2f}")
+                opts.log.append(entry)
                 if progress is not None:
                     progress(step=step, eval=ev)
             save_now, stopping = time.time() - last_save > opts.checkpoint_seconds, stop.flag
@@ -405,6 +417,23 @@ def _loss(stage, model, arr, idx, rng, device, nested=(), out: dict | None = Non
     toks = _prior_batch(arr, idx, rng, m.cfg, device)
     loss = m.loss(toks, model)
     return loss, loss.item() / math.log(2) * m.cfg.groups
+
+
+@torch.no_grad()
+def evaluate_ssimulacra2(model, arr, device) -> float:
+    """A tokenizer's mean SSIMULACRA2 on held-out crops (each crop scored with its scales' own weights)."""
+    from . import perceptual
+
+    model.eval()
+    try:
+        tot = 0.0
+        for i in range(0, len(arr), 32):
+            x = torch.from_numpy(np.ascontiguousarray(arr[i : i + 32])).permute(0, 3, 1, 2).float().div(255).to(device)
+            y, _ = model(x)
+            tot += perceptual.score(x, y.clamp(0, 1), full_layout=True).sum().item()
+        return tot / len(arr)
+    finally:
+        model.train()
 
 
 @torch.no_grad()

@@ -243,6 +243,26 @@ def test_adversarial_needs_decoder_only(dataset, arch, tmp_path):
         train(_opts("tokenizer", dataset, tmp_path / "e", arch, steps=2, adversarial=0.1))
 
 
+def test_perceptual_decoder_training_moves_the_decoder_only_and_logs_its_score(dataset, arch, tmp_path):
+    """--perceptual (issue 26): SSIMULACRA2 as a loss beside squared error, for a decoder alone; the
+    held-out evaluations then carry the decoder's SSIMULACRA2 as well as its PSNR."""
+    from bsqcodec.tokenizer import Tokenizer
+
+    base = train(_opts("tokenizer", dataset, tmp_path / "a", arch, steps=3))
+    init = str(tmp_path / "a" / "tokenizer.ckpt")
+    opts = _opts("tokenizer", dataset, tmp_path / "b", arch, steps=4, init=init, decoder_only=True, perceptual=0.05)
+    res = train(opts)
+    plain = train(_opts("tokenizer", dataset, tmp_path / "c", arch, steps=4, init=init, decoder_only=True))
+    for k in res["model"]:
+        if k.startswith(Tokenizer.ENCODER):
+            assert torch.equal(res["model"][k], base["model"][k]), k
+    assert any(not torch.equal(plain["model"][k], res["model"][k]) for k in plain["model"])  # the term weighs in
+    evals = [e for e in opts.log if "eval" in e]
+    assert evals and all(-200 < e["eval_ssimulacra2"] <= 100 for e in evals)
+    with pytest.raises(BsqError, match="decoder-only"):
+        train(_opts("tokenizer", dataset, tmp_path / "e", arch, steps=2, perceptual=0.1))
+
+
 def test_discriminator_sees_the_tokens():
     from bsqcodec.discriminator import PatchDiscriminator
 
