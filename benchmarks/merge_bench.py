@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from bsqcodec.bench import LADDER_NAMES
+from bsqcodec.config import RUNG_NAMES
 from bsqcodec.metrics import bd_rate, overlap
 
 
@@ -27,6 +28,8 @@ def merge(old: dict, new: dict, old_name: str, new_name: str) -> dict:
     metric = new.get("metric", "psnr")
     out = dict(new)
     presets = [p for p in old["presets"] if p not in new["presets"]] + new["presets"]
+    # the ladder's rungs in its order, then the other presets (ones it no longer holds, say) as they came
+    presets.sort(key=lambda p: RUNG_NAMES.index(p) if p in RUNG_NAMES else len(RUNG_NAMES))
     out["presets"] = presets
     out["models"] = {**old["models"], **new["models"]}
     out["totals"] = {**{p: old["totals"][p] for p in old["presets"] if p not in new["presets"]}, **new["totals"]}

@@ -58,7 +58,7 @@ def _why(bench: dict, codec: str) -> str:
 def results_section(bench: dict) -> str:
     rows = ["| preset | bytes (24 images) | bpp | PSNR (dB) | MS-SSIM | bits/token (raw) | JPEG | WebP | AVIF | JPEG XL | PNG |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for preset, t in bench["totals"].items():
+    for preset, t in ((p, bench["totals"][p]) for p in bench["presets"]):
         k = (load(f"kodak-{preset}.json") or {}).get("summary")  # kodak.py: first-stage rungs
         ratios = " | ".join(f"{t['matched'][c]['ratio']:.3f}x" if t["matched"].get(c, {}).get("ratio") else "-" for c in CODECS)
         bits = f"{k['coded_bits_per_token']:.2f} ({k['raw_bits_per_token']})" if k else "two stages"

@@ -229,15 +229,20 @@ def _named(name: str) -> Model | None:
 
 
 def preset(name: str) -> Model:
-    """An installed preset by name; q1 ... q5 also name the rungs of the quality ladder."""
+    """An installed preset by name; qN that is no preset's name names rung N of the quality ladder (q3: the
+    default rung). A name wins over a rung: q4 is the first-stage model of that name (kept so that its files
+    decode), where rung 4 (`-q 4`) is q4s since 0.6.0."""
     from .config import RUNG_NAMES
 
     asked = name
-    if name.startswith("q") and name[1:].isdigit() and 1 <= int(name[1:]) <= len(RUNG_NAMES):
-        name = RUNG_NAMES[int(name[1:]) - 1]
     model = _named(name)
     if model is not None:
         return model
+    if name.startswith("q") and name[1:].isdigit() and 1 <= int(name[1:]) <= len(RUNG_NAMES) and name not in installed():
+        name = RUNG_NAMES[int(name[1:]) - 1]
+        model = _named(name)
+        if model is not None:
+            return model
     inst = installed()
     if name not in inst:
         if name in broken():

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from bsqcodec import bench, codec, container, weights
 from bsqcodec.cli import app
-from bsqcodec.config import LADDER, ModelConfig, PriorConfig, TokenizerConfig
+from bsqcodec.config import LADDER, RUNG_NAMES, SECOND_RUNGS, ModelConfig, PriorConfig, TokenizerConfig
 from bsqcodec.errors import FormatError
 from bsqcodec.tokenizer import Tokenizer, resize_bits
 from bsqcodec.train import TrainOptions, train
@@ -154,21 +154,25 @@ def test_quality_option_picks_the_rung(tmp_path):
     img = tmp_path / "p.png"
     smooth_image(np.random.default_rng(2), 40, 24).save(img)
     inst = weights.installed()
-    for q, cfg in enumerate(LADDER, 1):
-        if cfg.name not in inst:
+    for q, name in enumerate(RUNG_NAMES, 1):
+        if name not in inst:
             continue
         out = tmp_path / f"p{q}.bsq"
         r = runner.invoke(app, ["encode", str(img), "-q", str(q), "-o", str(out), "--json", "--quiet"])
         assert r.exit_code == 0, r.output
-        assert json.loads(r.stdout)["preset"] == cfg.name
-        assert weights.preset(f"q{q}").name == cfg.name
-    if "q6" in inst:  # a second-stage rung: a 2.1 file on the default rung's
-        out = tmp_path / "p6.bsq"
-        r = runner.invoke(app, ["encode", str(img), "-q", "6", "-o", str(out), "--json", "--quiet"])
-        assert r.exit_code == 0 and json.loads(r.stdout)["preset"] == "q6", r.output
+        assert json.loads(r.stdout)["preset"] == name
         header, _ = container.unpack(out.read_bytes())
-        assert (header.minor, header.preset) == (1, "q6") and header.second is not None
-        assert codec.decode_detailed(out.read_bytes())[2].shape == (24, 40, 3)
+        if name in SECOND_RUNGS:  # a second-stage rung: a 2.1 file on the default rung's
+            assert (header.minor, header.preset) == (1, name) and header.second is not None
+            assert codec.decode_detailed(out.read_bytes())[2].shape == (24, 40, 3)
+        else:
+            assert header.second is None
+    # qN names rung N where no preset has that name (q3: the default rung); a preset's own name wins
+    if "default" in inst:
+        assert weights.preset("q3").name == "default"
+    for name in ("q4", "q5"):  # the first-stage models of 0.5, off the ladder since 0.6.0, kept for their files
+        if name in inst:
+            assert weights.preset(name).name == name and RUNG_NAMES[int(name[1]) - 1] != name
     assert runner.invoke(app, ["encode", str(img), "-q", "10"]).exit_code == 2  # usage error from the parser
     # a rung that is not installed (here: every rung but q1, in a models folder of its own): one clear line
     only = tmp_path / "models"
