@@ -194,8 +194,8 @@ def encode(
                                                         "Default: the input's name with the suffix .bsq (standard output for -).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", show_default=False, help="Write each output into this folder, named after its input.")] = None,
     quality: Annotated[Optional[int], typer.Option("--quality", "-q", min=1, max=len(RUNG_NAMES), show_default=False,
-                                                   help="Quality 1 (smallest files) to 5 (best), and 6 to 9 where those "
-                                                        "rungs are installed (see `bsqc presets`); 3 is the default preset.")] = None,
+                                                   help="Quality 1 (smallest files) to 9 (best), where those rungs are "
+                                                        "installed (see `bsqc presets`); 3 is the default preset.")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", show_default=False, help="Installed preset to use instead of -q (see `bsqc presets`). Default: default.")] = None,
     model: Annotated[Optional[list[Path]], typer.Option("--model", show_default=False, help="Use this model file instead of a preset "
                                                         "(a second-stage model: with its first stage's file, if that is not installed, "
@@ -213,7 +213,7 @@ def encode(
     """Compress images into .bsq files.
 
     Pick the size/quality trade-off with -q 1..9 (on Kodak photos about 0.06 to 0.77 bits per pixel, 24 to 33 dB;
-    6 to 9 add a second token stage, slower to encode and decode), or let --target-size / --target-psnr pick it. Several inputs share one model load; a failing input
+    4 to 9 add a second token stage, slower to encode and decode), or let --target-size / --target-psnr pick it. Several inputs share one model load; a failing input
     is reported and the others are still compressed (exit code 1 at the end).
     """
     if sum(x is not None for x in (quality, preset, model or None, target_size, target_psnr)) > 1:
