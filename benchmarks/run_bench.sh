@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bsqc bench on a folder (Kodak: ../shared/data/kodak) with the installed quality ladder (q1 ... q5),
+# bsqc bench on a folder (Kodak: ../shared/data/kodak) with the installed quality ladder (q1 ... q9),
 # plus any extra presets named as arguments; results in benchmarks/results/.
 set -euo pipefail
 dir="${1:?usage: run_bench.sh FOLDER [PRESET ...]}"
@@ -7,7 +7,8 @@ shift
 here="$(cd "$(dirname "$0")" && pwd)"
 name="$(basename "$dir")"
 args=()
-for p in q1 q2 q3 q4 q5 "$@"; do
+ladder="$(python -c 'from bsqcodec import weights; from bsqcodec.config import RUNG_NAMES; print(*[n for n in RUNG_NAMES if n in weights.installed()])')"
+for p in $ladder "$@"; do
   args+=(--preset "$p")
 done
 mkdir -p "$here/results"
