@@ -180,8 +180,9 @@ class IntLinear:
         if path == "int8" and not _INT_MM or path == "float32" and self.wt.shape[0] > F32_MAX_IN:
             raise ValueError(f"no exact {path} products for this layer here")
         self.path = path
-        # fresh (in, out) arrays: _int_mm misreads odd strides
-        self.w8 = self.wt.to(torch.int8).contiguous() if path == "int8" else None
+        # fresh (in, out) arrays with the default strides: _int_mm misreads odd ones, and .contiguous() keeps
+        # any stride of a size-1 dimension (a 1-input layer's (1, out) weights as (1, 1): garbage on VNNI CPUs)
+        self.w8 = torch.empty(self.wt.shape, dtype=torch.int8).copy_(self.wt) if path == "int8" else None
         self.w32 = self.wt.float().contiguous() if path == "float32" else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
