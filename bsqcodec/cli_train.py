@@ -192,7 +192,8 @@ def train_residual_cmd(
     patch: int = 4, channels: int = 128, bits: int = 24, enc_blocks: int = 2, dec_blocks: int = 4,
     steps: int = 20000, batch: int = 16, crop: int = 64, lr: float = 5e-4, seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
-    init: Annotated[Optional[Path], typer.Option(help="Start from this residual checkpoint (tensors that fit).")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this residual checkpoint or second-stage model "
+                                                      "file, e.g. bsqcodec/models/q6.safetensors (tensors that fit).")] = None,
     nested: Annotated[Optional[str], typer.Option(help="Comma-separated bit budgets drawn per sample, e.g. 4,8,16,24.")] = None,
     ema: float = 0.999,
     rate_weight: Annotated[float, typer.Option(help="Train a bit prior with the stage and add this weight times its "

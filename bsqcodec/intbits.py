@@ -213,6 +213,48 @@ def export(prior, calib: torch.Tensor, prefix: str = "bits.") -> dict[str, torch
     return out
 
 
+def gelu_scale(table: torch.Tensor) -> float:
+    """The scale a gelu_table was made at, read back from its entries: GELU's least value, -0.1700 at
+    x = -0.7518, fixes it to a few percent; the scale whose GELU comes closest to the entries (least
+    squares, golden-section search) then refines it."""
+    lo = float(-table.min())
+    if lo < 1:
+        raise ValueError("GELU table too coarse to read its scale")
+    grid = torch.arange(-QMAX, QMAX + 1, dtype=torch.float64)
+    want = table.double()
+
+    def err(s: float) -> float:
+        x = grid * s
+        return float(((0.5 * x * (1 + torch.erf(x / 2**0.5)) / s - want) ** 2).sum())
+
+    a, b = 0.169971 / (lo + 0.5), 0.169971 / (lo - 0.5) if lo > 1 else 0.169971 * 4
+    g = (5**0.5 - 1) / 2
+    for _ in range(60):
+        c, d = b - g * (b - a), a + g * (b - a)
+        if err(c) < err(d):
+            b = d
+        else:
+            a = c
+    return (a + b) / 2
+
+
+@torch.no_grad()
+def float_state(t: dict[str, torch.Tensor], budget: bool, bits: int, prefix: str = "bits.") -> dict[str, torch.Tensor]:
+    """Integer tensors of an exported bit prior -> a float BitPrior state that computes about the same
+    logits (export's inverse, up to its rounding): how a training run starts from a shipped model file."""
+    s_hidden = [gelu_scale(t[f"{prefix}gelu{i}_table"]) for i in (1, 2)]
+    s_in, s_out = [1.0, *s_hidden], [*s_hidden, 1 / EXP_STEP]
+    state = {}
+    for i, name in enumerate(LAYERS):
+        lin = IntLinear(t, prefix + name, "cpu")
+        w = lin.wt.t() * (lin.scale * s_out[i] / s_in[i])[:, None]  # (out, in)
+        if i == 0 and budget:  # the float prior sees the budget as k / L, the integer one as k
+            w = torch.cat([w[:, :-1], w[:, -1:] * bits], 1)
+        state[f"net.{2 * i}.weight"] = w.float()[:, :, None, None].contiguous()
+        state[f"net.{2 * i}.bias"] = ((lin.offset - 0.5) * s_out[i]).float()
+    return state
+
+
 def bits_cost(tables: torch.Tensor, bits01: torch.Tensor, kept: torch.Tensor) -> float:
     """Ideal code length in bits of the kept bits under integer tables (N, L, 2)."""
     t = tables.double()

@@ -206,6 +206,22 @@ def evaluate(model: ResidualCoder, arr, base, bits: tuple[int, ...], prior: BitP
     return out
 
 
+def init_state(path: str | os.PathLike) -> dict:
+    """What --init starts from: a residual checkpoint, or a shipped second-stage model file, whose coder
+    (stored int8 per channel) and integer bit prior read back as float weights ({"model", "bit_prior"})."""
+    if not str(path).endswith(".safetensors"):
+        return load_checkpoint(path)
+    from . import intbits
+    from .second import SecondModel
+    from .weights import load
+
+    m = load(path)
+    if not isinstance(m, SecondModel):
+        raise BsqError(f"--init {path}: not a second-stage model file")
+    return {"model": m.coder.state_dict(),
+            "bit_prior": intbits.float_state(m.tensors, m.config.budget, m.config.residual.bits)}
+
+
 def train_residual(opts: ResidualOptions, progress=None) -> dict:
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -244,7 +260,7 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
     elif opts.init:
-        src = load_checkpoint(opts.init)
+        src = init_state(opts.init)
         own = model.state_dict()
         own.update({k: v for k, v in src.get("ema", src["model"]).items() if k in own and own[k].shape == v.shape})
         model.load_state_dict(own)

@@ -65,6 +65,27 @@ def test_the_integer_prior_follows_the_float_one():
     assert torch.equal(tab[..., 1] == OUT_ONE, il >= 0) and torch.equal(tab[..., 0] == OUT_ONE, il <= 0)
 
 
+@pytest.mark.parametrize("budget", [True, False])
+def test_an_exported_prior_reads_back_as_floats_that_give_its_logits(budget):
+    """float_state (how a run starts from a shipped model file) inverts export up to its rounding."""
+    prior = _prior(budget)
+    C = 1 + L1 + R * R + 4 * L + int(budget)
+    calib = torch.cat([intbits.context(*_grid(s), R, with_budget=budget).reshape(-1, C) for s in range(32)])
+    t = intbits.export(prior, calib)
+    for i in (1, 2):  # the hidden scales come back from the GELU tables
+        s = intbits.gelu_scale(t[f"bits.gelu{i}_table"])
+        assert int((intbits.gelu_table(s) != t[f"bits.gelu{i}_table"]).sum()) <= 20  # of 4,095: ties of rounding
+    back = BitPrior(L1, R, L, width=32, budget=budget).eval()
+    back.load_state_dict(intbits.float_state(t, budget, L))
+    base, bits, bmap = _grid(99)
+    args = ((base.float() * 2 - 1).permute(2, 0, 1)[None], bits.permute(2, 0, 1)[None].float(), kept_mask(bmap[None], L))
+    with torch.no_grad():
+        want, got = prior.logits(*args), back.logits(*args)
+    assert float(want.abs().max()) > 3 and float((got - want).abs().max()) < 0.1  # nats
+    for k, v in prior.state_dict().items():
+        assert not torch.equal(v, back.state_dict()[k])  # read back from integers, not copied
+
+
 def test_tables_are_the_same_integers_on_every_product_path_and_any_split():
     prior = _prior()
     calib = intbits.context(*_grid(1), R).reshape(-1, 1 + L1 + R * R + 4 * L + 1)

@@ -1,10 +1,13 @@
 """The second token stage (residual.py) and its training loop (train_residual.py)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from bsqcodec import weights
+from bsqcodec.errors import BsqError
 from bsqcodec.residual import ResidualCoder, ResidualConfig
 from bsqcodec.train_residual import ResidualOptions, base_pixels, train_residual
 
@@ -217,3 +220,18 @@ def test_a_quad_context_run_resumes_exactly_and_records_its_kind(data, model_fil
     smodel = export_second_run(tmp_path / "b", data, tmp_path / "x.safetensors", "x", (0, 2, 6), 300, calib=4)
     assert smodel.config.context == "quad3x3" and smodel.prior.kind == "quad3x3" and smodel.prior.passes == 4
     assert weights.load(tmp_path / "x.safetensors").sha256 == smodel.sha256
+    # a run can start from the model file alone (checkpoints may be lost): its coder and bit prior read back
+    c = train_residual(_opts(data, tmp_path / "c", model_file, steps=0, init=str(tmp_path / "x.safetensors"), **kw))
+    ema = run.checkpoint["ema"]
+    for k, v in c["model"].items():
+        tol = 1e-3 + ema[k].abs().max() / 100  # int8 per channel, float16
+        assert torch.allclose(v, ema[k], atol=float(tol)), k
+    assert c["model"].keys() == ema.keys() and not all(torch.equal(v, ema[k]) for k, v in c["model"].items())
+    back = copy.deepcopy(run.prior)
+    back.load_state_dict(c["bit_prior"])
+    nets = [run.prior.net, back.net]
+    x = torch.randint(-1, 2, (500, nets[0][0].weight.shape[1], 1, 1), generator=torch.Generator().manual_seed(0)).float()
+    with torch.no_grad():
+        assert float((nets[0](x) - nets[1](x)).abs().max()) < 0.02  # nats: the same bit prior, up to its export
+    with pytest.raises(BsqError, match="not a second-stage model file"):
+        train_residual(_opts(data, tmp_path / "d", model_file, steps=0, init=str(model_file), **kw))
