@@ -202,6 +202,10 @@ def train_residual_cmd(
                                               "first-stage patch each), so the stage learns budgets that vary.")] = 0.0,
     context: Annotated[str, typer.Option(help="The bit prior's context: checker (two passes, the co-located first-stage "
                                               "token) or quad3x3 (four passes, the 3x3 first-stage tokens).")] = "checker",
+    decoder_only: Annotated[bool, typer.Option(help="Fine-tune the decoder alone from --init (a look: the encoder, "
+                                                    "its codes and the files stay the same).")] = False,
+    perceptual: Annotated[float, typer.Option(help="With --decoder-only: weight of (100 - SSIMULACRA2) / 100 of the "
+                                                   "output beside the squared error (crops of 128 or more).")] = 0.0,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where decoded crops and base pixels are cached.")] = None,
     eval_every: int = 500, checkpoint_seconds: float = 300.0, threads: int = 0,
 ) -> None:
@@ -217,7 +221,8 @@ def train_residual_cmd(
         data=str(data), out=str(out), base=str(base),
         config=ResidualConfig(patch=patch, channels=channels, bits=bits, enc_blocks=enc_blocks, dec_blocks=dec_blocks),
         steps=steps, batch=batch, crop=crop, lr=lr, seed=seed, resume=resume, init=str(init) if init else None,
-        nested=levels, ema=ema, rate_weight=rate_weight, mixed=mixed, context=context, cache_dir=str(cache_dir) if cache_dir else None, threads=threads,
+        nested=levels, ema=ema, rate_weight=rate_weight, mixed=mixed, context=context, decoder_only=decoder_only,
+        perceptual=perceptual, cache_dir=str(cache_dir) if cache_dir else None, threads=threads,
         eval_every=eval_every, checkpoint_seconds=checkpoint_seconds)
     t0, last = time.time(), [0.0]
 
@@ -227,8 +232,11 @@ def train_residual_cmd(
             last[0] = now
             err_console.print(note, markup=False)
         elif eval is not None:
+            eval = dict(eval)
+            s2 = eval.pop("ssimulacra2", None)
             err_console.print(f"step {step}: held-out PSNR " + "  ".join(
-                f"{k}b {v[0]:.3f} ({v[1]:.3f} bpp)" if isinstance(v, tuple) else f"{k}b {v:.3f}" for k, v in eval.items()), markup=False)
+                f"{k}b {v[0]:.3f} ({v[1]:.3f} bpp)" if isinstance(v, tuple) else f"{k}b {v:.3f}" for k, v in eval.items())
+                + (f"  SSIMULACRA2 {s2:.2f}" if s2 is not None else ""), markup=False)
         elif loss is not None and (now - last[0] > 30 or step == opts.steps):
             last[0] = now
             err_console.print(f"step {step}/{opts.steps}  loss {loss:.5f}  PSNR {metric:.3f}  {now - t0:.0f} s", markup=False)

@@ -53,6 +53,8 @@ class ResidualOptions:
     prior_width: int = 256
     mixed: float = 0.0  # share of samples whose budget is drawn region by region (one first-stage patch each)
     context: str = "checker"  # the bit prior's context kind (residual.BitPrior.KINDS)
+    decoder_only: bool = False  # train the decoder alone (encoder frozen, so codes and files stay the same): a look
+    perceptual: float = 0.0  # with decoder_only: weight of (100 - SSIMULACRA2) / 100 of the output beside squared error
     checkpoint_seconds: float = 300.0
     log: list = field(default_factory=list)
 
@@ -178,6 +180,27 @@ def _bits01(code: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def evaluate_ssimulacra2(model: ResidualCoder, arr, base, bits: tuple[int, ...]) -> float:
+    """Mean SSIMULACRA2 of the held-out crops over the bit budgets (each crop at each budget)."""
+    from . import perceptual
+
+    model.eval()
+    try:
+        tot, n = 0.0, 0
+        for k in bits:
+            for i in range(0, len(arr), 32):
+                dev = _device(model)
+                x = torch.from_numpy(np.array(arr[i : i + 32])).permute(0, 3, 1, 2).float().div(255).to(dev)
+                b = torch.from_numpy(np.array(base[i : i + 32])).permute(0, 3, 1, 2).float().div(255).to(dev)
+                y, _ = model(x, b, torch.full((len(x),), k, device=dev))
+                tot += perceptual.score(x, y.clamp(0, 1), full_layout=True).sum().item()
+                n += len(x)
+        return tot / max(n, 1)
+    finally:
+        model.train()
+
+
+@torch.no_grad()
 def evaluate(model: ResidualCoder, arr, base, bits: tuple[int, ...], prior: BitPrior | None = None, toks=None,
              base_bits: int = 0) -> dict[int, float | tuple[float, float]]:
     """Held-out PSNR for each bit budget (0: the base pixels alone); with a bit prior, (PSNR, its bpp)."""
@@ -239,6 +262,12 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
     model = ResidualCoder(cfg).to(device)
     base_model = load(opts.base).tokenizer.eval().to(device)
     lam = state.get("rate_weight", 0.0) if state is not None else opts.rate_weight
+    decoder_only = state.get("decoder_only", False) if state is not None else opts.decoder_only
+    perceptual = state.get("perceptual", 0.0) if state is not None else opts.perceptual
+    if perceptual and not decoder_only:
+        raise BsqError("--perceptual trains a decoder only (--decoder-only)")
+    if decoder_only and (lam or (state is None and not opts.init)):
+        raise BsqError("--decoder-only fine-tunes a trained stage: give --init, and no --rate-weight (its codes do not change)")
     ratio = base_model.cfg.patch // cfg.patch
     mixed = state.get("mixed", 0.0) if state is not None else opts.mixed
     kind = state.get("context", "checker") if state is not None else opts.context
@@ -247,7 +276,10 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
         budget = bool(mixed) or (state is not None and state["bit_prior"]["net.0.weight"].shape[1]
                                  == BitPrior.context_size(base_model.cfg.bits, ratio, cfg.bits, True, kind))
         prior = BitPrior(base_model.cfg.bits, ratio, cfg.bits, opts.prior_width, budget, kind).to(device)
-    params = list(model.parameters()) + (list(prior.parameters()) if prior is not None else [])
+    if decoder_only:  # the encoder frozen: every code, and so every file, stays what the init's encoder makes
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.startswith(ResidualCoder.ENCODER))
+    params = [p for p in model.parameters() if p.requires_grad] + (list(prior.parameters()) if prior is not None else [])
     opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng = np.random.default_rng(opts.seed)
     step = 0
@@ -299,6 +331,7 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
             "step": step, "config": cfg.to_dict(), "stage": "residual", "base": opts.base,
             "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
             "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "rate_weight": lam, "mixed": mixed, "context": kind,
+            "decoder_only": decoder_only, "perceptual": perceptual,
             **({"bit_prior": prior.state_dict()} if prior is not None else {}),
         })
 
@@ -316,6 +349,10 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
             keep = keep.to(device)
             y, code = model(x, b, keep)
             loss = F.mse_loss(y, x)
+            if perceptual:
+                from . import perceptual as perceptual_mod
+
+                loss = loss + perceptual * perceptual_mod.loss(x, y.clamp(0, 1))
             if prior is not None:  # + lambda x bits per pixel of the kept bits under the bit prior
                 bits = prior.bits_of(_base_code(t1, L1), _bits01(code, cfg.bits), kept_mask(keep, cfg.bits))
                 loss = loss + lam * bits.sum() / (x.shape[0] * x.shape[2] * x.shape[3])
@@ -329,6 +366,8 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
                 progress(step=step, loss=loss.item(), metric=10 * math.log10(1 / max(loss.item(), 1e-10)))
             if ev is not None and (step % opts.eval_every == 0 or step == opts.steps):
                 res = evaluate(ema, ev, ev_base, eval_bits, prior, ev_toks, L1)
+                if perceptual:
+                    res["ssimulacra2"] = evaluate_ssimulacra2(ema, ev, ev_base, nested)
                 opts.log.append({"step": step, "eval": res})
                 if progress is not None:
                     progress(step=step, eval=res)

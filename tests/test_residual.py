@@ -235,3 +235,27 @@ def test_a_quad_context_run_resumes_exactly_and_records_its_kind(data, model_fil
         assert float((nets[0](x) - nets[1](x)).abs().max()) < 0.02  # nats: the same bit prior, up to its export
     with pytest.raises(BsqError, match="not a second-stage model file"):
         train_residual(_opts(data, tmp_path / "d", model_file, steps=0, init=str(model_file), **kw))
+
+
+def test_a_decoder_only_run_keeps_the_encoder_and_resumes_exactly(data, model_file, tmp_path):
+    """--decoder-only --perceptual: the encoder (so every code and file) stays the init's; the decoder learns."""
+    init = train_residual(_opts(data, tmp_path / "i", model_file, steps=2))
+    kw = dict(init=str(tmp_path / "i" / "residual.ckpt"), decoder_only=True, perceptual=0.5, crop=32, eval_every=3)
+    a = train_residual(_opts(data, tmp_path / "a", model_file, steps=3, **kw))
+    for k, v in a["model"].items():
+        assert torch.equal(v, init["model"][k]) == k.startswith(ResidualCoder.ENCODER), k
+    train_residual(_opts(data, tmp_path / "b", model_file, steps=2, **kw))
+    b2 = train_residual(_opts(data, tmp_path / "b", model_file, steps=3, resume=True, **{**kw, "init": None}))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b2["model"][k]), k
+    from bsqcodec.train_residual import evaluate_ssimulacra2, load_run
+
+    run = load_run(tmp_path / "a" / "residual.ckpt")
+    crops = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    base = base_pixels(run.base.tokenizer, crops, None, str(model_file), "t")
+    s2 = evaluate_ssimulacra2(run.coder, crops, base, (2, 6))  # held-out SSIMULACRA2, as a run logs it
+    assert -300 < s2 < 100
+    with pytest.raises(BsqError, match="decoder only"):
+        train_residual(_opts(data, tmp_path / "d", model_file, steps=1, perceptual=0.5))
+    with pytest.raises(BsqError, match="--init"):
+        train_residual(_opts(data, tmp_path / "e", model_file, steps=1, decoder_only=True))
