@@ -394,27 +394,30 @@ def presets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     """List the models installed with bsqcodec."""
     rows = []
     rung = {name: q for q, name in enumerate(RUNG_NAMES, 1)}
-    from .modelfile import installed  # the standard library only: no torch
+    from . import modelfile  # the standard library only: no torch
 
-    inst = installed()[0]
+    inst = modelfile.installed(modelfile.MODELS_DIR)[0]
     for name in sorted(inst, key=lambda n: (rung.get(n, len(RUNG_NAMES) + 1), n)):  # the ladder first, in order
         path, h, config = inst[name]
         t = getattr(config, "tokenizer", None) or config.residual  # a second-stage model: its own grid
         row = {"preset": name, "quality": rung.get(name), "model": h.hex(), "patch": t.patch, "token_bits": t.bits,
                "raw_bpp": t.bits / t.patch**2, "file": Path(path).name}
-        if hasattr(config, "base"):  # a second-stage model: its first stage and its rate-distortion trade-off
+        if hasattr(config, "lam"):  # a second-stage model: its first stage and its rate-distortion trade-off
             row["first_stage"], row["lambda"] = config.base, config.lam
+        elif hasattr(config, "look"):  # a look model: the model whose tokens it decodes, and the look
+            row["look_of"], row["look"] = config.base, config.look
         rows.append(row)
     if as_json:
         _emit_json({"presets": rows})
         return
     from rich.table import Table
 
-    on = any("first_stage" in r for r in rows)  # a column for second-stage models' first stages, where any is installed
+    on = any("first_stage" in r or "look_of" in r for r in rows)  # a column for the models others are made for
     t = Table("-q", "preset", "patch", "bits/token", "raw bpp", "model", *(["on"] if on else []))
     for r in rows:
         t.add_row(str(r["quality"] or "-"), r["preset"], str(r["patch"]), str(r["token_bits"]), f"{r['raw_bpp']:.4f}",
-                  r["model"][:16], *([f"{r['first_stage']}, lambda {r['lambda']}" if "first_stage" in r else ""] if on else []))
+                  r["model"][:16], *([f"{r['first_stage']}, lambda {r['lambda']}" if "first_stage" in r
+                                      else f"{r['look_of']}, {r['look']} look" if "look_of" in r else ""] if on else []))
     out_console.print(t)
 
 

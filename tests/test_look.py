@@ -98,6 +98,26 @@ def test_an_installed_look_is_found_by_the_model_it_decodes_for(file, tiny_model
     assert np.array_equal(codec.decode_detailed(file.data, look="sharp")[2], want)
 
 
+def test_presets_lists_an_installed_look_with_the_model_it_decodes_for(tiny_model, sharp, tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from bsqcodec.cli import app
+
+    weights.save(tiny_model, tmp_path / "tiny.safetensors")
+    weights.save(sharp, tmp_path / "tiny-sharp.safetensors")
+    monkeypatch.setattr(modelfile, "MODELS_DIR", tmp_path)
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    r = run("presets", "--json")
+    assert r.exit_code == 0, r.output
+    rows = {row["preset"]: row for row in json.loads(r.stdout)["presets"]}
+    assert rows[sharp.name]["look_of"] == tiny_model.name and rows[sharp.name]["look"] == "sharp"
+    assert "look_of" not in rows[tiny_model.name]
+    r = run("presets")
+    assert r.exit_code == 0 and f"{tiny_model.name}, sharp look" in r.stdout
+
+
 def test_the_pillow_plugin_decodes_either_look(file, tiny_model, sharp, tmp_path, monkeypatch):
     import bsqcodec  # noqa: F401 - registers the plugin
 
