@@ -348,7 +348,7 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
                 keep = torch.from_numpy(np.asarray(nested)[rng.integers(0, len(nested), len(idx))])
             keep = keep.to(device)
             y, code = model(x, b, keep)
-            loss = F.mse_loss(y, x)
+            loss = mse = F.mse_loss(y, x)
             if perceptual:
                 from . import perceptual as perceptual_mod
 
@@ -363,7 +363,7 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
             step += 1
             _ema_update(ema, model, min(opts.ema, (1 + step) / (10 + step)))
             if progress is not None:
-                progress(step=step, loss=loss.item(), metric=10 * math.log10(1 / max(loss.item(), 1e-10)))
+                progress(step=step, loss=loss.item(), metric=10 * math.log10(1 / max(mse.item(), 1e-10)))  # PSNR of y
             if ev is not None and (step % opts.eval_every == 0 or step == opts.steps):
                 res = evaluate(ema, ev, ev_base, eval_bits, prior, ev_toks, L1)
                 if perceptual:
