@@ -213,11 +213,14 @@ def export(prior, calib: torch.Tensor, prefix: str = "bits.") -> dict[str, torch
     return out
 
 
+GELU_MIN = 0.169971  # -min GELU(x), at x = -0.7518
+
+
 def gelu_scale(table: torch.Tensor) -> float:
-    """The scale a gelu_table was made at, read back from its entries: GELU's least value, -0.1700 at
-    x = -0.7518, fixes it to a few percent; the scale whose GELU comes closest to the entries (least
+    """The scale a gelu_table was made at, read back from its entries: GELU's least value (-GELU_MIN)
+    fixes it to a few percent; the scale whose GELU comes closest to the entries (least
     squares, golden-section search) then refines it."""
-    lo = float(-table.min())
+    lo = float(-table.min())  # round(GELU_MIN / s): GELU_MIN / s lies within half a unit of it
     if lo < 1:
         raise ValueError("GELU table too coarse to read its scale")
     grid = torch.arange(-QMAX, QMAX + 1, dtype=torch.float64)
@@ -227,7 +230,7 @@ def gelu_scale(table: torch.Tensor) -> float:
         x = grid * s
         return float(((0.5 * x * (1 + torch.erf(x / 2**0.5)) / s - want) ** 2).sum())
 
-    a, b = 0.169971 / (lo + 0.5), 0.169971 / (lo - 0.5) if lo > 1 else 0.169971 * 4
+    a, b = GELU_MIN / (lo + 0.5), GELU_MIN / (lo - 0.5)
     g = (5**0.5 - 1) / 2
     for _ in range(60):
         c, d = b - g * (b - a), a + g * (b - a)

@@ -180,32 +180,15 @@ def _bits01(code: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_ssimulacra2(model: ResidualCoder, arr, base, bits: tuple[int, ...]) -> float:
-    """Mean SSIMULACRA2 of the held-out crops over the bit budgets (each crop at each budget)."""
-    from . import perceptual
-
-    model.eval()
-    try:
-        tot, n = 0.0, 0
-        for k in bits:
-            for i in range(0, len(arr), 32):
-                dev = _device(model)
-                x = torch.from_numpy(np.array(arr[i : i + 32])).permute(0, 3, 1, 2).float().div(255).to(dev)
-                b = torch.from_numpy(np.array(base[i : i + 32])).permute(0, 3, 1, 2).float().div(255).to(dev)
-                y, _ = model(x, b, torch.full((len(x),), k, device=dev))
-                tot += perceptual.score(x, y.clamp(0, 1), full_layout=True).sum().item()
-                n += len(x)
-        return tot / max(n, 1)
-    finally:
-        model.train()
-
-
-@torch.no_grad()
 def evaluate(model: ResidualCoder, arr, base, bits: tuple[int, ...], prior: BitPrior | None = None, toks=None,
-             base_bits: int = 0) -> dict[int, float | tuple[float, float]]:
-    """Held-out PSNR for each bit budget (0: the base pixels alone); with a bit prior, (PSNR, its bpp)."""
+             base_bits: int = 0, ssimulacra2: bool = False) -> dict:
+    """Held-out PSNR for each bit budget (0: the base pixels alone); with a bit prior, (PSNR, its bpp); with
+    ssimulacra2, also "ssimulacra2": the mean SSIMULACRA2 of the same outputs over the budgets but 0."""
+    if ssimulacra2:
+        from . import perceptual
     model.eval()
     out = {}
+    s2, n2 = 0.0, 0
     try:
         for k in bits:
             tot, rate = 0.0, 0.0
@@ -221,9 +204,14 @@ def evaluate(model: ResidualCoder, arr, base, bits: tuple[int, ...], prior: BitP
                         rate += float(prior.bits_of(c1, _bits01(code, model.cfg.bits), kept_mask(keep, model.cfg.bits)).sum())
                 else:
                     y = b
+                if ssimulacra2 and k:
+                    s2 += perceptual.score(x, y.clamp(0, 1), full_layout=True).sum().item()
+                    n2 += len(x)
                 tot += F.mse_loss((y.clamp(0, 1) * 255).round() / 255, x, reduction="sum").item()
             p = 10 * math.log10(1 / max(tot / (arr.shape[0] * arr[0].size), 1e-10))
             out[k] = (p, rate / (arr.shape[0] * arr.shape[1] * arr.shape[2])) if prior is not None else p
+        if ssimulacra2:
+            out["ssimulacra2"] = s2 / max(n2, 1)
     finally:
         model.train()
     return out
@@ -268,6 +256,8 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
         raise BsqError("--perceptual trains a decoder only (--decoder-only)")
     if decoder_only and (lam or (state is None and not opts.init)):
         raise BsqError("--decoder-only fine-tunes a trained stage: give --init, and no --rate-weight (its codes do not change)")
+    if perceptual:
+        from .perceptual import loss as perceptual_loss
     ratio = base_model.cfg.patch // cfg.patch
     mixed = state.get("mixed", 0.0) if state is not None else opts.mixed
     kind = state.get("context", "checker") if state is not None else opts.context
@@ -350,9 +340,7 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
             y, code = model(x, b, keep)
             loss = mse = F.mse_loss(y, x)
             if perceptual:
-                from . import perceptual as perceptual_mod
-
-                loss = loss + perceptual * perceptual_mod.loss(x, y.clamp(0, 1))
+                loss = loss + perceptual * perceptual_loss(x, y.clamp(0, 1))
             if prior is not None:  # + lambda x bits per pixel of the kept bits under the bit prior
                 bits = prior.bits_of(_base_code(t1, L1), _bits01(code, cfg.bits), kept_mask(keep, cfg.bits))
                 loss = loss + lam * bits.sum() / (x.shape[0] * x.shape[2] * x.shape[3])
@@ -365,9 +353,7 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
             if progress is not None:
                 progress(step=step, loss=loss.item(), metric=10 * math.log10(1 / max(mse.item(), 1e-10)))  # PSNR of y
             if ev is not None and (step % opts.eval_every == 0 or step == opts.steps):
-                res = evaluate(ema, ev, ev_base, eval_bits, prior, ev_toks, L1)
-                if perceptual:
-                    res["ssimulacra2"] = evaluate_ssimulacra2(ema, ev, ev_base, nested)
+                res = evaluate(ema, ev, ev_base, eval_bits, prior, ev_toks, L1, ssimulacra2=bool(perceptual))
                 opts.log.append({"step": step, "eval": res})
                 if progress is not None:
                     progress(step=step, eval=res)

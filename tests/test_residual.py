@@ -248,12 +248,14 @@ def test_a_decoder_only_run_keeps_the_encoder_and_resumes_exactly(data, model_fi
     b2 = train_residual(_opts(data, tmp_path / "b", model_file, steps=3, resume=True, **{**kw, "init": None}))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b2["model"][k]), k
-    from bsqcodec.train_residual import evaluate_ssimulacra2, load_run
+    from bsqcodec.train_residual import evaluate, load_run
 
     run = load_run(tmp_path / "a" / "residual.ckpt")
     crops = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     base = base_pixels(run.base.tokenizer, crops, None, str(model_file), "t")
-    s2 = evaluate_ssimulacra2(run.coder, crops, base, (2, 6))  # held-out SSIMULACRA2, as a run logs it
+    res = evaluate(run.coder, crops, base, (0, 2, 6), ssimulacra2=True)  # held-out SSIMULACRA2, as a run logs it
+    s2 = res.pop("ssimulacra2")
+    assert res.keys() == {0, 2, 6} and res == evaluate(run.coder, crops, base, (0, 2, 6))
     assert -300 < s2 < 100
     with pytest.raises(BsqError, match="decoder only"):
         train_residual(_opts(data, tmp_path / "d", model_file, steps=1, perceptual=0.5))
