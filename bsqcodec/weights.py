@@ -75,7 +75,9 @@ def float_state(tensors: dict[str, torch.Tensor], pre: str = "tokenizer.") -> di
             continue
         scale = tensors.get(k + ".scale")
         if scale is not None:
-            out[k[len(pre):]] = v.float() * scale.float().view(-1, *[1] * (v.dim() - 1))
+            # one product promoting int8 to float32 (exact): no float32 copy of the int8 weights first,
+            # which doubled the fresh memory a process touches when it loads a model
+            out[k[len(pre):]] = torch.mul(v, scale.float().view(-1, *[1] * (v.dim() - 1)))
         else:
             out[k[len(pre):]] = v.float()
     return out
