@@ -27,7 +27,9 @@ class _Command(TyperCommand):
                 name = p.metavar or p.name.upper() + ("..." if p.nargs != 1 else "")
                 p.metavar = name
                 p.display_type_rich = lambda ctx: None
-                p._usage_display_name = lambda name=name, required=p.required: name if required else f"[{name}]"
+                shown = name if p.required else f"[{name}]"
+                p._usage_display_name = lambda shown=shown: shown  # the usage line (typer 0.29)
+                p.get_usage_pieces = lambda ctx, shown=shown: [shown]  # the usage line (typer before 0.29)
             elif isinstance(p, TyperOption) and p.metavar is None and not p.is_flag and not p.count:
                 p.metavar = p.name.upper()
 
