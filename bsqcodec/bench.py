@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import baselines, codec, images, search
+from . import baselines, codec, images, search, weights
 from .config import RUNG_NAMES
 from .errors import BsqError
-from .look import LookModel
+from .look import LookModel, SecondLookModel
 from .metrics import METRICS, bd_rate, ms_ssim, overlap, psnr
 
 SCHEMA = "bsqcodec-bench-1"
@@ -53,7 +53,7 @@ def run(root: Path, models: list, limit: int | None = None, codecs=baselines.LOS
     if look not in codec.LOOKS:
         raise BsqError(f"unknown look {look!r}; choose from {', '.join(codec.LOOKS)}")
     extra = models
-    models = [m for m in models if not isinstance(m, LookModel)]  # the rungs; look models only decode
+    models = [m for m in models if not isinstance(m, (LookModel, SecondLookModel))]  # the rungs; looks only decode
     files = find_images(Path(root), limit)
     usable, notes = [], []
     for c in codecs:
@@ -79,7 +79,8 @@ def run(root: Path, models: list, limit: int | None = None, codecs=baselines.LOS
                                    "ms_ssim": ms_ssim(arr, out), "encode_seconds": t1 - t0, "decode_seconds": t2 - t1}
             score = p if metric == "psnr" else row["bsqc"][m.name].setdefault(metric, METRICS[metric](arr, out))
             if look != "faithful":  # the same tokens by the model's own decoder, to compare the looks
-                plain = codec.tokens_to_array(m, tokens, w, h)
+                plain = (codec.tokens_to_array(m, tokens, w, h) if isinstance(m, weights.Model)
+                         else codec.decode_detailed(data, models=extra)[2])  # a second stage's: its whole file
                 row["bsqc"][m.name]["faithful"] = {"psnr": psnr(arr, plain),
                                                    **({metric: METRICS[metric](arr, plain)} if metric != "psnr" else {})}
             row["matched"][m.name] = {}

@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .cli_common import err_console, guarded, new_app, out_console
+from .errors import BsqError
 
 train_app = new_app("Train a tokenizer and a prior, then freeze them into a model file.")
 
@@ -146,18 +147,28 @@ def train_export(
 @train_app.command("export-look")
 @guarded
 def train_export_look(
-    run: Annotated[Path, typer.Option(help="Run folder holding tokenizer.ckpt of a --decoder-only run.")],
-    base: Annotated[Path, typer.Option(help="The model file whose tokens it decodes (the run's --init).")],
+    run: Annotated[Path, typer.Option(help="Run folder of a --decoder-only run: tokenizer.ckpt (`train tokenizer`) or "
+                                           "residual.ckpt (`train residual`).")],
+    base: Annotated[list[Path], typer.Option(help="The model file whose files it decodes (the run's --init). A second "
+                                                  "stage's look: each second-stage model file that shares the run's "
+                                                  "coder (repeat --base), e.g. q4s ... q9.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Look model file to write (.safetensors).")],
     name: Annotated[str, typer.Option(help="The look model's name, e.g. default-sharp.")],
     look: Annotated[str, typer.Option(help="Which look it gives.")] = "sharp",
     force: bool = False,
 ) -> None:
     """Freeze a decoder-only run into a look model file: another decoder for a model's files."""
-    from .export import export_look_run
+    from .export import export_look_run, export_second_look_run
 
-    m = export_look_run(run, base, output, name, look, force)
-    out_console.print(f"wrote {output}: the {m.config.look} look of {m.config.base}, model {m.hash_hex[:16]}", markup=False)
+    if (run / "residual.ckpt").exists():
+        m = export_second_look_run(run, base, output, name, look, force)
+        of = ", ".join(n for n, _ in m.config.bases)
+    elif len(base) != 1:
+        raise BsqError("the look of a first stage decodes one model's files: give --base once")
+    else:
+        m = export_look_run(run, base[0], output, name, look, force)
+        of = m.config.base
+    out_console.print(f"wrote {output}: the {m.config.look} look of {of}, model {m.hash_hex[:16]}", markup=False)
 
 
 @train_app.command("export-second")

@@ -369,18 +369,23 @@ def decode_detailed(data: bytes, models: list | None = None, batch_tiles: int = 
         raise BsqError(f"unknown look {look!r}; choose from {', '.join(LOOKS)}")
     header, streams = container.unpack(data)
     container.check_pixels(header.width, header.height, max_pixels, "the file's image")  # before any work
-    if look != "faithful" and header.second is not None:
-        raise BsqError(f"the {look} look decodes first-stage files; this file has a second stage")
     model = weights.find(header.model_hash, header.preset, models)
-    pixels_of = model if look == "faithful" else look_mod.find(model, look, models)  # before the tokens
+    # the models that give the pixels, found before the tokens are decoded: a two-stage file's look is its
+    # second stage's (on the first stage's faithful pixels, which that stage's decoder sees)
+    pixels_of, second_of = model, None
+    if header.second is not None:
+        from . import twostage
+
+        second_of = twostage.find_model(header, model, models)
+        second_of = second_of if look == "faithful" else look_mod.find_second(second_of, look, models)
+    elif look != "faithful":
+        pixels_of = look_mod.find(model, look, models)
     tokens = decode_streams(model, header, streams, batch_tiles, progress, workers)
     crc = header.chunk(container.TOKEN_CRC)
     if crc is not None and crc != container.token_crc(tokens.numpy()):
         raise FormatError("the decoded tokens do not match the file's token checksum (tCRC): a stream was altered")
-    if header.second is not None:
-        from . import twostage
-
-        px = twostage.decode(header, model, tokens.numpy(), padded_pixels(model, tokens), models)
+    if second_of is not None:
+        px = twostage.decode(header, model, tokens.numpy(), padded_pixels(model, tokens), models, second_of)
         return header, tokens, px[: header.height, : header.width]
     arr = tokens_to_array(pixels_of, tokens, header.width, header.height)
     return header, tokens, arr

@@ -214,6 +214,48 @@ class LookConfig:
                    tokenizer=TokenizerConfig(**d["tokenizer"]))
 
 
+@dataclass(frozen=True)
+class SecondLookConfig:
+    """Another decoder for the second stage of files (a look, formats/bsq.md section 11). Second-stage models
+    that share one coder (the rungs q4s-q9: one coder, several trade-offs) share its looks, so it names each
+    model whose files it decodes (its name and the first 16 bytes of its hash) in `bases`."""
+
+    name: str
+    look: str
+    bases: tuple[tuple[str, str], ...]  # (name, hash) of each second-stage model it decodes for
+    residual: ResidualConfig  # the models' coder's, with this decoder's fields
+
+    MAX_BASES = 64
+
+    def __post_init__(self) -> None:
+        import re
+
+        if self.look not in LookConfig.LOOKS:
+            raise ValueError(f"look must be one of {', '.join(LookConfig.LOOKS)}, not {self.look!r}")
+        if not 1 <= len(self.bases) <= self.MAX_BASES:
+            raise ValueError(f"bases must name 1 to {self.MAX_BASES} models")
+        for name, h in self.bases:
+            if not isinstance(name, str) or not isinstance(h, str) or not re.fullmatch(r"[0-9a-f]{32}", h):
+                raise ValueError("each of bases is a name and 32 lower-case hex digits")
+        if len({h for _, h in self.bases}) != len(self.bases):
+            raise ValueError("bases names a model twice")
+
+    def base_hashes(self) -> set[str]:
+        return {h for _, h in self.bases}
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "look": self.look, "bases": [{"name": n, "hash": h} for n, h in self.bases],
+                "residual": self.residual.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SecondLookConfig":
+        bases = d["bases"]
+        if not isinstance(bases, list) or not all(isinstance(b, dict) for b in bases):
+            raise ValueError("bases must be a list of objects")
+        return cls(name=str(d["name"]), look=str(d["look"]), bases=tuple((b["name"], b["hash"]) for b in bases),
+                   residual=ResidualConfig(**d["residual"]))
+
+
 LOOKS = ("faithful", *LookConfig.LOOKS)  # what a decoder can give: the model's own decoder, then the look models'
 
 

@@ -11,7 +11,7 @@ import torch
 from . import data as data_mod
 from . import weights
 from .config import ModelConfig
-from .errors import BsqError
+from .errors import BsqError, ModelError
 from .fileio import check_output
 from .prior import Prior
 from .tokenizer import Tokenizer
@@ -130,5 +130,37 @@ def export_look_run(run: str | Path, base: str | Path, output: str | Path, name:
     tok = Tokenizer(cfg)
     tok.load_state_dict(state)
     m = look_mod.build(base_model, look, name, tok.truncated(tok_cfg.bits).state_dict(), tok_cfg)
+    weights.save(m, output)
+    return m
+
+
+def export_second_look_run(run: str | Path, bases: list[str | Path], output: str | Path, name: str, look: str = "sharp",
+                           force: bool = False):
+    """Freeze a second-stage decoder-only run (residual.ckpt, trained with --decoder-only --init from one of
+    `bases`) into a look model file of the second-stage models `bases`, which share its coder."""
+    from . import look as look_mod
+    from .config import ResidualConfig
+    from .residual import ResidualCoder
+    from .second import SecondModel
+
+    run, output = Path(run), Path(output)
+    check_output(output, force)
+    models = [weights.load(b) for b in bases]
+    for b, m in zip(bases, models):
+        if not isinstance(m, SecondModel):
+            raise BsqError(f"{b} is not a second-stage model file")
+    ckpt = weights.load_checkpoint(run / "residual.ckpt")
+    if not ckpt.get("decoder_only"):
+        raise BsqError(f"{run} is not a --decoder-only run: its encoder, and so its files, changed")
+    if ResidualConfig(**ckpt["config"]) != models[0].config.residual:
+        raise BsqError(f"the run's coder is not shaped as that of {models[0].name}")
+    state = weights.trained_state(ckpt)
+    shipped = weights.float_state(models[0].tensors, "residual.")  # the coder the run started from, as it decodes
+    if any(not torch.equal(state[k], v) for k, v in shipped.items() if k.startswith(ResidualCoder.ENCODER)):
+        raise BsqError(f"the run's encoder is not that of {models[0].name} (train it with --init on its model file)")
+    try:
+        m = look_mod.build_second(models, look, name, state)
+    except ModelError as e:
+        raise BsqError(str(e)) from None
     weights.save(m, output)
     return m

@@ -1,9 +1,14 @@
-"""Looks: other decoders of a first-stage model's tokens (formats/bsq.md section 9). The same file decodes
-to the faithful look (the model's own decoder, trained for squared error) or, with a look model, to
-another: "sharp", trained with perceptual and adversarial terms (`bsqc train tokenizer --decoder-only`).
+"""Looks: other decoders of the same files. A file decodes to the faithful look (the models' own decoders,
+trained for squared error) or, with look models, to another: "sharp", trained with perceptual and
+adversarial terms (`bsqc train tokenizer --decoder-only`, `bsqc train residual --decoder-only`).
 
-A look model file (format `bsqcodec-look-1`) holds the decoder's tensors only (`tokenizer.*` less the
-encoder's, stored like a model file's) and names the model whose tokens it decodes by name and hash.
+A look model file of a first stage (format `bsqcodec-look-1`, formats/bsq.md section 9) holds the
+decoder's tensors only (`tokenizer.*` less the encoder's, stored like a model file's) and names the model
+whose tokens it decodes by name and hash. One of a second stage (format `bsqcodec-second-look-1`, section
+11) holds the residual coder's decoder (`residual.*` less the encoder's) and names every second-stage
+model it decodes for: the rungs q4s-q9 share one coder, so one look serves them all. A two-stage file's
+sharp look is its first stage's faithful pixels (the second stage's decoder sees those) with the second
+stage's correction by the look's decoder.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from . import modelfile
-from .config import LookConfig
+from .config import LookConfig, SecondLookConfig
 from .errors import ModelError, ModelNotFoundError
+from .residual import ResidualCoder
 from .tokenizer import Tokenizer
 
 
@@ -71,3 +77,68 @@ def find(base, look: str, models: list | None = None) -> LookModel:
             if m.fits(base):
                 return m
     raise ModelNotFoundError(f"no {look} look is installed for model {base.name!r}; pass its look model file with --model")
+
+
+@dataclass
+class SecondLookModel(modelfile.Identity):
+    config: SecondLookConfig
+    coder: ResidualCoder  # its decoder only: the encoder's parameters are never loaded
+    tensors: dict[str, torch.Tensor]
+    sha256: bytes
+
+    def fits(self, smodel) -> bool:
+        """Whether it decodes the second stage of `smodel` (a second.SecondModel): made for it, the same code."""
+        a, b = self.config.residual, smodel.config.residual
+        return smodel.sha256[:16].hex() in self.config.base_hashes() and (a.patch, a.bits) == (b.patch, b.bits)
+
+
+def second_from_tensors(config: SecondLookConfig, tensors: dict[str, torch.Tensor]) -> SecondLookModel:
+    from .weights import canonical_hash, check_float_tensors, float_state
+
+    with torch.device("meta"):
+        coder = ResidualCoder(config.residual)
+    check_float_tensors(coder, tensors, "residual.", skip=ResidualCoder.ENCODER)
+    extra = sorted(k for k in tensors if not k.startswith("residual."))
+    if extra:
+        raise ModelError(f"bad model file: unexpected tensor {extra[0]!r}")
+    try:
+        coder.load_state_dict(float_state(tensors, "residual."), strict=False, assign=True)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ModelError(f"bad model file: its tensors do not match its config: {str(e).splitlines()[0]}") from None
+    coder.eval()
+    return SecondLookModel(config, coder, tensors, canonical_hash(config, tensors))
+
+
+def build_second(bases: list, look: str, name: str, coder_state: dict) -> SecondLookModel:
+    """A look of the second-stage models `bases` (which share one coder) from a residual coder's state (its
+    decoder's entries are kept)."""
+    from .weights import float_tensors
+
+    if not bases:
+        raise ModelError("a second-stage look needs the second-stage models it decodes for")
+    enc = [{k: v for k, v in m.tensors.items() if k.startswith(tuple(f"residual.{e}" for e in ResidualCoder.ENCODER))
+            or k.startswith("bits.")} for m in bases]
+    if any(m.config.residual != bases[0].config.residual or e.keys() != enc[0].keys()
+           or any(not torch.equal(e[k], enc[0][k]) for k in e) for m, e in zip(bases, enc)):
+        raise ModelError("the second-stage models of one look must share one coder (the same encoder and bit prior)")
+    config = SecondLookConfig(name=name, look=look, bases=tuple((m.name, m.sha256[:16].hex()) for m in bases),
+                              residual=bases[0].config.residual)
+    decoder = {k: v for k, v in coder_state.items() if not k.startswith(ResidualCoder.ENCODER)}
+    return second_from_tensors(config, float_tensors(decoder, "residual."))
+
+
+def find_second(smodel, look: str, models: list | None = None) -> SecondLookModel:
+    """The look model named `look` for the second-stage model `smodel`: among `models`, else installed."""
+    from . import weights
+
+    for m in models or []:
+        if isinstance(m, SecondLookModel) and m.config.look == look and m.fits(smodel):
+            return m
+    inst = weights.installed()
+    for name, config in weights.installed_configs().items():
+        if isinstance(config, SecondLookConfig) and config.look == look and smodel.sha256[:16].hex() in config.base_hashes():
+            m = weights.load(inst[name][0])
+            if m.fits(smodel):
+                return m
+    raise ModelNotFoundError(f"no {look} look is installed for the second-stage model {smodel.name!r}; "
+                             "pass its look model file with --model")

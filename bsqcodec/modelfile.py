@@ -16,14 +16,15 @@ import os
 import struct
 from pathlib import Path
 
-from .config import INTPRIOR_VERSION, LookConfig, ModelConfig, SecondConfig
+from .config import INTPRIOR_VERSION, LookConfig, ModelConfig, SecondConfig, SecondLookConfig
 from .errors import ModelError
 
 MODELS_DIR = Path(__file__).parent / "models"
 FORMAT = "bsqcodec-model-1"
 SECOND_FORMAT = "bsqcodec-second-1"  # a second-stage model (formats/bsq.md section 11)
 LOOK_FORMAT = "bsqcodec-look-1"  # another decoder of a first-stage model's tokens (formats/bsq.md section 9)
-KINDS = {FORMAT: ModelConfig, SECOND_FORMAT: SecondConfig, LOOK_FORMAT: LookConfig}
+SECOND_LOOK_FORMAT = "bsqcodec-second-look-1"  # another decoder of second stages (formats/bsq.md section 11)
+KINDS = {FORMAT: ModelConfig, SECOND_FORMAT: SecondConfig, LOOK_FORMAT: LookConfig, SECOND_LOOK_FORMAT: SecondLookConfig}
 MAX_HEADER = 1 << 24
 # safetensors dtype -> (torch's name, as the canonical hash spells it; bytes per element)
 DTYPES = {"BOOL": ("torch.bool", 1), "U8": ("torch.uint8", 1), "I8": ("torch.int8", 1), "I16": ("torch.int16", 2),

@@ -51,8 +51,9 @@ def second_latent(coder: ResidualCoder, arr: np.ndarray, base_px: np.ndarray) ->
 
 
 @torch.no_grad()
-def pixels(smodel: SecondModel, base_px: np.ndarray, bits01: torch.Tensor, budget: torch.Tensor) -> np.ndarray:
-    """The second stage's uint8 pixels over the padded image: the first stage's plus the decoded correction."""
+def pixels(smodel, base_px: np.ndarray, bits01: torch.Tensor, budget: torch.Tensor) -> np.ndarray:
+    """The second stage's uint8 pixels over the padded image: the first stage's plus the decoded correction.
+    smodel: a SecondModel, or a look of one (look.SecondLookModel): what has its decoder (.coder, .config.residual)."""
     coder, p, L = smodel.coder, smodel.config.residual.patch, smodel.config.residual.bits
     kept = torch.arange(L)[None, None, :] < budget[..., None]
     code = ((bits01.float() * 2 - 1) * kept).permute(2, 0, 1)[None] / L**0.5  # decode_code scales by sqrt(L)
@@ -184,7 +185,8 @@ def decode_tokens(header: Header, base, base_tokens: np.ndarray, models=None) ->
     return smodel, bits01, budget
 
 
-def decode(header: Header, base, base_tokens: np.ndarray, base_px: np.ndarray, models=None) -> np.ndarray:
-    """The uint8 pixels (padded image) of a 2.1 file's second stage; base_px: the first stage's."""
+def decode(header: Header, base, base_tokens: np.ndarray, base_px: np.ndarray, models=None, pixels_of=None) -> np.ndarray:
+    """The uint8 pixels (padded image) of a 2.1 file's second stage; base_px: the first stage's. pixels_of:
+    whose decoder gives them (a look model of the file's second-stage model; None: that model's own)."""
     smodel, bits01, budget = decode_tokens(header, base, base_tokens, models)
-    return pixels(smodel, base_px, bits01, budget)
+    return pixels(pixels_of or smodel, base_px, bits01, budget)

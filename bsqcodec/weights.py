@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import modelfile
-from .config import LookConfig, ModelConfig, SecondConfig
+from .config import LookConfig, ModelConfig, SecondConfig, SecondLookConfig
 from .errors import ModelError, ModelNotFoundError
 from .intprior import VERSION as INTPRIOR_VERSION
 from .intprior import IntPrior
@@ -134,6 +134,10 @@ def from_tensors(config, tensors: dict[str, torch.Tensor], device="cpu"):
         from . import look
 
         return look.from_tensors(config, tensors)
+    if isinstance(config, SecondLookConfig):
+        from . import look
+
+        return look.second_from_tensors(config, tensors)
     if config.tokenizer.bits != config.prior.bits:
         raise ModelError("tokenizer and prior disagree on bits per token")
     tok = _meta_tokenizer(config.tokenizer)

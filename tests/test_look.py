@@ -48,7 +48,7 @@ def test_a_look_decodes_the_same_file_with_its_own_decoder(file, tiny_model, sha
     assert not any(k.startswith("tokenizer.enc_") or k.startswith("tokenizer.patchify") for k in back.tensors)
 
 
-def test_missing_or_unknown_looks_and_looks_of_two_stage_files_are_refused(file, tiny_model, sharp):
+def test_missing_or_unknown_looks_and_looks_of_other_models_are_refused(file, tiny_model, sharp):
     with pytest.raises(ModelNotFoundError, match="no sharp look"):
         codec.decode_detailed(file.data, [tiny_model], look="sharp")
     with pytest.raises(BsqError, match="unknown look"):
