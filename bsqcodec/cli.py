@@ -21,7 +21,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import container
-from .cli_common import err_console, error_line, fail, guarded, new_app, out_console
+from .cli_common import err_console, error_line, guarded, new_app, out_console
 from .cli_train import train_app
 from .config import DEFAULT_BATCH_TILES, DEFAULT_EFFORT, MAX_BATCH_TILES, MAX_EFFORT, MIN_EFFORT, RUNG_NAMES
 from .errors import BsqError

@@ -308,7 +308,6 @@ def decode_streams(model: weights.Model, header: Header, streams: list[bytes], b
     done = 0
 
     def decode_share(idxs: list[int], report: bool) -> list[np.ndarray]:
-        nonlocal done
         out: list[np.ndarray] = []
         for k in range(0, len(idxs), batch_tiles):
             part = idxs[k : k + batch_tiles]

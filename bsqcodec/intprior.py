@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from .config import INTPRIOR_VERSION, PriorConfig

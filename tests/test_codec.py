@@ -1,5 +1,3 @@
-import io
-
 import numpy as np
 import pytest
 import torch
@@ -8,7 +6,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import bsqcodec
-from bsqcodec import codec, container, entropy, weights
+from bsqcodec import codec, container, weights
 from bsqcodec.errors import BsqError, FormatError, ModelNotFoundError
 
 
