@@ -124,7 +124,8 @@ def other_dataset_section(bench: dict) -> str:
     n = bench["images"]
     rows = [f"| preset | bytes ({n} images) | bpp | PSNR (dB) | MS-SSIM | JPEG | WebP | AVIF | JPEG XL |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for preset, t in bench["totals"].items():
+    for preset in bench.get("presets", bench["totals"]):  # the ladder's order (merge_bench.py sorts them)
+        t = bench["totals"][preset]
         ratios = " | ".join(f"{t['matched'][c]['ratio']:.3f}x" if t["matched"].get(c, {}).get("ratio") else "-" for c in CODECS)
         rows.append(f"| {preset} | {t['bsqc_bytes']} | {t['bpp']:.4f} | {t['mean_psnr']:.2f} | {t['mean_ms_ssim']:.4f} | {ratios} |")
     rng = bench.get("bd_rate_psnr_range_db", {})
