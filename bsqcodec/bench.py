@@ -54,6 +54,8 @@ def run(root: Path, models: list, limit: int | None = None, codecs=baselines.LOS
         raise BsqError(f"unknown look {look!r}; choose from {', '.join(codec.LOOKS)}")
     extra = models
     models = [m for m in models if not isinstance(m, (LookModel, SecondLookModel))]  # the rungs; looks only decode
+    if not models:
+        raise BsqError("no preset to bench: look models only decode (give their presets, and --look)")
     files = find_images(Path(root), limit)
     usable, notes = [], []
     for c in codecs:

@@ -72,6 +72,10 @@ def _models(model_files: Optional[list[Path]]) -> list:
 
 def _first_stage(m):
     """m, if it is a first-stage model (the prior samples and completes first-stage tokens only)."""
+    from .look import LookModel, SecondLookModel, coding_error
+
+    if isinstance(m, (LookModel, SecondLookModel)):
+        raise BsqError(coding_error(m))
     if not isinstance(m, weights.Model):
         raise BsqError(f"{m.name} is a second-stage model: sampling uses a first-stage preset (its own is {m.config.base})")
     return m

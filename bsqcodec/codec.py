@@ -40,9 +40,10 @@ class Encoded:
 
 
 def _model(model: weights.Model | SecondModel | str | None) -> weights.Model | SecondModel:
-    if isinstance(model, (weights.Model, SecondModel)):
-        return model
-    return weights.preset(model or "default")
+    m = weights.preset(model or "default") if model is None or isinstance(model, str) else model
+    if not isinstance(m, (weights.Model, SecondModel)):
+        raise BsqError(look_mod.coding_error(m))
+    return m
 
 
 def tile_slices(header: Header) -> list[tuple[slice, slice]]:

@@ -36,6 +36,12 @@ class LookModel(modelfile.Identity):
         return base.sha256[:16] == self.base_hash and self.config.tokenizer.encodes_like(base.config.tokenizer)
 
 
+def coding_error(m) -> str:
+    """Why a look model cannot encode, sample or be benched as a rung: it only decodes another model's files."""
+    of = m.config.base if isinstance(m, LookModel) else ", ".join(n for n, _ in m.config.bases)
+    return f"{m.name} is a look model: it decodes the files of {of} (decode --look {m.config.look}); use that preset"
+
+
 def from_tensors(config: LookConfig, tensors: dict[str, torch.Tensor]) -> LookModel:
     from .weights import canonical_hash, check_float_tensors, float_state
 

@@ -138,3 +138,22 @@ def test_the_pillow_plugin_decodes_either_look(file, tiny_model, sharp, tmp_path
             im.set_look("faithful")
     with Image.open(tmp_path / "a.bsq") as im, pytest.raises(ValueError, match="unknown look"):
         im.set_look("blurry")
+
+
+def test_a_look_model_cannot_encode_sample_or_be_benched_alone(tiny_model, sharp, tmp_path):
+    from typer.testing import CliRunner
+
+    from bsqcodec import bench
+    from bsqcodec.cli import app
+
+    with pytest.raises(BsqError, match="tiny-sharp is a look model: it decodes the files of tiny"):
+        codec.encode_array(np.zeros((8, 8, 3), np.uint8), sharp, effort=1)
+    weights.save(sharp, tmp_path / "sharp.safetensors")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    for args in (["encode", tmp_path / "a.png", "--model", tmp_path / "sharp.safetensors"],
+                 ["generate", "-n", "1", "-o", tmp_path / "g.png", "--model", tmp_path / "sharp.safetensors"]):
+        r = CliRunner().invoke(app, [str(a) for a in args])
+        assert r.exit_code == 1 and "is a look model" in r.output, r.output
+    assert not (tmp_path / "a.bsq").exists() and not (tmp_path / "g.png").exists()
+    with pytest.raises(BsqError, match="look models only decode"):
+        bench.run(tmp_path, [sharp], look="sharp")

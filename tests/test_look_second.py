@@ -61,8 +61,11 @@ def test_one_look_decodes_the_second_stage_of_every_model_it_names(tiny_model, r
 def test_save_load_and_hash(sharp2, rungs, tmp_path):
     path = tmp_path / "s.safetensors"
     weights.save(sharp2, path)
-    config, h = modelfile.summary(path)  # the standard-library reader agrees
+    config, h = modelfile.summary(path)  # the standard-library reader agrees, and so does the spec's text
     assert isinstance(config, SecondLookConfig) and config == sharp2.config and h == sharp2.sha256
+    from test_spec_vectors import _spec_hash
+
+    assert _spec_hash(path) == sharp2.sha256
     back = weights.load(path)
     assert isinstance(back, look.SecondLookModel) and back.sha256 == sharp2.sha256
     assert all(back.fits(m) for m in rungs)

@@ -257,9 +257,10 @@ def _spec_hash(path: Path, always_up: bool | None = None) -> bytes:
     head = json.loads(raw[8 : 8 + n])
     meta = head.pop("__metadata__")
     fmt = meta["format"]
-    assert fmt in ("bsqcodec-model-1", "bsqcodec-second-1")  # section 6, and section 11's second-stage models
+    # section 6, section 9's looks, section 11's second-stage models and their looks
+    assert fmt in ("bsqcodec-model-1", "bsqcodec-look-1", "bsqcodec-second-1", "bsqcodec-second-look-1")
     cfg = json.loads(meta["config"])
-    if fmt == "bsqcodec-model-1":
+    if fmt in ("bsqcodec-model-1", "bsqcodec-look-1"):  # a tokenizer's config, as section 6 writes it
         tok = cfg["tokenizer"]
         for k in ("up_channels", "up_blocks"):
             v = tok.get(k, 0)

@@ -15,6 +15,7 @@ from PIL import Image
 
 import bsqcodec
 from bsqcodec import codec, container, entropy, weights
+from bsqcodec.config import LookConfig, SecondLookConfig
 
 VEC = Path(__file__).resolve().parent.parent / "formats" / "vectors"
 IMAGES = {"1x1": (1, 1, None), "37x23-icc": (37, 23, b"not a real ICC profile"), "70x100": (70, 100, None)}
@@ -110,7 +111,24 @@ def _preset_image() -> np.ndarray:
 
 
 def _installed_presets() -> list[str]:
-    return sorted(weights.installed())
+    """The installed models that encode (look models only decode other models' files)."""
+    return sorted(n for n, c in weights.installed_configs().items() if not isinstance(c, (LookConfig, SecondLookConfig)))
+
+
+def _installed_looks() -> list[str]:
+    return sorted(n for n, c in weights.installed_configs().items() if isinstance(c, (LookConfig, SecondLookConfig)))
+
+
+@pytest.mark.parametrize("name", _installed_looks())
+def test_every_installed_look_decodes_the_vectors_of_its_models(name):
+    """The same tokens, other pixels of the same shape: a look of a second stage keeps the first stage's."""
+    config = weights.installed_configs()[name]
+    bases = [config.base] if isinstance(config, LookConfig) else [n for n, _ in config.bases]
+    for base in bases:
+        data = (PRESET_VEC / f"{base}.bsq").read_bytes()
+        header, tokens, faithful = codec.decode_detailed(data)
+        _, tokens2, px = codec.decode_detailed(data, look=config.look)
+        assert torch.equal(tokens, tokens2) and px.shape == faithful.shape and not np.array_equal(px, faithful)
 
 
 def _second_tokens(data: bytes, tokens: torch.Tensor) -> dict:
