@@ -5,7 +5,7 @@
 
 `dump` (in bsqcodec's environment) remakes every file the bench compared: bsqc's, encoded again with the
 bench's effort (the encoder is deterministic, and the bytes are checked against the bench's) and decoded
-with the bench's look, and each baseline codec's at the quality the bench matched. It writes them as PNGs
+with the bench's look (and, for another look than faithful, the faithful one too), and each baseline codec's at the quality the bench matched. It writes them as PNGs
 with the originals and a manifest. `score` (in an environment with `pip install cvvdp`, which brings its own
 torch and needs no download: its base metric ships its calibration) scores each against its original.
 JOD: 10 is indistinguishable from the original, each unit less is a just-objectionable difference.
@@ -43,11 +43,12 @@ def dump(args) -> None:
             data = codec.encode_array(a, model, effort=res["effort"], models=list(rungs.values())).data
             if len(data) != got["bytes"]:
                 sys.exit(f"{stem} {rung}: {len(data)} bytes, the bench had {got['bytes']}")
-            _, _, img = codec.decode_detailed(data, models=given, look=args.look)
-            name = f"{stem}.bsqc-{rung}-{args.look}.png"
-            Image.fromarray(img).save(out / name)
-            manifest.append({"image": row["image"], "rung": rung, "codec": "bsqc", "look": args.look,
-                             "bytes": got["bytes"], "file": name})
+            for look in dict.fromkeys([args.look, "faithful"]):  # a look, and the same file's faithful pixels
+                _, _, img = codec.decode_detailed(data, models=given, look=look)
+                name = f"{stem}.bsqc-{rung}-{look}.png"
+                Image.fromarray(img).save(out / name)
+                manifest.append({"image": row["image"], "rung": rung, "codec": "bsqc", "look": look,
+                                 "bytes": got["bytes"], "file": name})
             for cname, m in row.get("matched", {}).get(rung, {}).items():
                 if m is None or cname not in codecs:
                     continue
@@ -80,7 +81,7 @@ def score(args) -> None:
         print(f["file"], f"{f['cvvdp_jod']:.3f}", flush=True)
     means: dict[str, dict] = {}
     for f in man["files"]:
-        key = f"{f['rung']}/{f['codec']}"
+        key = f"{f['rung']}/{f['codec']}" + (f"-{f['look']}" if "look" in f else "")
         m = means.setdefault(key, {"bytes": 0, "jod": [], "images": 0})
         m["bytes"] += f["bytes"]
         m["jod"].append(f["cvvdp_jod"])
