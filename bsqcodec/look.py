@@ -1,6 +1,7 @@
 """Looks: other decoders of the same files. A file decodes to the faithful look (the models' own decoders,
-trained for squared error) or, with look models, to another: "sharp", trained with perceptual and
-adversarial terms (`bsqc train tokenizer --decoder-only`, `bsqc train residual --decoder-only`).
+trained for squared error) or, with look models, to another: "sharp", a decoder trained with a perceptual
+term (and optionally an adversarial one) beside the squared error (`bsqc train tokenizer --decoder-only`,
+`bsqc train residual --decoder-only`).
 
 A look model file of a first stage (format `bsqcodec-look-1`, formats/bsq.md section 9) holds the
 decoder's tensors only (`tokenizer.*` less the encoder's, stored like a model file's) and names the model
