@@ -79,6 +79,8 @@ def look_model(args) -> None:
     lm = weights.load(args.checkpoint)
     c = lm.config
     presets = args.preset or ([c.base] if isinstance(c, LookConfig) else [n for n, _ in c.bases])
+    if not isinstance(c, LookConfig):
+        return second_stage_looks(args, lm, presets)
     for preset in presets:
         model, rows = weights.preset(preset), []
         for path in args.images:
@@ -96,6 +98,50 @@ def look_model(args) -> None:
                "look_model_hash": lm.hash_hex, "effort": args.effort, "images": rows, "mean": mean}
         (HERE / "results" / f"look-{args.name}-{preset}.json").write_text(json.dumps(res, indent=2) + "\n")
         print(preset, json.dumps(mean), flush=True)
+
+
+def second_stage_looks(args, lm, presets: list[str]) -> None:
+    """A look of second-stage rungs that share one first stage: per image, the first stage is searched and
+    coded once and each rung's second stage on top of it, as `bsqc encode` does for each rung alone (the
+    first image's files are checked against bsqc's, byte for byte, and decoded with the look). Both looks'
+    pixels are the decoder's for the file's own bits and budgets."""
+    import copy
+
+    from bsqcodec import container, twostage
+
+    rungs = [weights.preset(p) for p in presets]
+    base = codec.base_model(rungs[0])
+    if any(codec.base_model(m) is not base for m in rungs):
+        raise SystemExit("these rungs have different first stages")
+    P, L1 = base.config.tokenizer.patch, base.config.tokenizer.bits
+    rows = {p: [] for p in presets}
+    for n, path in enumerate(args.images):
+        a = np.asarray(Image.open(path).convert("RGB"))
+        h, w = a.shape[:2]
+        tokens = codec.search_tokens(base, a, args.effort)
+        header = codec.make_header(base, w, h, None, tokens)
+        streams, _ = codec.encode_tokens(base, header, tokens)
+        padded, base_px = codec._pad(a, P), codec.padded_pixels(base, tokens)
+        for m in rungs:
+            hd = copy.copy(header)
+            hd.minor, hd.preset = 1, m.name
+            hd.second, bits, budget = twostage.encode(m, padded, base_px, tokens.numpy(), L1, w, h, None, args.effort)
+            data = container.pack(hd, streams)
+            faithful = twostage.pixels(m, base_px, bits, budget)[:h, :w]
+            sharp = twostage.pixels(lm, base_px, bits, budget)[:h, :w]
+            if n == 0:  # the same file as bsqc encode's, and the same pixels as bsqc decode --look
+                assert data == codec.encode_array(a, m, effort=args.effort).data, m.name
+                assert np.array_equal(codec.decode_detailed(data, models=[lm], look=lm.config.look)[2], sharp)
+            row = {"image": Path(path).name, "bytes": len(data), "bpp": len(data) * 8 / (w * h), **_scores(a, faithful, sharp)}
+            rows[m.name].append(row)
+            print(m.name, json.dumps(row), flush=True)
+    for m in rungs:
+        mean = {look: {k: float(np.mean([r[look][k] for r in rows[m.name]])) for k in ("psnr", "ssimulacra2")}
+                for look in ("faithful", "sharp")}
+        res = {"preset": m.name, "model": m.hash_hex, "look_model": Path(args.checkpoint).name,
+               "look_model_hash": lm.hash_hex, "effort": args.effort, "images": rows[m.name], "mean": mean}
+        (HERE / "results" / f"look-{args.name}-{m.name}.json").write_text(json.dumps(res, indent=2) + "\n")
+        print(m.name, json.dumps(mean), flush=True)
 
 
 if __name__ == "__main__":
