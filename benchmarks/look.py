@@ -78,7 +78,7 @@ def look_model(args) -> None:
 
     lm = weights.load(args.checkpoint)
     c = lm.config
-    presets = args.preset or ([c.base] if isinstance(c, LookConfig) else [n for n, _ in c.bases])
+    presets = args.preset or [n for n, _ in c.bases]
     if not isinstance(c, LookConfig):
         return second_stage_looks(args, lm, presets)
     for preset in presets:
@@ -102,37 +102,26 @@ def look_model(args) -> None:
 
 def second_stage_looks(args, lm, presets: list[str]) -> None:
     """A look of second-stage rungs that share one first stage: per image, the first stage is searched and
-    coded once and each rung's second stage on top of it, as `bsqc encode` does for each rung alone (the
-    first image's files are checked against bsqc's, byte for byte, and decoded with the look). Both looks'
-    pixels are the decoder's for the file's own bits and budgets."""
-    import copy
-
-    from bsqcodec import container, twostage
-
+    coded once (codec.first_stage) and each rung's second stage on it (codec.add_second_stage), the files
+    bsqc encode makes for each rung alone (the first image's checked byte for byte). The faithful pixels
+    are the encoder's; the sharp ones decode the file's second stage again (codec.pixels, as bsqc decode)."""
     rungs = [weights.preset(p) for p in presets]
     base = codec.base_model(rungs[0])
     if any(codec.base_model(m) is not base for m in rungs):
         raise SystemExit("these rungs have different first stages")
-    P, L1 = base.config.tokenizer.patch, base.config.tokenizer.bits
     rows = {p: [] for p in presets}
     for n, path in enumerate(args.images):
         a = np.asarray(Image.open(path).convert("RGB"))
         h, w = a.shape[:2]
-        tokens = codec.search_tokens(base, a, args.effort)
-        header = codec.make_header(base, w, h, None, tokens)
-        streams, _ = codec.encode_tokens(base, header, tokens)
-        padded, base_px = codec._pad(a, P), codec.padded_pixels(base, tokens)
+        first = codec.first_stage(base, a, args.effort)
         for m in rungs:
-            hd = copy.copy(header)
-            hd.minor, hd.preset = 1, m.name
-            hd.second, bits, budget = twostage.encode(m, padded, base_px, tokens.numpy(), L1, w, h, None, args.effort)
-            data = container.pack(hd, streams)
-            faithful = twostage.pixels(m, base_px, bits, budget)[:h, :w]
-            sharp = twostage.pixels(lm, base_px, bits, budget)[:h, :w]
-            if n == 0:  # the same file as bsqc encode's, and the same pixels as bsqc decode --look
-                assert data == codec.encode_array(a, m, effort=args.effort).data, m.name
-                assert np.array_equal(codec.decode_detailed(data, models=[lm], look=lm.config.look)[2], sharp)
-            row = {"image": Path(path).name, "bytes": len(data), "bpp": len(data) * 8 / (w * h), **_scores(a, faithful, sharp)}
+            enc = codec.add_second_stage(first, m, effort=args.effort)
+            if n == 0:
+                assert enc.data == codec.encode_array(a, m, effort=args.effort).data, m.name
+            faithful = enc.pixels()
+            sharp = codec.pixels(enc.header, enc.tokens, [lm], lm.config.look)
+            row = {"image": Path(path).name, "bytes": len(enc.data), "bpp": len(enc.data) * 8 / (w * h),
+                   **_scores(a, faithful, sharp)}
             rows[m.name].append(row)
             print(m.name, json.dumps(row), flush=True)
     for m in rungs:

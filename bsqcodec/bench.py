@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import baselines, codec, images, search, weights
+from . import baselines, codec, images, search
 from .config import RUNG_NAMES
 from .errors import BsqError
 from .look import LookModel, SecondLookModel
@@ -74,15 +74,14 @@ def run(root: Path, models: list, limit: int | None = None, codecs=baselines.LOS
             t0 = time.perf_counter()
             data = codec.encode_array(arr, m, effort=effort, models=models).data  # a second stage's first among them
             t1 = time.perf_counter()
-            _, tokens, out = codec.decode_detailed(data, models=extra, look=look)
+            header, tokens, out = codec.decode_detailed(data, models=extra, look=look)
             t2 = time.perf_counter()
             p = psnr(arr, out)
             row["bsqc"][m.name] = {"bytes": len(data), "bpp": len(data) * 8 / (w * h), "psnr": p,
                                    "ms_ssim": ms_ssim(arr, out), "encode_seconds": t1 - t0, "decode_seconds": t2 - t1}
             score = p if metric == "psnr" else row["bsqc"][m.name].setdefault(metric, METRICS[metric](arr, out))
             if look != "faithful":  # the same tokens by the model's own decoder, to compare the looks
-                plain = (codec.tokens_to_array(m, tokens, w, h) if isinstance(m, weights.Model)
-                         else codec.decode_detailed(data, models=extra)[2])  # a second stage's: its whole file
+                plain = codec.pixels(header, tokens, extra)  # the same tokens' faithful pixels
                 row["bsqc"][m.name]["faithful"] = {"psnr": psnr(arr, plain),
                                                    **({metric: METRICS[metric](arr, plain)} if metric != "psnr" else {})}
             row["matched"][m.name] = {}

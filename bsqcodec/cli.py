@@ -409,8 +409,7 @@ def presets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
         if hasattr(config, "lam"):  # a second-stage model: its first stage and its rate-distortion trade-off
             row["first_stage"], row["lambda"] = config.base, config.lam
         elif hasattr(config, "look"):  # a look model: the model whose tokens it decodes, and the look
-            bases = [config.base] if hasattr(config, "base") else [n for n, _ in config.bases]  # a second stage's: several
-            row["look_of"], row["look"] = ", ".join(bases), config.look
+            row["look_of"], row["look"] = ", ".join(n for n, _ in config.bases), config.look
         rows.append(row)
     if as_json:
         _emit_json({"presets": rows})

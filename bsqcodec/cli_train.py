@@ -162,12 +162,11 @@ def train_export_look(
 
     if (run / "residual.ckpt").exists():
         m = export_second_look_run(run, base, output, name, look, force)
-        of = ", ".join(n for n, _ in m.config.bases)
     elif len(base) != 1:
         raise BsqError("the look of a first stage decodes one model's files: give --base once")
     else:
         m = export_look_run(run, base[0], output, name, look, force)
-        of = m.config.base
+    of = ", ".join(n for n, _ in m.config.bases)
     out_console.print(f"wrote {output}: the {m.config.look} look of {of}, model {m.hash_hex[:16]}", markup=False)
 
 

@@ -5,6 +5,7 @@ The only module that composes tokenizer, integer prior, entropy coder and contai
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -179,20 +180,43 @@ def base_model(smodel: SecondModel, models: list | None = None) -> weights.Model
 def _encode_two(arr: np.ndarray, smodel: SecondModel, icc, progress, effort: int, lam: float | None,
                 models: list | None) -> Encoded:
     """A 2.1 file: the first stage's tokens and streams as its own file has them, then the second stage."""
-    base = base_model(smodel, models)
-    height, width = arr.shape[:2]
+    return add_second_stage(first_stage(base_model(smodel, models), arr, effort, icc, progress), smodel, lam, effort)
+
+
+@dataclass
+class FirstStage:
+    """A first stage coded as its own file codes it, and what a second stage is coded on."""
+    model: weights.Model
+    tokens: torch.Tensor
+    header: Header
+    streams: list[bytes]
+    estimated_bits: float
+    padded: np.ndarray  # the image, padded to the patch multiple
+    pixels: np.ndarray  # the first stage's pixels over the padded image
+
+
+def first_stage(base: weights.Model, arr: np.ndarray, effort: int = search.DEFAULT_EFFORT, icc: bytes | None = None,
+                progress: Progress | None = None) -> FirstStage:
     tokens = search_tokens(base, arr, effort, progress)
-    header = make_header(base, width, height, icc, tokens)
+    header = make_header(base, arr.shape[1], arr.shape[0], icc, tokens)
     streams, est = encode_tokens(base, header, tokens, progress)
-    P = base.config.tokenizer.patch
-    base_px = padded_pixels(base, tokens)
-    header.minor, header.preset = 1, smodel.name
+    return FirstStage(base, tokens, header, streams, est, _pad(arr, base.config.tokenizer.patch),
+                      padded_pixels(base, tokens))
+
+
+def add_second_stage(first: FirstStage, smodel: SecondModel, lam: float | None = None,
+                     effort: int = search.DEFAULT_EFFORT) -> Encoded:
+    """The 2.1 file of a first stage and smodel's second stage on it (first is not changed: several second-stage
+    models can be coded on one first stage, each file as encode_array makes it)."""
     from . import twostage  # second-stage files only
 
-    header.second, bits, budget = twostage.encode(smodel, _pad(arr, P), base_px, tokens.numpy(),
-                                                  base.config.tokenizer.bits, width, height, lam, effort)
-    return Encoded(container.pack(header, streams), tokens, est, header,
-                   lambda: twostage.pixels(smodel, base_px, bits, budget)[:height, :width])
+    header = copy.copy(first.header)
+    width, height = header.width, header.height
+    header.minor, header.preset = 1, smodel.name
+    header.second, bits, budget = twostage.encode(smodel, first.padded, first.pixels, first.tokens.numpy(),
+                                                  first.model.config.tokenizer.bits, width, height, lam, effort)
+    return Encoded(container.pack(header, first.streams), first.tokens, first.estimated_bits, header,
+                   lambda: twostage.pixels(smodel, first.pixels, bits, budget)[:height, :width])
 
 
 def padded_pixels(model: weights.Model, tokens: torch.Tensor) -> np.ndarray:
@@ -370,25 +394,41 @@ def decode_detailed(data: bytes, models: list | None = None, batch_tiles: int = 
     header, streams = container.unpack(data)
     container.check_pixels(header.width, header.height, max_pixels, "the file's image")  # before any work
     model = weights.find(header.model_hash, header.preset, models)
-    # the models that give the pixels, found before the tokens are decoded: a two-stage file's look is its
-    # second stage's (on the first stage's faithful pixels, which that stage's decoder sees)
-    pixels_of, second_of = model, None
-    if header.second is not None:
-        from . import twostage
-
-        second_of = twostage.find_model(header, model, models)
-        second_of = second_of if look == "faithful" else look_mod.find_second(second_of, look, models)
-    elif look != "faithful":
-        pixels_of = look_mod.find(model, look, models)
+    makers = _pixel_makers(header, model, models, look)  # before the tokens: a missing model fails at once
     tokens = decode_streams(model, header, streams, batch_tiles, progress, workers)
     crc = header.chunk(container.TOKEN_CRC)
     if crc is not None and crc != container.token_crc(tokens.numpy()):
         raise FormatError("the decoded tokens do not match the file's token checksum (tCRC): a stream was altered")
-    if second_of is not None:
-        px = twostage.decode(header, model, tokens.numpy(), padded_pixels(model, tokens), models, second_of)
-        return header, tokens, px[: header.height, : header.width]
-    arr = tokens_to_array(pixels_of, tokens, header.width, header.height)
-    return header, tokens, arr
+    return header, tokens, _pixels(header, model, tokens, makers)
+
+
+def _pixel_makers(header: Header, model: weights.Model, models: list | None, look: str):
+    """What turns a file's tokens into pixels in `look`: (the first stage's decoder: the model or its look;
+    None, or for a two-stage file (its second-stage model, that model or its look)). A two-stage file's look
+    is its second stage's, on the first stage's faithful pixels (which that stage's decoder sees)."""
+    if header.second is None:
+        return (model if look == "faithful" else look_mod.find(model, look, models)), None
+    from . import twostage
+
+    smodel = twostage.find_model(header, model, models)
+    return model, (smodel, smodel if look == "faithful" else look_mod.find(smodel, look, models))
+
+
+def _pixels(header: Header, model: weights.Model, tokens: torch.Tensor, makers) -> np.ndarray:
+    first, second = makers
+    if second is None:
+        return tokens_to_array(first, tokens, header.width, header.height)
+    from . import twostage
+
+    px = twostage.decode(header, tokens.numpy(), padded_pixels(model, tokens), *second)
+    return px[: header.height, : header.width]
+
+
+def pixels(header: Header, tokens: torch.Tensor, models: list | None = None, look: str = "faithful") -> np.ndarray:
+    """A file's pixels in `look` from its header and first-stage tokens, as decode_detailed gives them (without
+    running the prior again; a second stage's bits are decoded again from the header)."""
+    model = weights.find(header.model_hash, header.preset, models)
+    return _pixels(header, model, tokens, _pixel_makers(header, model, models, look))
 
 
 def decode(data: bytes, models: list | None = None, batch_tiles: int = DEFAULT_BATCH_TILES,

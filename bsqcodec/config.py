@@ -204,6 +204,14 @@ class LookConfig:
         if self.look not in self.LOOKS:
             raise ValueError(f"look must be one of {', '.join(self.LOOKS)}, not {self.look!r}")
 
+    @property
+    def bases(self) -> tuple[tuple[str, str], ...]:
+        """(name, hash) of the model whose files it decodes, as a look of second stages names its several."""
+        return ((self.base, self.base_hash),)
+
+    def base_hashes(self) -> set[str]:
+        return {self.base_hash}
+
     def to_dict(self) -> dict:
         return {"name": self.name, "look": self.look, "base": self.base, "base_hash": self.base_hash,
                 "tokenizer": self.tokenizer.to_dict()}

@@ -155,8 +155,9 @@ def export_second_look_run(run: str | Path, bases: list[str | Path], output: str
     if ResidualConfig(**ckpt["config"]) != models[0].config.residual:
         raise BsqError(f"the run's coder is not shaped as that of {models[0].name}")
     state = weights.trained_state(ckpt)
-    shipped = weights.float_state(models[0].tensors, "residual.")  # the coder the run started from, as it decodes
-    if any(not torch.equal(state[k], v) for k, v in shipped.items() if k.startswith(ResidualCoder.ENCODER)):
+    enc = tuple(f"residual.{e}" for e in ResidualCoder.ENCODER)  # the encoder the run started from, as it loads
+    shipped = weights.float_state({k: v for k, v in models[0].tensors.items() if k.startswith(enc)}, "residual.")
+    if any(not torch.equal(state[k], v) for k, v in shipped.items()):
         raise BsqError(f"the run's encoder is not that of {models[0].name} (train it with --init on its model file)")
     try:
         m = look_mod.build_second(models, look, name, state)

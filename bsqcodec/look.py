@@ -27,6 +27,8 @@ from .tokenizer import Tokenizer
 
 @dataclass
 class LookModel(modelfile.Identity):
+    """A look of a first-stage model (format bsqcodec-look-1)."""
+
     config: LookConfig
     tokenizer: Tokenizer  # its decoder only: the encoder's parameters are never loaded
     tensors: dict[str, torch.Tensor]
@@ -37,57 +39,10 @@ class LookModel(modelfile.Identity):
         return base.sha256[:16] == self.base_hash and self.config.tokenizer.encodes_like(base.config.tokenizer)
 
 
-def coding_error(m) -> str:
-    """Why a look model cannot encode, sample or be benched as a rung: it only decodes another model's files."""
-    of = m.config.base if isinstance(m, LookModel) else ", ".join(n for n, _ in m.config.bases)
-    return f"{m.name} is a look model: it decodes the files of {of} (decode --look {m.config.look}); use that preset"
-
-
-def from_tensors(config: LookConfig, tensors: dict[str, torch.Tensor]) -> LookModel:
-    from .weights import canonical_hash, check_float_tensors, float_state
-
-    with torch.device("meta"):
-        tok = Tokenizer(config.tokenizer)
-    check_float_tensors(tok, tensors, "tokenizer.", skip=Tokenizer.ENCODER)
-    extra = sorted(k for k in tensors if not k.startswith("tokenizer."))  # the encoder's: check_float_tensors
-    if extra:
-        raise ModelError(f"bad model file: unexpected tensor {extra[0]!r}")
-    try:
-        tok.load_state_dict(float_state(tensors), strict=False, assign=True)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise ModelError(f"bad model file: its tensors do not match its config: {str(e).splitlines()[0]}") from None
-    tok.eval()
-    return LookModel(config, tok, tensors, canonical_hash(config, tensors))
-
-
-def build(base, look: str, name: str, tokenizer_state: dict, tokenizer_config=None) -> LookModel:
-    """A look of `base` (a weights.Model) from a tokenizer's state (its decoder's entries are kept)."""
-    from .weights import float_tensors
-
-    config = LookConfig(name=name, look=look, base=base.name, base_hash=base.sha256[:16].hex(),
-                        tokenizer=tokenizer_config or base.config.tokenizer)
-    decoder = {k: v for k, v in tokenizer_state.items() if not k.startswith(Tokenizer.ENCODER)}
-    return from_tensors(config, float_tensors(decoder))
-
-
-def find(base, look: str, models: list | None = None) -> LookModel:
-    """The look model named `look` for the model `base`: among `models`, else installed."""
-    from . import weights
-
-    for m in models or []:
-        if isinstance(m, LookModel) and m.config.look == look and m.fits(base):
-            return m
-    inst = weights.installed()  # cached: the files are read and hashed once while they do not change
-    for name, config in weights.installed_configs().items():
-        if isinstance(config, LookConfig) and config.look == look and config.base_hash == base.sha256[:16].hex():
-            m = weights.load(inst[name][0])
-            if m.fits(base):
-                return m
-    raise ModelNotFoundError(f"no {look} look is installed for model {base.name!r}; pass its look model file with --model")
-
-
 @dataclass
 class SecondLookModel(modelfile.Identity):
+    """A look of second-stage models that share one coder (format bsqcodec-second-look-1)."""
+
     config: SecondLookConfig
     coder: ResidualCoder  # its decoder only: the encoder's parameters are never loaded
     tensors: dict[str, torch.Tensor]
@@ -99,21 +54,39 @@ class SecondLookModel(modelfile.Identity):
         return smodel.sha256[:16].hex() in self.config.base_hashes() and (a.patch, a.bits) == (b.patch, b.bits)
 
 
-def second_from_tensors(config: SecondLookConfig, tensors: dict[str, torch.Tensor]) -> SecondLookModel:
+def coding_error(m) -> str:
+    """Why a look model cannot encode, sample or be benched as a rung: it only decodes other models' files."""
+    of = ", ".join(n for n, _ in m.config.bases)
+    return f"{m.name} is a look model: it decodes the files of {of} (decode --look {m.config.look}); use that preset"
+
+
+def from_tensors(config: LookConfig | SecondLookConfig, tensors: dict[str, torch.Tensor]) -> LookModel | SecondLookModel:
+    """The look model of a config and its tensors (the decoder's only), checked."""
     from .weights import canonical_hash, check_float_tensors, float_state
 
+    kind, net_cls, pre = ((LookModel, Tokenizer, "tokenizer.") if isinstance(config, LookConfig)
+                          else (SecondLookModel, ResidualCoder, "residual."))
     with torch.device("meta"):
-        coder = ResidualCoder(config.residual)
-    check_float_tensors(coder, tensors, "residual.", skip=ResidualCoder.ENCODER)
-    extra = sorted(k for k in tensors if not k.startswith("residual."))
+        net = net_cls(config.tokenizer if kind is LookModel else config.residual)
+    check_float_tensors(net, tensors, pre, skip=net_cls.ENCODER)
+    extra = sorted(k for k in tensors if not k.startswith(pre))  # the encoder's: check_float_tensors
     if extra:
         raise ModelError(f"bad model file: unexpected tensor {extra[0]!r}")
     try:
-        coder.load_state_dict(float_state(tensors, "residual."), strict=False, assign=True)
+        net.load_state_dict(float_state(tensors, pre), strict=False, assign=True)
     except (RuntimeError, KeyError, ValueError) as e:
         raise ModelError(f"bad model file: its tensors do not match its config: {str(e).splitlines()[0]}") from None
-    coder.eval()
-    return SecondLookModel(config, coder, tensors, canonical_hash(config, tensors))
+    return kind(config, net.eval(), tensors, canonical_hash(config, tensors))
+
+
+def build(base, look: str, name: str, tokenizer_state: dict, tokenizer_config=None) -> LookModel:
+    """A look of `base` (a weights.Model) from a tokenizer's state (its decoder's entries are kept)."""
+    from .weights import float_tensors
+
+    config = LookConfig(name=name, look=look, base=base.name, base_hash=base.sha256[:16].hex(),
+                        tokenizer=tokenizer_config or base.config.tokenizer)
+    decoder = {k: v for k, v in tokenizer_state.items() if not k.startswith(Tokenizer.ENCODER)}
+    return from_tensors(config, float_tensors(decoder))
 
 
 def build_second(bases: list, look: str, name: str, coder_state: dict) -> SecondLookModel:
@@ -131,21 +104,24 @@ def build_second(bases: list, look: str, name: str, coder_state: dict) -> Second
     config = SecondLookConfig(name=name, look=look, bases=tuple((m.name, m.sha256[:16].hex()) for m in bases),
                               residual=bases[0].config.residual)
     decoder = {k: v for k, v in coder_state.items() if not k.startswith(ResidualCoder.ENCODER)}
-    return second_from_tensors(config, float_tensors(decoder, "residual."))
+    return from_tensors(config, float_tensors(decoder, "residual."))
 
 
-def find_second(smodel, look: str, models: list | None = None) -> SecondLookModel:
-    """The look model named `look` for the second-stage model `smodel`: among `models`, else installed."""
+def find(model, look: str, models: list | None = None) -> LookModel | SecondLookModel:
+    """The look model named `look` for `model` (a first-stage weights.Model, or a second.SecondModel): among
+    `models`, else installed."""
     from . import weights
 
+    kind = LookModel if isinstance(model, weights.Model) else SecondLookModel
     for m in models or []:
-        if isinstance(m, SecondLookModel) and m.config.look == look and m.fits(smodel):
+        if isinstance(m, kind) and m.config.look == look and m.fits(model):
             return m
-    inst = weights.installed()
+    inst = weights.installed()  # cached: the files are read and hashed once while they do not change
+    h = model.sha256[:16].hex()
     for name, config in weights.installed_configs().items():
-        if isinstance(config, SecondLookConfig) and config.look == look and smodel.sha256[:16].hex() in config.base_hashes():
+        if isinstance(config, (LookConfig, SecondLookConfig)) and config.look == look and h in config.base_hashes():
             m = weights.load(inst[name][0])
-            if m.fits(smodel):
+            if isinstance(m, kind) and m.fits(model):
                 return m
-    raise ModelNotFoundError(f"no {look} look is installed for the second-stage model {smodel.name!r}; "
-                             "pass its look model file with --model")
+    what = "model" if kind is LookModel else "the second-stage model"
+    raise ModelNotFoundError(f"no {look} look is installed for {what} {model.name!r}; pass its look model file with --model")

@@ -176,17 +176,20 @@ def find_model(header: Header, base, models=None) -> SecondModel:
 def decode_tokens(header: Header, base, base_tokens: np.ndarray, models=None) -> tuple[SecondModel, torch.Tensor, torch.Tensor]:
     """A 2.1 file's second stage -> (its model, bits (H2, W2, L2) with bits not kept 0, budgets (H2, W2)), verified."""
     smodel = find_model(header, base, models)
+    return (smodel, *_decode_bits(header, smodel, base_tokens))
+
+
+def _decode_bits(header: Header, smodel: SecondModel, base_tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     cfg, s = smodel.config, header.second
     r = header.patch // cfg.residual.patch
     bits01, budget = stage2.decode(smodel.prior, base_tokens, header.bits, s.streams, s.table, cfg.choices, r,
                                    cfg.residual.bits)
     if stage2.token_crc(bits01, budget) != s.token_crc:
         raise FormatError("the decoded second-stage tokens do not match the file's second-stage token checksum")
-    return smodel, bits01, budget
+    return bits01, budget
 
 
-def decode(header: Header, base, base_tokens: np.ndarray, base_px: np.ndarray, models=None, pixels_of=None) -> np.ndarray:
-    """The uint8 pixels (padded image) of a 2.1 file's second stage; base_px: the first stage's. pixels_of:
-    whose decoder gives them (a look model of the file's second-stage model; None: that model's own)."""
-    smodel, bits01, budget = decode_tokens(header, base, base_tokens, models)
-    return pixels(pixels_of or smodel, base_px, bits01, budget)
+def decode(header: Header, base_tokens: np.ndarray, base_px: np.ndarray, smodel: SecondModel, pixels_of=None) -> np.ndarray:
+    """The uint8 pixels (padded image) of a 2.1 file's second stage, whose model is smodel (find_model);
+    base_px: the first stage's. pixels_of: whose decoder gives them (a look of smodel; None: smodel's own)."""
+    return pixels(pixels_of or smodel, base_px, *_decode_bits(header, smodel, base_tokens))

@@ -130,14 +130,10 @@ def from_tensors(config, tensors: dict[str, torch.Tensor], device="cpu"):
         from . import second
 
         return second.from_tensors(config, tensors)
-    if isinstance(config, LookConfig):
+    if isinstance(config, (LookConfig, SecondLookConfig)):
         from . import look
 
         return look.from_tensors(config, tensors)
-    if isinstance(config, SecondLookConfig):
-        from . import look
-
-        return look.second_from_tensors(config, tensors)
     if config.tokenizer.bits != config.prior.bits:
         raise ModelError("tokenizer and prior disagree on bits per token")
     tok = _meta_tokenizer(config.tokenizer)

@@ -87,9 +87,9 @@ def test_looks_of_other_models_bad_configs_and_bad_files_are_refused(tiny_model,
     t = dict(sharp2.tensors)
     t["residual.enc_in.bias"] = torch.zeros(RCFG.channels, dtype=torch.float16)  # an encoder tensor: a look holds none
     with pytest.raises(ModelError):
-        look.second_from_tensors(sharp2.config, t)
+        look.from_tensors(sharp2.config, t)
     with pytest.raises(ModelError):
-        look.second_from_tensors(sharp2.config, {k: v for k, v in sharp2.tensors.items() if "from_code" not in k})
+        look.from_tensors(sharp2.config, {k: v for k, v in sharp2.tensors.items() if "from_code" not in k})
     good = sharp2.config.to_dict()
     for bad in ({"bases": []}, {"bases": [{"name": "a", "hash": "AB" * 16}]}, {"look": "blurry"},
                 {"bases": [{"name": "a", "hash": "ab" * 16}] * 2}, {"bases": "ab"}):
