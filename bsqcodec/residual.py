@@ -64,6 +64,26 @@ class ResidualCoder(nn.Module):
         h = self.dec_blocks(h + self.from_code(code * math.sqrt(self.cfg.bits)))
         return base + self.to_pixels(F.gelu(h))
 
+    def load_narrower(self, state: dict) -> None:
+        """Start from the weights of a coder of the same shape but fewer bits (a narrower code): its bits stay
+        this coder's first bits, the encoder's projections for the new bits keep their fresh init, and the
+        decoder reads the new bits with zero weights, so that it starts as the narrower coder's decoder."""
+        own = self.state_dict()
+        old = state["to_code.weight"].shape[0]
+        if not 0 < old <= self.cfg.bits:
+            raise ValueError(f"a coder of {old} bits cannot start one of {self.cfg.bits}")
+        for k, v in state.items():
+            if k in ("to_code.weight", "to_code.bias"):
+                own[k][:old] = v
+            elif k == "from_code.weight":
+                own[k].zero_()
+                own[k][:, :old] = v
+            elif own[k].shape == v.shape:
+                own[k] = v
+            else:
+                raise ValueError(f"{k}: shape {tuple(v.shape)} does not fit {tuple(own[k].shape)}")
+        self.load_state_dict(own)
+
     def forward(self, x: torch.Tensor, base: torch.Tensor, keep: torch.Tensor | None = None):
         """Training pass: (reconstruction, code); keep: optional bit budgets (nested BSQ), one per sample (B,)
         or one per token (B, H/p, W/p)."""
@@ -124,8 +144,10 @@ class BitPrior(nn.Module):
 
     def load_older(self, state: dict) -> None:
         """Start from another prior's weights: one without the budget input gets the budget's weights at
-        zero; one of another first stage (another context size) gives every tensor but its input layer's
-        weights."""
+        zero; one of fewer bits is widened (widened); one of another first stage (another context size) gives
+        every tensor but its input layer's weights."""
+        if state["net.4.weight"].shape[0] < self.bits:
+            state = self.widened(state)
         w = state["net.0.weight"]
         if self.budget and w.shape[1] + 1 == self.net[0].weight.shape[1]:
             state = {**state, "net.0.weight": torch.cat([w, torch.zeros_like(w[:, :1])], 1)}
@@ -133,6 +155,28 @@ class BitPrior(nn.Module):
         if state["net.0.weight"].shape != own["net.0.weight"].shape:
             state = {**state, "net.0.weight": own["net.0.weight"]}
         self.load_state_dict(state)
+
+    def widened(self, state: dict) -> dict:
+        """A narrower prior's weights (of fewer bits, the same kind, first stage and budget input) as this
+        prior's: each neighbour's old bits read as before and its new bits with zero weights; the new bits'
+        outputs at zero (probability 1/2); the budget input, the fraction of bits kept, rescaled so that a
+        token's bit count weighs what it weighed."""
+        old = state["net.4.weight"].shape[0]
+        w = state["net.0.weight"]
+        n_neigh = 8 if self.kind == "quad3x3" else 4
+        head = w.shape[1] - n_neigh * old - int(self.budget)
+        if head != self.net[0].weight.shape[1] - n_neigh * self.bits - int(self.budget):
+            raise ValueError("the narrower prior's context does not fit this prior's")
+        parts = [w[:, :head]]
+        for j in range(n_neigh):
+            blk = w[:, head + j * old : head + (j + 1) * old]
+            parts += [blk, torch.zeros_like(w[:, : self.bits - old])]
+        if self.budget:
+            parts.append(w[:, -1:] * (self.bits / old))
+        out_w, out_b = state["net.4.weight"], state["net.4.bias"]
+        return {**state, "net.0.weight": torch.cat(parts, 1),
+                "net.4.weight": torch.cat([out_w, out_w.new_zeros((self.bits - old, *out_w.shape[1:]))]),
+                "net.4.bias": torch.cat([out_b, out_b.new_zeros(self.bits - old)])}
 
     def logits(self, base_code: torch.Tensor, bits01: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """base_code (B, L1, h, w) as +-1; bits01 (B, L, H, W) in {0, 1}; kept (B, L, 1, 1) or (B, L, H, W)

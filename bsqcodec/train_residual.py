@@ -283,9 +283,13 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
         step = state["step"]
     elif opts.init:
         src = init_state(opts.init)
-        own = model.state_dict()
-        own.update({k: v for k, v in src.get("ema", src["model"]).items() if k in own and own[k].shape == v.shape})
-        model.load_state_dict(own)
+        weights_in = src.get("ema", src["model"])
+        if weights_in["to_code.weight"].shape[0] < cfg.bits:  # a wider code than the init's: its bits come first
+            model.load_narrower(weights_in)
+        else:
+            own = model.state_dict()
+            own.update({k: v for k, v in weights_in.items() if k in own and own[k].shape == v.shape})
+            model.load_state_dict(own)
         if prior is not None and "bit_prior" in src:
             prior.load_older(src["bit_prior"])
     ema = ResidualCoder(cfg).to(device)

@@ -259,3 +259,51 @@ def test_a_decoder_only_run_keeps_the_encoder_and_resumes_exactly(data, model_fi
         train_residual(_opts(data, tmp_path / "d", model_file, steps=1, perceptual=0.5))
     with pytest.raises(BsqError, match="--init"):
         train_residual(_opts(data, tmp_path / "e", model_file, steps=1, decoder_only=True))
+
+
+def test_a_wider_coder_starts_as_the_narrower_one_on_its_bits():
+    torch.manual_seed(0)
+    narrow = ResidualCoder(CFG).eval()
+    with torch.no_grad():
+        for p in narrow.parameters():
+            p.normal_(0, 0.3)
+    wide = ResidualCoder(ResidualConfig(patch=2, channels=8, bits=10, enc_blocks=1, dec_blocks=1)).eval()
+    fresh = wide.to_code.weight[6:].clone()
+    wide.load_narrower(narrow.state_dict())
+    x, base = torch.rand(2, 3, 12, 8), torch.rand(2, 3, 12, 8)
+    lat_n, lat_w = narrow.encode_latent(x, base), wide.encode_latent(x, base)
+    assert torch.allclose(lat_w[:, :6], lat_n, atol=1e-6)  # the old bits are the same signs
+    assert torch.equal(wide.to_code.weight[6:], fresh)  # the new bits' projections keep their init
+    code_w = wide.quant(lat_w)
+    code_n = narrow.quant(lat_n)
+    for k in (3, 6, 10):  # every budget reads only the old bits' part, scaled to the same +-1 entries
+        kept_w = code_w * (torch.arange(10) < k).float()[None, :, None, None]
+        kept_n = code_n * (torch.arange(6) < min(k, 6)).float()[None, :, None, None]
+        assert torch.allclose(wide.decode_code(kept_w, base), narrow.decode_code(kept_n, base), atol=1e-5), k
+    with pytest.raises(ValueError):
+        narrow.load_narrower(wide.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["checker", "quad3x3"])
+def test_a_wider_prior_gives_the_old_bits_the_old_logits(kind):
+    from bsqcodec.residual import BitPrior
+
+    torch.manual_seed(0)
+    old = BitPrior(base_bits=5, ratio=2, bits=4, width=16, kind=kind)
+    new = BitPrior(base_bits=5, ratio=2, bits=7, width=16, kind=kind)
+    new.load_older(old.state_dict())
+    base = torch.randint(0, 2, (1, 5, 3, 3)).float() * 2 - 1
+    bits = torch.randint(0, 2, (1, 7, 6, 6)).float()
+    for k in (1, 3, 4):
+        kept_old = (torch.arange(4) < k).float()[None, :, None, None]
+        kept_new = (torch.arange(7) < k).float()[None, :, None, None]
+        lg_new = new.logits(base, bits, kept_new)
+        assert torch.allclose(lg_new[:, :4], old.logits(base, bits[:, :4], kept_old), atol=1e-5), k
+        assert torch.equal(lg_new[:, 4:], torch.zeros_like(lg_new[:, 4:]))  # new bits start at p = 1/2
+    kept = torch.ones(1, 7, 1, 1)
+    flipped = bits.clone()
+    flipped[:, 5] = 1 - flipped[:, 5]
+    assert torch.equal(new.logits(base, bits, kept), new.logits(base, flipped, kept))  # new bits read at zero weight
+    old_flip = bits.clone()
+    old_flip[:, 1] = 1 - old_flip[:, 1]
+    assert not torch.allclose(new.logits(base, bits, kept), new.logits(base, old_flip, kept))  # old ones as before
