@@ -10,6 +10,7 @@ exactly what this stage starts from.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -58,11 +59,16 @@ class ResidualCoder(nn.Module):
         h = torch.cat([F.pixel_unshuffle(x - base, p) * 4.0, F.pixel_unshuffle(base - 0.5, p)], 1)
         return self.to_code(self.enc_blocks(F.gelu(self.enc_in(h))))
 
-    def decode_code(self, code: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """The base pixels plus the correction read from the code (a zeroed bit reads as 0)."""
-        h = F.gelu(self.ctx_in(F.pixel_unshuffle(base - 0.5, self.cfg.patch)))
-        h = self.dec_blocks(h + self.from_code(code * math.sqrt(self.cfg.bits)))
-        return base + self.to_pixels(F.gelu(h))
+    def decode_code(self, code: torch.Tensor, base: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+        """The base pixels plus the correction read from the code (a zeroed bit reads as 0).
+
+        bf16: the convolutions up to the last GELU (nearly all the work) in bfloat16 autocast on the CPU;
+        the output layer, which makes pixels, stays in float32 (as the first stage's, Tokenizer.decode_code).
+        """
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            h = F.gelu(self.ctx_in(F.pixel_unshuffle(base - 0.5, self.cfg.patch)))
+            h = F.gelu(self.dec_blocks(h + self.from_code(code * math.sqrt(self.cfg.bits))))
+        return base + self.to_pixels(h.float() if bf16 else h)
 
     def load_narrower(self, state: dict) -> None:
         """Start from the weights of a coder of the same shape but fewer bits (a narrower code): its bits stay

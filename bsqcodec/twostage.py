@@ -17,7 +17,7 @@ from .container import Header, SecondStage
 from .errors import FormatError, ModelError
 from .residual import ResidualCoder, halo, to_float
 from .second import SecondModel
-from .tokenizer import tokens_to_bits
+from .tokenizer import native_bf16, tokens_to_bits
 
 STRIP2 = 64  # second-grid rows per strip of the residual coder, at most
 STRIP_POSITIONS = 2**16  # and at most about this many positions (wide images: narrower strips, bounded memory)
@@ -51,9 +51,13 @@ def second_latent(coder: ResidualCoder, arr: np.ndarray, base_px: np.ndarray) ->
 
 
 @torch.no_grad()
-def pixels(smodel, base_px: np.ndarray, bits01: torch.Tensor, budget: torch.Tensor) -> np.ndarray:
+def pixels(smodel, base_px: np.ndarray, bits01: torch.Tensor, budget: torch.Tensor, bf16: bool | None = None) -> np.ndarray:
     """The second stage's uint8 pixels over the padded image: the first stage's plus the decoded correction.
-    smodel: a SecondModel, or a look of one (look.SecondLookModel): what has its decoder (.coder, .config.residual)."""
+    smodel: a SecondModel, or a look of one (look.SecondLookModel): what has its decoder (.coder, .config.residual).
+    bf16: its convolutions in bfloat16 (within a level of float32's pixels, formats/bsq.md section 11);
+    None: where the CPU has bfloat16 dot products, as the first stage's decoder (tokenizer.native_bf16)."""
+    if bf16 is None:
+        bf16 = native_bf16()
     coder, p, L = smodel.coder, smodel.config.residual.patch, smodel.config.residual.bits
     kept = torch.arange(L)[None, None, :] < budget[..., None]
     code = ((bits01.float() * 2 - 1) * kept).permute(2, 0, 1)[None] / L**0.5  # decode_code scales by sqrt(L)
@@ -66,7 +70,7 @@ def pixels(smodel, base_px: np.ndarray, bits01: torch.Tensor, budget: torch.Tens
         b = min(H2, a + rows)
         lo, hi = max(0, a - seen), min(H2, b + seen)
         with torch.no_grad():
-            y = coder.decode_code(code[..., lo:hi, :], to_float(base_px[lo * p : hi * p]))
+            y = coder.decode_code(code[..., lo:hi, :], to_float(base_px[lo * p : hi * p]), bf16)
         y = (y[0, :, (a - lo) * p : (b - lo) * p].clamp(0, 1) * 255).round()
         out[a * p : b * p] = y.permute(1, 2, 0).to(torch.uint8).numpy()
 

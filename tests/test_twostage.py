@@ -277,11 +277,16 @@ def test_strips_give_the_whole_images_pixels(tiny_r, tiny_model, image, monkeypa
         whole = (tiny_r.coder.encode_latent(x, b)[0] > 0).permute(1, 2, 0).to(torch.uint8)
         assert torch.equal(bits, whole)
         budget = torch.from_numpy(np.random.default_rng(0).choice([0, 2, 6], bits.shape[:2]))
-        px = twostage.pixels(tiny_r, base, bits, budget)
         kept = torch.arange(6)[None, None, :] < budget[..., None]
         code = ((bits.float() * 2 - 1) * kept).permute(2, 0, 1)[None] / 6**0.5
-        ref = (tiny_r.coder.decode_code(code, b)[0].clamp(0, 1) * 255).round().permute(1, 2, 0).to(torch.uint8).numpy()
-    assert np.abs(px.astype(int) - ref).max() <= 1 and (px != ref).mean() < 0.001
+        got = {}
+        for bf16 in (False, True):
+            px = got[bf16] = twostage.pixels(tiny_r, base, bits, budget, bf16)
+            ref = (tiny_r.coder.decode_code(code, b, bf16)[0].clamp(0, 1) * 255).round().permute(1, 2, 0)
+            ref = ref.to(torch.uint8).numpy()
+            assert np.abs(px.astype(int) - ref).max() <= 1 and (px != ref).mean() < 0.001, bf16
+    diff = np.abs(got[True].astype(int) - got[False].astype(int))
+    assert diff.max() >= 1 and diff.mean() < 0.5  # bfloat16 is really used, and close to float32
 
 
 def _objective(smodel, arr, base_px, b1, bits, budget, lam, r):
