@@ -11,8 +11,10 @@ from bsqcodec.residual import BitPrior, ResidualCoder
 RCFG = ResidualConfig(patch=2, channels=8, bits=6, enc_blocks=1, dec_blocks=1)
 
 
-def tiny_second(base, seed=0, name="tiny-r", kind="checker") -> second.SecondModel:
-    """A random second-stage model for `base` (the tiny model): patch 2 under its patch 4, bit prior context `kind`."""
+def tiny_second(base, seed=0, name="tiny-r", kind="checker", bits=6, choices=(0, 2, 4, 6)) -> second.SecondModel:
+    """A random second-stage model for `base` (the tiny model): patch 2 under its patch 4, bit prior context
+    `kind`, `bits` bits per token."""
+    RCFG = ResidualConfig(patch=2, channels=8, bits=bits, enc_blocks=1, dec_blocks=1)
     torch.manual_seed(seed)
     coder = ResidualCoder(RCFG)
     tok = base.config.tokenizer
@@ -28,7 +30,7 @@ def tiny_second(base, seed=0, name="tiny-r", kind="checker") -> second.SecondMod
     calib = intbits.context(torch.randint(0, 2, (4, 4, tok.bits), generator=g),
                             torch.randint(0, 2, (4 * r, 4 * r, RCFG.bits), generator=g),
                             torch.randint(0, RCFG.bits + 1, (4 * r, 4 * r), generator=g), r, kind=kind)
-    return second.export(ckpt, base, name, (0, 2, 4, 6), 300, calib.reshape(-1, calib.shape[-1]))
+    return second.export(ckpt, base, name, tuple(choices), 300, calib.reshape(-1, calib.shape[-1]))
 
 
 @pytest.fixture(scope="module")

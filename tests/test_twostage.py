@@ -47,6 +47,27 @@ def test_a_two_stage_file_decodes_to_the_first_stages_pixels_plus_the_correction
     assert np.array_equal(arr, twostage.pixels(tiny_r, base, got, budget)[:150, :45])
 
 
+def test_a_32_bit_second_stage_codes_and_decodes_every_bit(tiny_model, image):
+    """The widest code the format holds (L2 = 32: a token's checksum entry is k x 2^32 + its bits)."""
+    wide = tiny_second(tiny_model, seed=5, name="tiny-w", kind="quad3x3", bits=32, choices=(0, 8, 24, 32))
+    enc = codec.encode_array(image, wide, effort=3, lam=1, models=[tiny_model])
+    header, tokens, arr = codec.decode_detailed(enc.data, [tiny_model, wide])
+    assert np.array_equal(arr, enc.pixels()) and torch.equal(tokens, enc.tokens)
+    _, bits, budget = twostage.decode_tokens(header, tiny_model, tokens.numpy(), [tiny_model, wide])
+    assert int(budget.max()) == 32 and bool(bits[..., 31].any())  # the last bit is kept and coded
+    assert header.second.bits == 32
+    import json
+
+    import spec_ref_second  # and a decoder written from the spec alone reads them too
+
+    t = {k: v.tolist() for k, v in wide.tensors.items() if k.startswith("bits.")}
+    cfg = json.loads(json.dumps(wide.config.to_dict()))
+    ref_bits, ref_k = spec_ref_second.decode(header, tokens.tolist(), t, cfg)
+    assert ref_k == budget.tolist()
+    assert ref_bits == [[[b if i < k else 0 for i, b in enumerate(row)] for row, k in zip(r1, r2)]
+                        for r1, r2 in zip(bits.tolist(), budget.tolist())]
+
+
 def test_a_quad_context_model_codes_four_passes_a_band(tiny_model, image):
     quad = tiny_second(tiny_model, seed=4, name="tiny-q", kind="quad3x3")
     assert quad.config.context == "quad3x3" and "context" in quad.config.to_dict()
