@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .adam import Adam
 from .residual import ResidualCoder, halo, to_float
+from .tokenizer import native_bf16
 
 # gradient steps per effort (1 to 9). Each step runs the stage's decoder forward and backward over the image.
 ITERATIONS = {1: 0, 2: 1, 3: 2, 4: 4, 5: 6, 6: 8, 7: 12, 8: 16, 9: 32}
@@ -40,13 +41,17 @@ def iterations(effort: int) -> int:
 
 
 def refine(coder: ResidualCoder, u: torch.Tensor, arr: np.ndarray, base_px: np.ndarray, budget: torch.Tensor,
-           costs: tuple[torch.Tensor, torch.Tensor], lam: float, steps: int, width: int, height: int) -> torch.Tensor:
+           costs: tuple[torch.Tensor, torch.Tensor], lam: float, steps: int, width: int, height: int,
+           bf16: bool | None = None) -> torch.Tensor:
     """Bits (H2, W2, L) uint8 after `steps` gradient steps from the unit-norm codes u (H2, W2, L).
 
     arr, base_px: the padded image and its first-stage pixels (uint8); budget (H2, W2) bits kept per token;
     costs: (cost of each bit being 0, being 1), each (H2, W2, L) in bits; width, height: the image's own
-    size (pixels outside it do not count).
+    size (pixels outside it do not count). bf16: the decoder's convolutions in bfloat16, forward and
+    backward (None: where the CPU has bfloat16 dot products, as the first stage's search).
     """
+    if bf16 is None:
+        bf16 = native_bf16()
     if steps <= 0:
         return (u > 0).to(torch.uint8)
     p, L = coder.cfg.patch, coder.cfg.bits
@@ -71,7 +76,7 @@ def refine(coder: ResidualCoder, u: torch.Tensor, arr: np.ndarray, base_px: np.n
             for _ in range(steps):
                 v = torch.cat([code[:, :, a:r0], own, code[:, :, r1:b]], 2)
                 ste = coder.quant.straight_through(F.normalize(v, dim=1)) * kept[:, :, a:b]
-                y = coder.decode_code(ste, base)[:, :, y0:y1, :width]
+                y = coder.decode_code(ste, base, bf16)[:, :, y0:y1, :width]
                 se = ((y - tgt) * 255).square().sum()
                 bit = (ste[:, :, r0 - a : r1 - a] * math.sqrt(L) + 1) / 2  # 1 where the code is +1 (kept bits)
                 rate = (bit * c1[:, :, r0:r1] + (1 - bit) * c0[:, :, r0:r1]).sum()
