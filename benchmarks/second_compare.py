@@ -1,4 +1,5 @@
-"""Two sets of second-stage models on the same first-stage files: rate-distortion curves and BD-rate.
+"""Two sets of second-stage models (or one set at two efforts) on the same first-stage files: rate-distortion
+curves and BD-rate.
 
     python benchmarks/second_compare.py --old q4s,q5s,q6,q7,q8,q9 --new runs/new-*.safetensors \
         --effort 4 --name res32-step2000 IMAGE...
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--old", required=True, help="comma-separated presets or model files")
     ap.add_argument("--new", required=True, nargs="+", help="model files (or presets)")
     ap.add_argument("--effort", type=int, default=4)
+    ap.add_argument("--new-effort", type=int, default=None, help="the new models' effort (default: --effort)")
     ap.add_argument("--name", required=True)
     args = ap.parse_args()
     old = [_load(s) for s in args.old.split(",")]
@@ -46,8 +48,9 @@ def main() -> None:
         arr = np.asarray(Image.open(path).convert("RGB"))
         first = codec.first_stage(base, arr, args.effort)
         for side, models in (("old", old), ("new", new)):
+            effort = args.new_effort if side == "new" and args.new_effort else args.effort
             for row, m in zip(rows[side], models):
-                enc = codec.add_second_stage(first, m, effort=args.effort)
+                enc = codec.add_second_stage(first, m, effort=effort)
                 row["bytes"] += len(enc.data)
                 row["px"] += arr.shape[0] * arr.shape[1]
                 row["se"].append(metrics.psnr(arr, enc.pixels()))
@@ -58,7 +61,8 @@ def main() -> None:
                          "mean_psnr": float(np.mean(r["se"])), "psnr": r["se"]} for r in rows[side]]
     bd = metrics.bd_rate([c["bpp"] for c in curves["old"]], [c["mean_psnr"] for c in curves["old"]],
                          [c["bpp"] for c in curves["new"]], [c["mean_psnr"] for c in curves["new"]])
-    res = {"images": [Path(p).name for p in args.images], "effort": args.effort, "curves": curves,
+    res = {"images": [Path(p).name for p in args.images], "effort": args.effort,
+           "new_effort": args.new_effort or args.effort, "curves": curves,
            "bd_rate_new_vs_old": bd}
     out = HERE / "results" / f"second-compare-{args.name}.json"
     out.write_text(json.dumps(res, indent=1) + "\n")

@@ -186,8 +186,11 @@ def decode_tokens(header: Header, base, base_tokens: np.ndarray, models=None) ->
 def _decode_bits(header: Header, smodel: SecondModel, base_tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     cfg, s = smodel.config, header.second
     r = header.patch // cfg.residual.patch
-    bits01, budget = stage2.decode(smodel.prior, base_tokens, header.bits, s.streams, s.table, cfg.choices, r,
-                                   cfg.residual.bits)
+    # single-threaded kernels (the tables are integers, the same for any thread count): a product split
+    # between threads waits for every thread, which a busy machine schedules late
+    with cpu.single_threaded_kernels():
+        bits01, budget = stage2.decode(smodel.prior, base_tokens, header.bits, s.streams, s.table, cfg.choices, r,
+                                       cfg.residual.bits)
     if stage2.token_crc(bits01, budget) != s.token_crc:
         raise FormatError("the decoded second-stage tokens do not match the file's second-stage token checksum")
     return bits01, budget

@@ -270,6 +270,10 @@ def find(model_hash: bytes, name: str, extra: list[Model] | None = None) -> Mode
     named = _named(name)
     if named is not None and named.sha256[:n] == model_hash:
         return named
+    if named is not None and isinstance(named.config, SecondConfig):  # a two-stage file names its second stage:
+        first = _named(named.config.base)  # its first stage is that model's base, most likely installed as named
+        if first is not None and first.sha256[:n] == model_hash:
+            return first
     for pname, (path, h) in installed().items():
         if h[:n] == model_hash:
             return _load_cached(path)
