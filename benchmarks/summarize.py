@@ -158,6 +158,18 @@ def robustness_section() -> str:
         if old:
             out[-2] += (f" Before the single-threaded prior and its worker processes (commit 30a1dd8): "
                         f"{old['net_idle_best']:.2f} s net, {old['busy_slowest_over_idle_best']:.1f}x under load.")
+    from bsqcodec.config import RUNG_NAMES
+
+    rungs = [(q, load(f"decode-load-{q}.json")) for q in RUNG_NAMES]
+    rungs = [(q, d) for q, d in rungs if d]
+    if rungs:
+        machine = _cpu_words(rungs[0][1]["machine"]) if isinstance(rungs[0][1].get("machine"), dict) else _cpu_words({})
+        out += ["### Every rung as a whole process (`results/decode-load-RUNG.json`)", "",
+                f"Machine: {machine}. `bsqc decode` of {rungs[0][1]['image']} on {rungs[0][1]['cpus']} cores, net of the "
+                f"six imports (best of 5), and the slowest of 5 beside 2 CPU-bound processes against the idle best:", "",
+                "| rung | net idle | whole idle | slowest busy / idle |", "|---|---|---|---|",
+                *(f"| {q} | {d['net_idle_best']:.2f} s | {d['whole_idle_best']:.2f} s | {d['busy_slowest_over_idle_best']:.2f}x |"
+                  for q, d in rungs), ""]
     fz = load("fuzz.json")
     if fz:
         out += ["### Fuzzing (`results/fuzz.json`)", "",

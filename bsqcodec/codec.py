@@ -420,7 +420,7 @@ def _pixels(header: Header, model: weights.Model, tokens: torch.Tensor, makers) 
         return tokens_to_array(first, tokens, header.width, header.height)
     from . import twostage
 
-    px = twostage.decode(header, tokens.numpy(), padded_pixels(model, tokens), *second)
+    px = twostage.decode(header, tokens.numpy(), lambda: padded_pixels(model, tokens), *second)
     return px[: header.height, : header.width]
 
 

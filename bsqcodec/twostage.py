@@ -196,7 +196,16 @@ def _decode_bits(header: Header, smodel: SecondModel, base_tokens: np.ndarray) -
     return bits01, budget
 
 
-def decode(header: Header, base_tokens: np.ndarray, base_px: np.ndarray, smodel: SecondModel, pixels_of=None) -> np.ndarray:
+def decode(header: Header, base_tokens: np.ndarray, base_px, smodel: SecondModel, pixels_of=None) -> np.ndarray:
     """The uint8 pixels (padded image) of a 2.1 file's second stage, whose model is smodel (find_model);
-    base_px: the first stage's. pixels_of: whose decoder gives them (a look of smodel; None: smodel's own)."""
-    return pixels(pixels_of or smodel, base_px, *_decode_bits(header, smodel, base_tokens))
+    base_px: the first stage's, or a function that makes them: the second stage's bits are then decoded in
+    a thread meanwhile (their tables never depend on pixels, section 11; the bits' single-threaded work
+    beside the pixels' two threads). pixels_of: whose decoder gives them (a look of smodel; None: its own)."""
+    if not callable(base_px):
+        return pixels(pixels_of or smodel, base_px, *_decode_bits(header, smodel, base_tokens))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        bits = pool.submit(_decode_bits, header, smodel, base_tokens)
+        base = base_px()
+        return pixels(pixels_of or smodel, base, *bits.result())
