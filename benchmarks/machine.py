@@ -2,8 +2,10 @@
 
 kind: "avx512" where the CPU has AVX-512 and nothing caps it; "avx2" on a CPU without it, or on one
 with it where `ONEDNN_MAX_CPU_ISA=AVX2` caps torch's oneDNN and `BSQ_PRODUCTS=float32` and
-`BSQ_FLOAT32_DECODER=1` force the paths an AVX2-only CPU takes (then `emulated` says so). Result files
-of the avx2 kind carry the suffix -avx2.
+`BSQ_FLOAT32_DECODER=1` force the paths an AVX2-only CPU takes (then `emulated` says so; since 0.6.2 the
+emulation also sets `ATEN_CPU_CAPABILITY=avx2` and `MKL_ENABLE_INSTRUCTIONS=AVX2`, so that torch's own
+kernels and MKL's products run their AVX2 code too, as `switches` records). Result files of the avx2 kind
+carry the suffix -avx2.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def describe(model=None) -> dict:
         "emulated": kind() == "avx2" and "avx512f" in cpu.flags(),
         "cpu": cpu.describe(),
         "cpus": os.cpu_count(),
-        "switches": {k: os.environ.get(k) for k in ("ONEDNN_MAX_CPU_ISA", intprior.PRODUCTS_ENV, tokenizer.FLOAT32_ENV)},
+        "switches": {k: os.environ.get(k) for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                                                    intprior.PRODUCTS_ENV, tokenizer.FLOAT32_ENV)},
         "paths": {
             "prior_products": lin.path if lin is not None else intprior.product_path(192, "cpu"),
             "pixel_decoder": "bfloat16" if tokenizer.native_bf16() else "float32",

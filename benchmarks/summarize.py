@@ -154,18 +154,29 @@ def robustness_section() -> str:
             out[-2] += (f" The import is timed as a process that leaves without unloading them, as bsqc does; "
                         f"against a process that imports them and exits the ordinary way (the baseline of "
                         f"earlier runs) the net time is {dl['net_idle_best_vs_ordinary_exit']:.2f} s.")
+        zen3 = load("decode-load-default-zen3.json") if suffix else None
+        if zen3:
+            out[-2] += (f" On a real AVX2-only processor (AMD EPYC Zen 3, no AVX-512; an earlier session's machine, "
+                        f"before 0.6.0's start-up work, `results/decode-load-default-zen3.json`): "
+                        f"{zen3['net_idle_best']:.2f} s net, {zen3['busy_slowest_over_idle_best']:.2f}x under load.")
         old = load("decode-load-default-30a1dd8.json") if not suffix else None
         if old:
             out[-2] += (f" Before the single-threaded prior and its worker processes (commit 30a1dd8): "
                         f"{old['net_idle_best']:.2f} s net, {old['busy_slowest_over_idle_best']:.1f}x under load.")
     from bsqcodec.config import RUNG_NAMES
 
-    rungs = [(q, load(f"decode-load-{q}.json")) for q in RUNG_NAMES]
-    rungs = [(q, d) for q, d in rungs if d]
-    if rungs:
-        machine = _cpu_words(rungs[0][1]["machine"]) if isinstance(rungs[0][1].get("machine"), dict) else _cpu_words({})
-        out += ["### Every rung as a whole process (`results/decode-load-RUNG.json`)", "",
-                f"Machine: {machine}. `bsqc decode` of {rungs[0][1]['image']} on {rungs[0][1]['cpus']} cores, net of the "
+    for suffix in ("", "-avx2"):
+        rungs = [(q, load(f"decode-load-{q}{suffix}.json")) for q in RUNG_NAMES]
+        rungs = [(q, d) for q, d in rungs if d]
+        if not rungs:
+            continue
+        first = rungs[0][1]
+        machine = _cpu_words(first["machine"]) if isinstance(first.get("machine"), dict) else _cpu_words({})
+        switches = {k: v for k, v in first.get("machine", {}).get("switches", {}).items() if v}
+        how = (" Emulated on that processor with " + ", ".join(f"`{k}={v}`" for k, v in switches.items()) + "."
+               if first.get("machine", {}).get("emulated") else "")
+        out += [f"### Every rung as a whole process (`results/decode-load-RUNG{suffix}.json`)", "",
+                f"Machine: {machine}.{how} `bsqc decode` of {first['image']} on {first['cpus']} cores, net of the "
                 f"six imports (best of 5), and the slowest of 5 beside 2 CPU-bound processes against the idle best:", "",
                 "| rung | net idle | whole idle | slowest busy / idle |", "|---|---|---|---|",
                 *(f"| {q} | {d['net_idle_best']:.2f} s | {d['whole_idle_best']:.2f} s | {d['busy_slowest_over_idle_best']:.2f}x |"
