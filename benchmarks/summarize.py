@@ -246,16 +246,16 @@ def ladder_table(bench: dict) -> str:
 
     configs = {c.name: c for c in LADDER}
     inst = installed_configs()
-    rows = ["| `-q` | preset | token bits (groups) | Kodak bpp | Kodak PSNR (dB) | MS-SSIM | decode 768x512, 2 cores: AVX-512 | AVX2 |",
+    rows = ["| `-q` | preset | token bits (groups) | Kodak bpp | Kodak PSNR (dB) | MS-SSIM | `bsqc decode` 768x512, 2 cores: AVX-512 | AVX2 |",
             "|---|---|---|---|---|---|---|---|"]
     for q, name in enumerate(RUNG_NAMES, 1):
         t = bench["totals"].get(name)
         if t is None:
             continue
         decs = []
-        for suffix in ("", "-avx2"):
-            sp = load(f"speed-{name}{suffix}.json")
-            decs.append(f"{sp['decode_seconds_2_threads']:.2f} s" if sp and sp["model"] == bench["models"][name] else "-")
+        for suffix in ("", "-avx2"):  # bsqc decode as a whole process, net of imports (decode_load.py)
+            dl = load(f"decode-load-{name}{suffix}.json")
+            decs.append(f"{dl['net_idle_best']:.2f} s" if dl else "-")
         if name in configs:
             bits = f"{configs[name].tokenizer.bits} ({configs[name].prior.groups})"
         else:  # a second-stage rung: its first stage's tokens, then up to L2 bits per P2 x P2 token
@@ -267,7 +267,9 @@ def ladder_table(bench: dict) -> str:
                     f"{t['mean_ms_ssim']:.4f} | {' | '.join(decs)} |")
     bd = ", ".join(f"{c.upper()} {v:+.1f}%" if v is not None else f"{c.upper()} undefined ({_why(bench, c)})"
                    for c, v in bench["bd_rate_psnr"].items())
-    note = f"\n\nMeasured by `bsqc bench` at encoder effort {bench.get('effort', 1)}."
+    note = (f"\n\nMeasured by `bsqc bench` at encoder effort {bench.get('effort', 1)}; decoding kodim01 as a whole "
+            "process net of importing its libraries (best of 5, `benchmarks/decode_load.py`; AVX2: emulated on an "
+            "AVX-512 processor, see benchmarks/README.md).")
     return "\n".join(rows) + note + (f" BD-rate (PSNR) of the ladder on Kodak: {bd} (negative: fewer bits than that codec; "
                                       "[benchmarks/README.md](benchmarks/README.md))." if bd else "")
 
