@@ -120,5 +120,9 @@ def threads_of_kernels(workers: int):
             return
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(workers) as pool:
+        import torch
+
+        # torch's count is each thread's own, and a new thread takes the process's latest setting, which a
+        # region of another thread (twostage.decode's) may change meanwhile: each worker sets its own
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             yield lambda fn, items: list(pool.map(fn, items))

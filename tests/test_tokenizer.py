@@ -218,3 +218,17 @@ def test_single_threaded_kernels_sets_torch_and_numpys_blas_to_one_thread_and_re
     with cpu.single_threaded_kernels():
         assert torch.get_num_threads() == 1 and cpu.blas_threads() in (1, None)
     assert (torch.get_num_threads(), cpu.blas_threads()) == before
+
+
+def test_the_workers_of_threads_of_kernels_run_single_threaded_kernels_whatever_another_thread_sets():
+    import threading
+
+    from bsqcodec import cpu
+
+    before = torch.get_num_threads()
+    with cpu.threads_of_kernels(2) as run:
+        t = threading.Thread(target=torch.set_num_threads, args=(max(2, before),))  # as another region's exit
+        t.start()
+        t.join()
+        assert run(lambda _: torch.get_num_threads(), range(4)) == [1, 1, 1, 1]
+    torch.set_num_threads(before)
