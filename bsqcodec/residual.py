@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ResidualConfig, SecondConfig
-from .tokenizer import BSQ, ResBlock, _to_pixels
+from .tokenizer import BSQ, ResBlock, _to_pixels, resize_bits
 
 
 def halo(blocks: int) -> int:
@@ -71,24 +71,17 @@ class ResidualCoder(nn.Module):
         return base + self.to_pixels(h.float() if bf16 else h)
 
     def load_narrower(self, state: dict) -> None:
-        """Start from the weights of a coder of the same shape but fewer bits (a narrower code): its bits stay
-        this coder's first bits, the encoder's projections for the new bits keep their fresh init, and the
-        decoder reads the new bits with zero weights, so that it starts as the narrower coder's decoder."""
-        own = self.state_dict()
+        """Start from the weights of a coder of the same shape but fewer bits (a narrower code), widened as the
+        tokenizer's code is (tokenizer.resize_bits: its bits first, the decoder reading the new ones at zero
+        weight, so that it starts as the narrower coder's decoder); the encoder's projections for the new
+        bits keep this coder's fresh init."""
         old = state["to_code.weight"].shape[0]
         if not 0 < old <= self.cfg.bits:
             raise ValueError(f"a coder of {old} bits cannot start one of {self.cfg.bits}")
-        for k, v in state.items():
-            if k in ("to_code.weight", "to_code.bias"):
-                own[k][:old] = v
-            elif k == "from_code.weight":
-                own[k].zero_()
-                own[k][:, :old] = v
-            elif own[k].shape == v.shape:
-                own[k] = v
-            else:
-                raise ValueError(f"{k}: shape {tuple(v.shape)} does not fit {tuple(own[k].shape)}")
-        self.load_state_dict(own)
+        grown = resize_bits(state, self.cfg.bits)
+        for k in ("to_code.weight", "to_code.bias"):
+            grown[k][old:] = self.state_dict()[k][old:]
+        self.load_state_dict(grown)
 
     def forward(self, x: torch.Tensor, base: torch.Tensor, keep: torch.Tensor | None = None):
         """Training pass: (reconstruction, code); keep: optional bit budgets (nested BSQ), one per sample (B,)

@@ -50,10 +50,10 @@ def refine(coder: ResidualCoder, u: torch.Tensor, arr: np.ndarray, base_px: np.n
     size (pixels outside it do not count). bf16: the decoder's convolutions in bfloat16, forward and
     backward (None: where the CPU has bfloat16 dot products, as the first stage's search).
     """
-    if bf16 is None:
-        bf16 = native_bf16()
     if steps <= 0:
         return (u > 0).to(torch.uint8)
+    if bf16 is None:
+        bf16 = native_bf16()
     p, L = coder.cfg.patch, coder.cfg.bits
     H2, W2 = u.shape[:2]
     seen = halo(coder.cfg.dec_blocks)

@@ -8,6 +8,8 @@ rows its convolutions see, so memory stays bounded and the strips' shapes depend
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -196,13 +198,12 @@ def _decode_bits(header: Header, smodel: SecondModel, base_tokens: np.ndarray) -
     return bits01, budget
 
 
-def decode(header: Header, base_tokens: np.ndarray, base_px, smodel: SecondModel, pixels_of=None) -> np.ndarray:
-    """The uint8 pixels (padded image) of a 2.1 file's second stage, whose model is smodel (find_model);
-    base_px: the first stage's, or a function that makes them: the second stage's bits are then decoded in
-    a thread meanwhile (their tables never depend on pixels, section 11; the bits' single-threaded work
-    beside the pixels' two threads). pixels_of: whose decoder gives them (a look of smodel; None: its own)."""
-    if not callable(base_px):
-        return pixels(pixels_of or smodel, base_px, *_decode_bits(header, smodel, base_tokens))
+def decode(header: Header, base_tokens: np.ndarray, base_px: Callable[[], np.ndarray], smodel: SecondModel,
+           pixels_of=None) -> np.ndarray:
+    """The uint8 pixels (padded image) of a 2.1 file's second stage, whose model is smodel (find_model).
+    base_px() makes the first stage's pixels; the second stage's bits are decoded in a thread meanwhile (their
+    tables never depend on pixels, section 11: the bits' single-threaded work beside the pixels' two threads).
+    pixels_of: whose decoder gives them (a look of smodel; None: its own)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1) as pool:
