@@ -9,6 +9,7 @@ them and leaves with os._exit, as bsqc does: a process that exits the ordinary w
 ordinary exit) is kept in the results as net_idle_best_vs_ordinary_exit for comparison with earlier runs. Then the same decode RUNS times while BUSY other CPU-bound processes run (pure Python
 loops, as another encoder, a build or `xargs -P` would be): the slowest of them against the idle best.
 Targets (issue 13): net idle decode under 1.0 s on 2 cores; slowest under load at most 3x the idle time.
+bsqcodec's bytecode is written first, as an installed copy has it (machine.compile_package).
 Run it on an otherwise idle machine (pause training first).
 """
 
@@ -53,6 +54,12 @@ def _machine(preset: str) -> dict:
     return machine.describe(weights.preset(preset))
 
 
+def _compile() -> dict:
+    import machine
+
+    return machine.compile_package()
+
+
 def _suffix() -> str:
     import machine
 
@@ -66,6 +73,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--busy", type=int, default=2)
     args = ap.parse_args()
+    bytecode = _compile()
     with tempfile.TemporaryDirectory() as tmp:
         bsq, out = Path(tmp) / "a.bsq", Path(tmp) / "a.png"
         subprocess.run(_bsqc() + ["encode", args.image, "-o", str(bsq), "-p", args.preset, "--quiet"], check=True)
@@ -85,7 +93,7 @@ def main() -> None:
                 p.join()
     res = {
         "image": os.path.basename(args.image), "preset": args.preset, "runs": args.runs, "busy_processes": args.busy,
-        "cpus": os.cpu_count(), "machine": _machine(args.preset),
+        "cpus": os.cpu_count(), "machine": _machine(args.preset), "bytecode": bytecode,
         "import_seconds": imports, "import_and_ordinary_exit_seconds": imports_exit,
         "decode_seconds_idle": idle, "decode_seconds_busy": loaded,
         "net_idle_best": min(idle) - min(imports), "whole_idle_best": min(idle),

@@ -1,21 +1,28 @@
 """What every speed benchmark records about the machine it ran on, and which kind of machine it stands for.
 
 kind: "avx512" where the CPU has AVX-512 and nothing caps it; "avx2" on a CPU without it, or on one
-with it where `ONEDNN_MAX_CPU_ISA=AVX2` caps torch's oneDNN and `BSQ_PRODUCTS=float32` and
-`BSQ_FLOAT32_DECODER=1` force the paths an AVX2-only CPU takes (then `emulated` says so; since 0.6.2 the
-emulation also sets `ATEN_CPU_CAPABILITY=avx2` and `MKL_ENABLE_INSTRUCTIONS=AVX2`, so that torch's own
-kernels and MKL's products run their AVX2 code too, as `switches` records). Result files of the avx2 kind
-carry the suffix -avx2.
+with it where benchmarks/avx2.env caps every library that picks its kernels by the CPU's features at AVX2
+and forces the paths bsqcodec takes without VNNI and bfloat16 (then `emulated` says so, `switches` records
+them and `complete` whether all were set). Before 0.6.3 the emulation left NumPy's OpenBLAS and NumPy's own
+loops on their AVX-512 kernels (OPENBLAS_CORETYPE and NPY_DISABLE_CPU_FEATURES were not set), which made the
+prior's float32 products of an emulated decode about 15% faster than an AVX2-only CPU's. Result files of
+the avx2 kind carry the suffix -avx2.
 """
 
 from __future__ import annotations
 
+import compileall
 import os
 import platform
+from pathlib import Path
 
 import torch
 
 from bsqcodec import cpu, intprior, tokenizer
+
+
+SWITCHES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE",
+            "NPY_DISABLE_CPU_FEATURES", intprior.PRODUCTS_ENV, tokenizer.FLOAT32_ENV)  # as benchmarks/avx2.env sets them
 
 
 def kind() -> str:
@@ -39,14 +46,52 @@ def describe(model=None) -> dict:
         "emulated": kind() == "avx2" and "avx512f" in cpu.flags(),
         "cpu": cpu.describe(),
         "cpus": os.cpu_count(),
-        "switches": {k: os.environ.get(k) for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
-                                                    intprior.PRODUCTS_ENV, tokenizer.FLOAT32_ENV)},
+        "switches": {k: os.environ.get(k) for k in SWITCHES},
+        "complete": all(os.environ.get(k) for k in SWITCHES) if kind() == "avx2" and "avx512f" in cpu.flags() else None,
         "paths": {
             "prior_products": lin.path if lin is not None else intprior.product_path(192, "cpu"),
             "pixel_decoder": "bfloat16" if tokenizer.native_bf16() else "float32",
             "blas_threads_default": cpu.blas_threads(),
+            "numpy_blas_core": _openblas_core(),
+            "numpy_simd": _numpy_simd(),
         },
         "platform": platform.platform(),
         "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+
+
+def _openblas_core() -> str | None:
+    """The kernels NumPy's OpenBLAS chose at load (Haswell: AVX2; SkylakeX, Cooperlake: AVX-512), or None."""
+    import ctypes
+
+    import numpy
+
+    for path in sorted((Path(numpy.__file__).parent.parent / "numpy.libs").glob("*openblas*.so*")):
+        lib = ctypes.CDLL(str(path))
+        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return fn().decode()
+    return None
+
+
+def _numpy_simd() -> list[str]:
+    """NumPy's dispatch targets that this process runs (the ones NPY_DISABLE_CPU_FEATURES leaves on)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    except ImportError:
+        return []
+    return [t for t in __cpu_dispatch__ if __cpu_features__.get(t)]
+
+
+def compile_package() -> dict:
+    """Writes bsqcodec's bytecode (__pycache__) as `pip install` of a wheel does, so that timed processes load
+    it instead of compiling every module from source. An editable install under PYTHONDONTWRITEBYTECODE=1
+    never writes it, which cost every whole-process run about 0.05 s that no installed copy spends."""
+    import bsqcodec
+
+    ok = compileall.compile_dir(Path(bsqcodec.__file__).parent, quiet=1)
+    return {"package_bytecode": "compiled before timing" if ok else "compile failed",
+            "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE")}

@@ -114,7 +114,12 @@ def _cpu_words(m: dict) -> str:
     if "cpu" not in m:  # results written before benchmarks recorded the processor
         return "an AVX-512 machine with VNNI and bfloat16 (processor not recorded), measured with 0.5.0's code"
     flags = [f for f, on in m["cpu"]["flags"].items() if on and f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")]
-    how = " (AVX-512 capped: ONEDNN_MAX_CPU_ISA=AVX2 and the float32 paths forced)" if m.get("emulated") else ""
+    how = ""
+    if m.get("emulated"):
+        how = (" (AVX-512 capped by benchmarks/avx2.env: torch, MKL, NumPy and its OpenBLAS at AVX2, the float32 paths forced)"
+               if m.get("complete") else
+               " (AVX-512 capped: torch's oneDNN, kernels and MKL at AVX2 and the float32 paths forced, but NumPy and its "
+               "OpenBLAS still on their AVX-512 kernels: before 0.6.3, faster than an AVX2-only CPU)")
     return (f"{m['cpu']['model']} ({', '.join(flags)}){how}; prior products {m['paths']['prior_products']}, "
             f"pixel decoder {m['paths']['pixel_decoder']}")
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .adam import Adam
 from .config import DEFAULT_EFFORT, MAX_EFFORT, MIN_EFFORT  # noqa: F401 - defined there, light for the CLI
-from .tokenizer import Tokenizer, tokens_to_bits
+from .tokenizer import Tokenizer, native_bf16, tokens_to_bits
 
 # gradient steps per effort. A step decodes without the decoder's up stage (a third cheaper; on 7 training
 # photos at 6 steps the same bytes and PSNR as with it), so the default effort affords 8 steps in the time
@@ -87,13 +87,6 @@ def bit_costs(tables: torch.Tensor, group_bits: int) -> Costs:
     return -torch.log2(1 - p1), -torch.log2(p1)
 
 
-def _bf16_fast() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def _windows(rows: int, cols: int) -> list[tuple[int, int]]:
     step = max(1, WINDOW_TOKENS // max(1, cols))
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
@@ -149,7 +142,9 @@ class _Search:
         self.target = torch.from_numpy(np.array(target, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255)
         self.costs = tuple(c.float() for c in costs) if costs is not None and lam > 0 else None
         self.lam = lam
-        self.bf16 = _bf16_fast()
+        # bfloat16 where the decoders use it (the CPU has bfloat16 dot products), not wherever oneDNN accepts
+        # it: oneDNN also emulates it on AVX-512 CPUs without them (Skylake to Ice Lake)
+        self.bf16 = native_bf16()
 
     def tokens(self) -> torch.Tensor:
         return self.tok.quant.codes_to_tokens(self.u)[0]
