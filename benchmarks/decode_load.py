@@ -9,6 +9,8 @@ them and leaves with os._exit, as bsqc does: a process that exits the ordinary w
 ordinary exit) is kept in the results as net_idle_best_vs_ordinary_exit for comparison with earlier runs. Then the same decode RUNS times while BUSY other CPU-bound processes run (pure Python
 loops, as another encoder, a build or `xargs -P` would be): the slowest of them against the idle best.
 Targets (issue 13): net idle decode under 1.0 s on 2 cores; slowest under load at most 3x the idle time.
+First, `bsqc encode IMAGE` at the default effort is timed the same way (ENCODE_RUNS times, best net of the
+imports; issue 24: under 4 s for kodim01 at the default rung), which also makes the file that is decoded.
 bsqcodec's bytecode is written first, as an installed copy has it (machine.compile_package).
 Run it on an otherwise idle machine (pause training first).
 """
@@ -25,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bsqcodec.config import DEFAULT_EFFORT  # light: no torch in this process before the timing
 
 HERE = Path(__file__).resolve().parent
 IMPORTS = "import torch, numpy, PIL, constriction, typer, rich"
@@ -72,11 +76,13 @@ def main() -> None:
     ap.add_argument("--preset", default="default")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--busy", type=int, default=2)
+    ap.add_argument("--encode-runs", type=int, default=3, help="whole-process encodes to time first (0: none)")
     args = ap.parse_args()
     bytecode = _compile()
     with tempfile.TemporaryDirectory() as tmp:
         bsq, out = Path(tmp) / "a.bsq", Path(tmp) / "a.png"
-        subprocess.run(_bsqc() + ["encode", args.image, "-o", str(bsq), "-p", args.preset, "--quiet"], check=True)
+        encode = _bsqc() + ["encode", args.image, "-o", str(bsq), "-p", args.preset, "--quiet", "--force"]
+        encodes = [_timed(encode) for _ in range(max(1, args.encode_runs))][: args.encode_runs]
         decode = _bsqc() + ["decode", str(bsq), "-o", str(out), "--force", "--quiet"]
         imports = [_timed([sys.executable, "-c", IMPORTS_ONLY]) for _ in range(args.runs)]
         imports_exit = [_timed([sys.executable, "-c", IMPORTS]) for _ in range(args.runs)]
@@ -99,6 +105,8 @@ def main() -> None:
         "net_idle_best": min(idle) - min(imports), "whole_idle_best": min(idle),
         "net_idle_best_vs_ordinary_exit": min(idle) - min(imports_exit),
         "busy_slowest": max(loaded), "busy_slowest_over_idle_best": max(loaded) / min(idle),
+        "encode_seconds_idle": encodes, "encode_effort": DEFAULT_EFFORT,
+        "encode_net_idle_best": min(encodes) - min(imports) if encodes else None,
     }
     path = HERE / "results" / f"decode-load-{args.preset}{_suffix()}.json"
     path.write_text(json.dumps(res, indent=1) + "\n")

@@ -164,6 +164,11 @@ def robustness_section() -> str:
             out[-2] += (f" On a real AVX2-only processor (AMD EPYC Zen 3, no AVX-512; an earlier session's machine, "
                         f"before 0.6.0's start-up work, `results/decode-load-default-zen3.json`): "
                         f"{zen3['net_idle_best']:.2f} s net, {zen3['busy_slowest_over_idle_best']:.2f}x under load.")
+        if dl.get("encode_net_idle_best") is not None:
+            out[-2] += (f" `bsqc encode` of the same image at effort {dl['encode_effort']}, timed the same way: "
+                        f"{dl['encode_net_idle_best']:.2f} s net (best of {len(dl['encode_seconds_idle'])}).")
+        if dl.get("bytecode"):
+            out[-2] += " bsqcodec's bytecode was written first, as an installed copy has it."
         old = load("decode-load-default-30a1dd8.json") if not suffix else None
         if old:
             out[-2] += (f" Before the single-threaded prior and its worker processes (commit 30a1dd8): "
@@ -180,6 +185,9 @@ def robustness_section() -> str:
         switches = {k: v for k, v in first.get("machine", {}).get("switches", {}).items() if v}
         how = (" Emulated on that processor with " + ", ".join(f"`{k}={v}`" for k, v in switches.items()) + "."
                if first.get("machine", {}).get("emulated") else "")
+        enc = [(q, d["encode_net_idle_best"]) for q, d in rungs if d.get("encode_net_idle_best") is not None]
+        how += (" Encoding at the default effort, timed the same way (best of 3): "
+                + ", ".join(f"{q} {e:.2f} s" for q, e in enc) + "." if enc else "")
         out += [f"### Every rung as a whole process (`results/decode-load-RUNG{suffix}.json`)", "",
                 f"Machine: {machine}.{how} `bsqc decode` of {first['image']} on {first['cpus']} cores, net of the "
                 f"six imports (best of 5), and the slowest of 5 beside 2 CPU-bound processes against the idle best:", "",
