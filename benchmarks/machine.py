@@ -41,40 +41,25 @@ def describe(model=None) -> dict:
 
         model = codec.base_model(model)
     lin = model.prior.layers[0]["qkv"] if model is not None else None
+    emulated = kind() == "avx2" and "avx512f" in cpu.flags()
     return {
         "kind": kind(),
-        "emulated": kind() == "avx2" and "avx512f" in cpu.flags(),
+        "emulated": emulated,
         "cpu": cpu.describe(),
         "cpus": os.cpu_count(),
         "switches": {k: os.environ.get(k) for k in SWITCHES},
-        "complete": all(os.environ.get(k) for k in SWITCHES) if kind() == "avx2" and "avx512f" in cpu.flags() else None,
+        "complete": all(os.environ.get(k) for k in SWITCHES) if emulated else None,
         "paths": {
             "prior_products": lin.path if lin is not None else intprior.product_path(192, "cpu"),
             "pixel_decoder": "bfloat16" if tokenizer.native_bf16() else "float32",
             "blas_threads_default": cpu.blas_threads(),
-            "numpy_blas_core": _openblas_core(),
+            "numpy_blas_core": cpu.blas_core(),
             "numpy_simd": _numpy_simd(),
         },
         "platform": platform.platform(),
         "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
-
-
-def _openblas_core() -> str | None:
-    """The kernels NumPy's OpenBLAS chose at load (Haswell: AVX2; SkylakeX, Cooperlake: AVX-512), or None."""
-    import ctypes
-
-    import numpy
-
-    for path in sorted((Path(numpy.__file__).parent.parent / "numpy.libs").glob("*openblas*.so*")):
-        lib = ctypes.CDLL(str(path))
-        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename"):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn.restype = ctypes.c_char_p
-                return fn().decode()
-    return None
 
 
 def _numpy_simd() -> list[str]:

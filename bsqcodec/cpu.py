@@ -49,8 +49,9 @@ def describe() -> dict:
 
 
 @functools.cache
-def _openblas():
-    """(get, set) of the thread count of the OpenBLAS that NumPy loaded, or None (another BLAS, not Linux).
+def _openblas_fn(name: str):
+    """The function `name` (e.g. get_num_threads) of the OpenBLAS that NumPy loaded, or None (another BLAS,
+    not Linux).
 
     NumPy's wheels bundle OpenBLAS under a prefixed name (scipy_openblas64_) in the folder numpy.libs
     beside the package; opening that file again gives the library NumPy already loaded.
@@ -66,12 +67,34 @@ def _openblas():
         except OSError:
             continue
         for pre, suf in (("scipy_", "64_"), ("scipy_", ""), ("", "64_"), ("", "")):
-            get = getattr(lib, f"{pre}openblas_get_num_threads{suf}", None)
-            set_ = getattr(lib, f"{pre}openblas_set_num_threads{suf}", None)
-            if get is not None and set_ is not None:
-                get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
-                return get, set_
+            fn = getattr(lib, f"{pre}openblas_{name}{suf}", None)
+            if fn is not None:
+                return fn
     return None
+
+
+@functools.cache
+def _openblas():
+    """(get, set) of the thread count of NumPy's OpenBLAS, or None."""
+    import ctypes
+
+    get, set_ = _openblas_fn("get_num_threads"), _openblas_fn("set_num_threads")
+    if get is None or set_ is None:
+        return None
+    get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+    return get, set_
+
+
+def blas_core() -> str | None:
+    """The kernels NumPy's OpenBLAS chose when it loaded (Haswell: AVX2; SkylakeX, Cooperlake: AVX-512), or
+    None (another BLAS); OPENBLAS_CORETYPE overrides its choice."""
+    import ctypes
+
+    fn = _openblas_fn("get_corename")
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
 def blas_threads() -> int | None:
