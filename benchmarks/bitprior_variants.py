@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsqcodec import data as data_mod
-from bsqcodec.residual import kept_mask
-from bsqcodec.train_residual import _base_code, base_pixels, base_tokens, budget_maps, load_run
+from bsqcodec.train import data as data_mod
+from bsqcodec.model.residual import kept_mask
+from bsqcodec.train.residual import _base_code, base_pixels, base_tokens, budget_maps, load_run
 
 HERE = Path(__file__).resolve().parent
 NEIGH8 = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]

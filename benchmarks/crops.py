@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from bsqcodec import baselines, codec, weights
+from bsqcodec.bench import baselines
+from bsqcodec.codec import codec
+from bsqcodec.model import weights
 from bsqcodec.metrics import psnr, ssimulacra2
 
 HERE = Path(__file__).resolve().parent

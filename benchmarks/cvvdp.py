@@ -23,8 +23,10 @@ from pathlib import Path
 def dump(args) -> None:
     from PIL import Image
 
-    from bsqcodec import baselines, codec, images, weights
-    from bsqcodec.look import LookModel
+    from bsqcodec.bench import baselines
+    from bsqcodec.codec import codec, images
+    from bsqcodec.model import weights
+    from bsqcodec.model.look import LookModel
 
     res = json.loads(Path(args.bench).read_text())
     out = Path(args.dir)

@@ -37,7 +37,7 @@ IMPORTS_ONLY = IMPORTS + "; import os; os._exit(0)"  # no teardown, as bsqc leav
 
 def _bsqc() -> list[str]:
     exe = shutil.which("bsqc")
-    return [exe] if exe else [sys.executable, "-c", "from bsqcodec.cli import main; main()"]
+    return [exe] if exe else [sys.executable, "-c", "from bsqcodec.cli.cli import main; main()"]
 
 
 def _timed(cmd: list[str]) -> float:
@@ -53,7 +53,7 @@ def _spin() -> None:
 
 def _machine(preset: str) -> dict:
     import machine  # benchmarks/machine.py (imports torch: only here, never in a timed process)
-    from bsqcodec import weights
+    from bsqcodec.model import weights
 
     return machine.describe(weights.preset(preset))
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bsqcodec import codec, images, search, weights
-from bsqcodec.bench import find_images
+from bsqcodec.codec import codec, images, search
+from bsqcodec.model import weights
+from bsqcodec.bench.bench import find_images
 from bsqcodec.metrics import bd_rate, psnr
 
 import machine  # benchmarks/machine.py

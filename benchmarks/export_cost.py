@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bsqcodec import codec, weights
+from bsqcodec.codec import codec
+from bsqcodec.model import weights
 from bsqcodec.config import ModelConfig
-from bsqcodec.prior import Prior
+from bsqcodec.model.prior import Prior
 
 HERE = Path(__file__).resolve().parent
 

@@ -36,7 +36,8 @@ HANG_SECONDS = 5.0
 def _setup():
     import torch
 
-    from bsqcodec import codec, weights
+    from bsqcodec.codec import codec
+    from bsqcodec.model import weights
     from conftest import TINY, smooth_image
 
     torch.set_num_threads(1)
@@ -53,7 +54,8 @@ def _run(args: tuple[int, int, int]) -> dict:
     seed, start, count = args
     from safetensors.torch import save_file
 
-    from bsqcodec import codec, weights
+    from bsqcodec.codec import codec
+    from bsqcodec.model import weights
     from bsqcodec.errors import ModelError
     from mutate import classify, mutate, mutate_model
 

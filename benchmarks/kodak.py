@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bsqcodec import codec, container, weights
+from bsqcodec.codec import codec
+from bsqcodec.format import container
+from bsqcodec.model import weights
 
 HERE = Path(__file__).resolve().parent
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bsqcodec import codec, weights
+from bsqcodec.codec import codec
+from bsqcodec.model import weights
 from bsqcodec.metrics import psnr, ssimulacra2
 
 HERE = Path(__file__).resolve().parent

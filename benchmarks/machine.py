@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from bsqcodec import cpu, intprior, tokenizer
+from bsqcodec import cpu
+from bsqcodec.model import intprior, tokenizer
 
 
 SWITCHES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE",
@@ -37,7 +38,7 @@ def suffix() -> str:
 def describe(model=None) -> dict:
     """The processor, its flags, the switches in force and the paths the codec takes on it."""
     if model is not None and hasattr(model.config, "base"):  # a second-stage rung: its first stage's prior
-        from bsqcodec import codec
+        from bsqcodec.codec import codec
 
         model = codec.base_model(model)
     lin = model.prior.layers[0]["qkv"] if model is not None else None

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bsqcodec.bench import LADDER_NAMES
+from bsqcodec.bench.bench import LADDER_NAMES
 from bsqcodec.config import RUNG_NAMES
 from bsqcodec.metrics import bd_rate, overlap
 

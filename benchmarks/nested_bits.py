@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bsqcodec.weights import load_tokenizer_any
+from bsqcodec.model.weights import load_tokenizer_any
 
 HERE = Path(__file__).resolve().parent
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bsqcodec import codec
-from bsqcodec.train_residual import load_run
-from bsqcodec.tokenizer import tokens_to_bits
+from bsqcodec.codec import codec
+from bsqcodec.train.residual import load_run
+from bsqcodec.model.tokenizer import tokens_to_bits
 
 HERE = Path(__file__).resolve().parent
 

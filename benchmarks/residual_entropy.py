@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsqcodec import data as data_mod
-from bsqcodec import weights
-from bsqcodec.residual import ResidualCoder, ResidualConfig
-from bsqcodec.train_residual import base_pixels
+from bsqcodec.train import data as data_mod
+from bsqcodec.model import weights
+from bsqcodec.model.residual import ResidualCoder, ResidualConfig
+from bsqcodec.train.residual import base_pixels
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,4 +1,4 @@
-"""What the second stage's encoder search (bsqcodec/search2.py) buys: real 2.1 files of the same images with
+"""What the second stage's encoder search (bsqcodec/codec/search2.py) buys: real 2.1 files of the same images with
 0, 1, 2, ... gradient steps on the second stage's code, the first stage's tokens held fixed, at one or more
 lambdas. Bytes are whole files; PSNR of the decoder's pixels.
 
@@ -18,8 +18,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
-from bsqcodec import codec, container, images, search2, twostage, weights  # noqa: E402
-from bsqcodec.data import find_images  # noqa: E402
+from bsqcodec.codec import codec, images, search2, twostage  # noqa: E402
+from bsqcodec.format import container
+from bsqcodec.model import weights
+from bsqcodec.train.data import find_images  # noqa: E402
 from bsqcodec.metrics import psnr  # noqa: E402
 
 

@@ -7,7 +7,7 @@ shift
 here="$(cd "$(dirname "$0")" && pwd)"
 name="$(basename "$dir")"
 args=()
-ladder="$(python -c 'from bsqcodec import weights; from bsqcodec.config import RUNG_NAMES; print(*[n for n in RUNG_NAMES if n in weights.installed()])')"
+ladder="$(python -c 'from bsqcodec.model import weights; from bsqcodec.config import RUNG_NAMES; print(*[n for n in RUNG_NAMES if n in weights.installed()])')"
 for p in $ladder "$@"; do
   args+=(--preset "$p")
 done

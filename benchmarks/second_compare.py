@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bsqcodec import codec, metrics, weights
+from bsqcodec.codec import codec
+from bsqcodec import metrics
+from bsqcodec.model import weights
 
 HERE = Path(__file__).resolve().parent
 

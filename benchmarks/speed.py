@@ -23,7 +23,8 @@ from PIL import Image
 
 import bsqcodec
 import machine  # benchmarks/machine.py
-from bsqcodec import codec, search, weights
+from bsqcodec.codec import codec, search
+from bsqcodec.model import weights
 
 HERE = Path(__file__).resolve().parent
 

@@ -240,14 +240,14 @@ def effort_table(eff: dict) -> str:
 
 def search_schedule() -> tuple[dict, dict]:
     """The installed search's (learning rates, steps per effort), as result files record them."""
-    from bsqcodec import search
+    from bsqcodec.codec import search
 
     return search.schedule(), search.steps()
 
 
 def current_models(presets) -> dict:
     """Preset name -> hash of the installed model, as the result files record them."""
-    from bsqcodec import weights
+    from bsqcodec.model import weights
 
     return {p: weights.preset(p).hash_hex for p in presets}
 
@@ -255,7 +255,7 @@ def current_models(presets) -> dict:
 def ladder_table(bench: dict) -> str:
     """The README's quality table: one row per rung that the bench ran."""
     from bsqcodec.config import LADDER, RUNG_NAMES
-    from bsqcodec.weights import installed_configs
+    from bsqcodec.model.weights import installed_configs
 
     configs = {c.name: c for c in LADDER}
     inst = installed_configs()

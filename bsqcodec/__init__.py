@@ -15,7 +15,7 @@ _pillow_plugin.register()
 def __getattr__(name: str):
     """encode and decode import the codec (and torch) when first used, so light commands stay light."""
     if name in ("encode", "decode"):
-        from . import codec
+        from .codec import codec
 
         return getattr(codec, name)
     raise AttributeError(f"module 'bsqcodec' has no attribute {name!r}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageFile
 
-from . import container
+from .format import container
 from .config import DEFAULT_EFFORT, LOOKS, RUNG_NAMES
 
 FORMAT = "BSQ"
@@ -54,7 +54,7 @@ class _BsqDecoder(ImageFile.PyDecoder):
     _pulls_fd = True
 
     def decode(self, buffer):
-        from . import codec
+        from .codec import codec
 
         self.fd.seek(0)
         _, _, arr = codec.decode_detailed(self.fd.read(), look=self.args[0] if self.args else "faithful")
@@ -68,7 +68,7 @@ def _save(im: Image.Image, fp, filename) -> None:
     if sum(x is not None for x in (quality, preset, model)) > 1:
         raise ValueError("give at most one of quality, preset and model")
     if quality is not None:
-        from .weights import installed
+        from .model.weights import installed
 
         rungs = [q for q, name in enumerate(RUNG_NAMES, 1) if name in installed()]
         if int(quality) not in rungs:
@@ -78,7 +78,7 @@ def _save(im: Image.Image, fp, filename) -> None:
     if icc:
         im = im.copy()
         im.info["icc_profile"] = icc
-    from . import codec
+    from .codec import codec
 
     fp.write(codec.encode(im, model or preset, target_size=info.get("target_size"),
                           target_psnr=info.get("target_psnr"), effort=info.get("effort", DEFAULT_EFFORT)))

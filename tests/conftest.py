@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from bsqcodec import weights
+from bsqcodec.model import weights
 from bsqcodec.config import ModelConfig, PriorConfig, TokenizerConfig
 
 settings.register_profile(
@@ -53,7 +53,8 @@ def model_file(tmp_path_factory, tiny_model):
 def empty_streams_file(model, width: int, height: int, major: int | None = None) -> bytes:
     """A well-formed file of the model's geometry whose every stream is empty (a crafted file), in the
     encoder's format version or as a 1.2 file (major=1)."""
-    from bsqcodec import codec, container
+    from bsqcodec.codec import codec
+    from bsqcodec.format import container
 
     h = codec.make_header(model, width, height)
     if major == 1:
@@ -70,7 +71,8 @@ def as_version_1_2(header, model):
 
 def repack_1_2(data: bytes, model) -> bytes:
     """The 1.2 file of the same tokens as a file of the encoder's version (streams coded again)."""
-    from bsqcodec import codec, container
+    from bsqcodec.codec import codec
+    from bsqcodec.format import container
 
     header, tokens, _ = codec.decode_detailed(data, [model])
     h = as_version_1_2(header, model)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bsqcodec.container import leb128
+from bsqcodec.format.container import leb128
 
 FIXED = struct.Struct("<4sBBHIIBBBBHHB")
 FIELDS = ["magic", "major", "minor", "flags", "width", "height", "colour", "patch", "bits", "groups",

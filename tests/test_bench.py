@@ -7,8 +7,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from bsqcodec import baselines, bench, codec, weights
-from bsqcodec.cli import app
+from bsqcodec.bench import baselines, bench
+from bsqcodec.codec import codec
+from bsqcodec.model import weights
+from bsqcodec.cli.cli import app
 from bsqcodec.metrics import psnr
 
 from conftest import image_folder, smooth_image

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from bsqcodec import container, weights
-from bsqcodec.cli import app
+from bsqcodec.format import container
+from bsqcodec.model import weights
+from bsqcodec.cli.cli import app
 
 runner = CliRunner()
 
@@ -160,7 +161,7 @@ class TestErrors:
 
 def test_installed_entry_point(photo, model_file, tmp_path):
     exe = shutil.which("bsqc")
-    cmd = [exe] if exe else [sys.executable, "-c", "from bsqcodec.cli import main; main()"]
+    cmd = [exe] if exe else [sys.executable, "-c", "from bsqcodec.cli.cli import main; main()"]
     r = subprocess.run(cmd + ["encode", str(photo), "--model", str(model_file), "-o", str(tmp_path / "a.bsq"), "--json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -172,7 +173,7 @@ def test_installed_entry_point(photo, model_file, tmp_path):
 def test_outputs_get_the_usual_file_mode(tmp_path):
     import os
 
-    from bsqcodec.fileio import write_atomic
+    from bsqcodec.codec.fileio import write_atomic
 
     out = tmp_path / "x.bsq"
     write_atomic(out, b"data", False)

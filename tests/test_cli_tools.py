@@ -14,10 +14,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import bsqcodec
-from bsqcodec import codec, weights
-from bsqcodec.cli import app
+from bsqcodec.codec import codec
+from bsqcodec.model import weights
+from bsqcodec.cli.cli import app
 from bsqcodec.errors import TargetError
-from bsqcodec.second import SecondModel
+from bsqcodec.model.second import SecondModel
 
 from conftest import smooth_image
 
@@ -41,7 +42,7 @@ def photos(tmp_path):
 
 def _cmd():
     exe = shutil.which("bsqc")
-    return [exe] if exe else [sys.executable, "-c", "from bsqcodec.cli import main; main()"]
+    return [exe] if exe else [sys.executable, "-c", "from bsqcodec.cli.cli import main; main()"]
 
 
 class TestPipes:
@@ -218,7 +219,7 @@ class TestLightCommands:
             smooth_image(np.random.default_rng(1), 16, 16).save(src)
             assert run("encode", src, "--model", model_file, "--quiet").exit_code == 0
             args = [str(src.with_suffix(".bsq")) if a == "FILE" else a for a in args]
-        code = ("import sys; from bsqcodec.cli import app\n"
+        code = ("import sys; from bsqcodec.cli.cli import app\n"
                 f"try: app({args!r})\nexcept SystemExit as e: assert not e.code, e.code\n"
                 "print('torch' in sys.modules)")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

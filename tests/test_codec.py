@@ -6,7 +6,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import bsqcodec
-from bsqcodec import codec, container, weights
+from bsqcodec.codec import codec
+from bsqcodec.format import container
+from bsqcodec.model import weights
 from bsqcodec.errors import BsqError, FormatError, ModelNotFoundError
 
 

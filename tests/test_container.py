@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bsqcodec import container
-from bsqcodec.container import Header
+from bsqcodec.format import container
+from bsqcodec.format.container import Header
 from bsqcodec.errors import BsqError, ChecksumError, FormatError, LimitError, VersionError
 
 

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bsqcodec import entropy
+from bsqcodec.format import entropy
 from bsqcodec.errors import FormatError
 
 

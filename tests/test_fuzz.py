@@ -11,7 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bsqcodec import codec, container, weights
+from bsqcodec.codec import codec
+from bsqcodec.format import container
+from bsqcodec.model import weights
 from bsqcodec.errors import ModelError
 
 from conftest import repack_1_2, smooth_image

@@ -4,9 +4,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from bsqcodec import codec, weights
-from bsqcodec.cli import app
-from bsqcodec.generate import Sampler, complete, generate, sample_tokens
+from bsqcodec.codec import codec
+from bsqcodec.model import weights
+from bsqcodec.cli.cli import app
+from bsqcodec.codec.generate import Sampler, complete, generate, sample_tokens
 
 
 class TestGenerate:
@@ -27,7 +28,7 @@ class TestGenerate:
         assert torch.equal(k1, greedy)
         # and greedy really takes the most likely symbol: re-score the tokens with the one-pass tables
         p = tiny_model.config.prior
-        from bsqcodec.tokenizer import split_groups
+        from bsqcodec.model.tokenizer import split_groups
 
         tile = k1[: p.tile_rows, : p.tile_cols]
         s = split_groups(tile.reshape(1, -1), p.bits, p.groups)

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from bsqcodec import codec, container, entropy, weights
-from bsqcodec.cli import app
+from bsqcodec.codec import codec
+from bsqcodec.format import container, entropy
+from bsqcodec.model import weights
+from bsqcodec.cli.cli import app
 from bsqcodec.errors import BsqError, FormatError, LimitError, ModelError, ModelNotFoundError
 
 from conftest import empty_streams_file, smooth_image

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from bsqcodec import intbits
-from bsqcodec.intprior import OUT_ONE, PATHS
-from bsqcodec.residual import BitPrior, kept_mask
+from bsqcodec.model import intbits
+from bsqcodec.model.intprior import OUT_ONE, PATHS
+from bsqcodec.model.residual import BitPrior, kept_mask
 
 L1, R, L = 5, 2, 6
 

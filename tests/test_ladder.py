@@ -10,12 +10,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from bsqcodec import bench, codec, container, weights
-from bsqcodec.cli import app
+from bsqcodec.bench import bench
+from bsqcodec.codec import codec
+from bsqcodec.format import container
+from bsqcodec.model import weights
+from bsqcodec.cli.cli import app
 from bsqcodec.config import LADDER, RUNG_NAMES, SECOND_RUNGS, ModelConfig, PriorConfig, TokenizerConfig
 from bsqcodec.errors import FormatError
-from bsqcodec.tokenizer import Tokenizer, resize_bits
-from bsqcodec.train import TrainOptions, train
+from bsqcodec.model.tokenizer import Tokenizer, resize_bits
+from bsqcodec.train.train import TrainOptions, train
 from conftest import TINY, repack_1_2, smooth_image
 
 runner = CliRunner()

@@ -5,10 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bsqcodec import codec, look, modelfile, weights
+from bsqcodec.codec import codec
+from bsqcodec.model import look, weights
+from bsqcodec.format import modelfile
 from bsqcodec.config import LookConfig
 from bsqcodec.errors import BsqError, ModelError, ModelNotFoundError
-from bsqcodec.tokenizer import Tokenizer
+from bsqcodec.model.tokenizer import Tokenizer
 
 from conftest import smooth_image
 
@@ -74,7 +76,7 @@ def test_bad_look_files_are_refused(sharp, tiny_model):
 def test_the_command_line_decodes_either_look(file, tiny_model, sharp, tmp_path):
     from typer.testing import CliRunner
 
-    from bsqcodec.cli import app
+    from bsqcodec.cli.cli import app
 
     weights.save(tiny_model, tmp_path / "tiny.safetensors")
     weights.save(sharp, tmp_path / "sharp.safetensors")
@@ -103,7 +105,7 @@ def test_presets_lists_an_installed_look_with_the_model_it_decodes_for(tiny_mode
 
     from typer.testing import CliRunner
 
-    from bsqcodec.cli import app
+    from bsqcodec.cli.cli import app
 
     weights.save(tiny_model, tmp_path / "tiny.safetensors")
     weights.save(sharp, tmp_path / "tiny-sharp.safetensors")
@@ -143,8 +145,8 @@ def test_the_pillow_plugin_decodes_either_look(file, tiny_model, sharp, tmp_path
 def test_a_look_model_cannot_encode_sample_or_be_benched_alone(tiny_model, sharp, tmp_path):
     from typer.testing import CliRunner
 
-    from bsqcodec import bench
-    from bsqcodec.cli import app
+    from bsqcodec.bench import bench
+    from bsqcodec.cli.cli import app
 
     with pytest.raises(BsqError, match="tiny-sharp is a look model: it decodes the files of tiny"):
         codec.encode_array(np.zeros((8, 8, 3), np.uint8), sharp, effort=1)

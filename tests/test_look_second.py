@@ -8,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bsqcodec import codec, look, modelfile, twostage, weights
+from bsqcodec.codec import codec, twostage
+from bsqcodec.model import look, weights
+from bsqcodec.format import modelfile
 from bsqcodec.config import SecondLookConfig
 from bsqcodec.errors import BsqError, ModelError, ModelNotFoundError
-from bsqcodec.residual import ResidualCoder
+from bsqcodec.model.residual import ResidualCoder
 
 from conftest import image_folder, smooth_image
 from test_second import RCFG, tiny_second
@@ -98,7 +100,7 @@ def test_looks_of_other_models_bad_configs_and_bad_files_are_refused(tiny_model,
 
 
 def _train(data, out, model_file, **kw):
-    from bsqcodec.train_residual import ResidualOptions, train_residual
+    from bsqcodec.train.residual import ResidualOptions, train_residual
 
     train_residual(ResidualOptions(data=str(data), out=str(out), base=str(model_file), config=RCFG, batch=2, crop=16,
                                    cache_crop=32, per_image=2, warmup=1, eval_every=5, nested=(2, 6),
@@ -109,7 +111,7 @@ def test_a_decoder_only_run_exports_to_a_look_that_the_command_line_decodes(tiny
                                                                             monkeypatch):
     from typer.testing import CliRunner
 
-    from bsqcodec.cli import app
+    from bsqcodec.cli.cli import app
     models = tmp_path / "models"
     models.mkdir()
     for m in (tiny_model, *rungs):
@@ -153,7 +155,7 @@ def test_a_decoder_only_run_exports_to_a_look_that_the_command_line_decodes(tiny
 
 
 def test_bench_scores_a_second_stages_look_and_keeps_its_faithful_scores(tiny_model, rungs, sharp2, tmp_path):
-    from bsqcodec import baselines, bench
+    from bsqcodec.bench import baselines, bench
     from bsqcodec.metrics import psnr
 
     (tmp_path / "imgs").mkdir()

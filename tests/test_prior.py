@@ -5,9 +5,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bsqcodec.config import PriorConfig
-from bsqcodec import entropy, intprior, intstep
-from bsqcodec.intprior import IntPrior, export, int_layernorm
-from bsqcodec.prior import Prior
+from bsqcodec.format import entropy
+from bsqcodec.model import intprior, intstep
+from bsqcodec.model.intprior import IntPrior, export, int_layernorm
+from bsqcodec.model.prior import Prior
 
 
 def make(seed: int, groups: int = 2, bits: int = 12, rows: int = 4, cols: int = 5):
@@ -178,7 +179,7 @@ class TestIntegerExactness:
 def test_digit_products_equal_float64_ones(seed, width, extreme, path):
     """IntLinear's int8 and float32 paths (base-64 digits) compute exactly the float64 path's integers,
     extremes included, up to the widest input each path takes."""
-    from bsqcodec.intprior import F32_MAX_IN, QMAX, IntLinear
+    from bsqcodec.model.intprior import F32_MAX_IN, QMAX, IntLinear
 
     g = torch.Generator().manual_seed(seed)
     if extreme:  # every product large and of one sign, at random: partial sums that a looser bound would round
@@ -207,7 +208,7 @@ def test_digit_products_equal_float64_ones(seed, width, extreme, path):
 def test_one_float32_product_only_where_it_is_exact(seed, width):
     """The float32 path (IntLinear's and the step's) multiplies x itself, in one product, only when its bound proves every
     partial sum exact; large inputs take the digits, and there one product would round."""
-    from bsqcodec.intprior import QMAX, IntLinear
+    from bsqcodec.model.intprior import QMAX, IntLinear
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randint(-127, 128, (6, width), generator=g, dtype=torch.int8)
@@ -265,7 +266,7 @@ def test_product_path_follows_the_cpu_and_the_switch(monkeypatch):
 def test_numpy_attention_equals_torch_attention(seed, keys, hs, extreme, spread):
     """Attention by float64 products (the CPU's: IntPrior's and the decoder's NumPy step) computes exactly
     the float32 digits' integers, extremes included."""
-    from bsqcodec.intprior import MAX_KEYS, QMAX
+    from bsqcodec.model.intprior import MAX_KEYS, QMAX
 
     _, ip = make(0)
     g = torch.Generator().manual_seed(seed)

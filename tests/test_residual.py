@@ -1,4 +1,4 @@
-"""The second token stage (residual.py) and its training loop (train_residual.py)."""
+"""The second token stage (model/residual.py) and its training loop (train/residual.py)."""
 
 import copy
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from bsqcodec import weights
+from bsqcodec.model import weights
 from bsqcodec.errors import BsqError
-from bsqcodec.residual import ResidualCoder, ResidualConfig
-from bsqcodec.train_residual import ResidualOptions, base_pixels, train_residual
+from bsqcodec.model.residual import ResidualCoder, ResidualConfig
+from bsqcodec.train.residual import ResidualOptions, base_pixels, train_residual
 
 from conftest import image_folder
 
@@ -83,7 +83,7 @@ def test_the_rate_term_trains_a_bit_prior_and_resumes_exactly(data, model_file, 
 def test_bit_prior_sees_only_what_a_decoder_has():
     """A second-pass token's probabilities change with its first-pass neighbours' kept bits; nothing changes them
     for first-pass tokens, and unkept bits change nothing."""
-    from bsqcodec.residual import BitPrior
+    from bsqcodec.model.residual import BitPrior
 
     torch.manual_seed(0)
     prior = BitPrior(base_bits=5, ratio=2, bits=4, width=16)
@@ -103,7 +103,7 @@ def test_bit_prior_sees_only_what_a_decoder_has():
 
 
 def test_budgets_per_token_keep_each_tokens_own_prefix():
-    from bsqcodec.residual import kept_mask
+    from bsqcodec.model.residual import kept_mask
 
     torch.manual_seed(0)
     res = ResidualCoder(CFG).eval()
@@ -123,7 +123,7 @@ def test_budgets_per_token_keep_each_tokens_own_prefix():
 
 
 def test_budget_maps_vary_by_region_in_the_mixed_share_only():
-    from bsqcodec.train_residual import budget_maps
+    from bsqcodec.train.residual import budget_maps
 
     rng = np.random.default_rng(0)
     m = budget_maps(rng, (4, 8, 24), 400, 16, 2, 0.5).numpy()
@@ -136,7 +136,7 @@ def test_budget_maps_vary_by_region_in_the_mixed_share_only():
 
 
 def test_a_prior_gains_the_budget_input_from_one_without_it_unchanged():
-    from bsqcodec.residual import BitPrior
+    from bsqcodec.model.residual import BitPrior
 
     torch.manual_seed(0)
     old = BitPrior(base_bits=5, ratio=2, bits=4, width=16, budget=False)
@@ -165,7 +165,7 @@ def test_mixed_budgets_train_and_resume_exactly(data, model_file, tmp_path):
     for k in a["bit_prior"]:
         assert torch.equal(a["bit_prior"][k], b2["bit_prior"][k]), k
     st = weights.load_checkpoint(tmp_path / "b" / "residual.ckpt")
-    from bsqcodec.residual import BitPrior
+    from bsqcodec.model.residual import BitPrior
 
     tok = weights.load(model_file).config.tokenizer
     ctx = BitPrior.context_size(tok.bits, tok.patch // CFG.patch, CFG.bits, True)
@@ -175,7 +175,7 @@ def test_mixed_budgets_train_and_resume_exactly(data, model_file, tmp_path):
 def test_the_quad_context_sees_only_earlier_passes_and_the_first_stage_around():
     """Kind quad3x3: a bit flipped in a token changes the logits of exactly its neighbours of later passes; a
     first-stage token changes those of the tokens under it and around it."""
-    from bsqcodec.residual import BitPrior
+    from bsqcodec.model.residual import BitPrior
 
     torch.manual_seed(0)
     prior = BitPrior(base_bits=5, ratio=2, bits=4, width=16, kind="quad3x3")
@@ -209,11 +209,11 @@ def test_a_quad_context_run_resumes_exactly_and_records_its_kind(data, model_fil
     b2 = train_residual(_opts(data, tmp_path / "b", model_file, steps=4, resume=True))  # the kind is the run's
     for k in a["bit_prior"]:
         assert torch.equal(a["bit_prior"][k], b2["bit_prior"][k]), k
-    from bsqcodec.train_residual import load_run
+    from bsqcodec.train.residual import load_run
 
     run = load_run(tmp_path / "b" / "residual.ckpt")
     assert run.checkpoint["context"] == "quad3x3" and run.prior.kind == "quad3x3" and run.prior.budget
-    from bsqcodec.export import export_second_run
+    from bsqcodec.train.export import export_second_run
 
     smodel = export_second_run(tmp_path / "b", data, tmp_path / "x.safetensors", "x", (0, 2, 6), 300, calib=4)
     assert smodel.config.context == "quad3x3" and smodel.prior.kind == "quad3x3" and smodel.prior.passes == 4
@@ -246,7 +246,7 @@ def test_a_decoder_only_run_keeps_the_encoder_and_resumes_exactly(data, model_fi
     b2 = train_residual(_opts(data, tmp_path / "b", model_file, steps=3, resume=True, **{**kw, "init": None}))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b2["model"][k]), k
-    from bsqcodec.train_residual import evaluate, load_run
+    from bsqcodec.train.residual import evaluate, load_run
 
     run = load_run(tmp_path / "a" / "residual.ckpt")
     crops = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
@@ -286,7 +286,7 @@ def test_a_wider_coder_starts_as_the_narrower_one_on_its_bits():
 
 @pytest.mark.parametrize("kind", ["checker", "quad3x3"])
 def test_a_wider_prior_gives_the_old_bits_the_old_logits(kind):
-    from bsqcodec.residual import BitPrior
+    from bsqcodec.model.residual import BitPrior
 
     torch.manual_seed(0)
     old = BitPrior(base_bits=5, ratio=2, bits=4, width=16, kind=kind)

@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from bsqcodec import codec, container, search, weights
-from bsqcodec.cli import app
+from bsqcodec.codec import codec, search
+from bsqcodec.format import container
+from bsqcodec.model import weights
+from bsqcodec.cli.cli import app
 
 from conftest import smooth_image
 
@@ -106,7 +108,7 @@ def test_large_images_are_searched_in_strips(tiny_model, monkeypatch):
 def test_the_search_does_not_depend_on_the_decoders_up_stage(photo):
     """The search decodes without the up stage (cheaper steps); the file still decodes with it."""
     from bsqcodec.config import TokenizerConfig
-    from bsqcodec.tokenizer import Tokenizer
+    from bsqcodec.model.tokenizer import Tokenizer
 
     torch.manual_seed(5)
     tok = Tokenizer(TokenizerConfig(patch=4, channels=8, bits=10, enc_blocks=1, dec_blocks=1, up_channels=6, up_blocks=1)).eval()
@@ -163,9 +165,9 @@ def test_pillow_save_takes_effort(tmp_path, photo):
 
 
 def test_the_searches_adam_takes_torchs_steps_exactly():
-    """bsqcodec.adam.Adam (no torch._dynamo import) updates a tensor exactly as torch.optim.Adam does,
+    """bsqcodec.codec.adam.Adam (no torch._dynamo import) updates a tensor exactly as torch.optim.Adam does,
     with the learning rate changed between steps as the search changes it."""
-    from bsqcodec.adam import Adam
+    from bsqcodec.codec.adam import Adam
 
     g = torch.Generator().manual_seed(0)
     start = torch.randn(3, 5, 7, generator=g)
@@ -190,7 +192,7 @@ def test_encoding_does_not_import_torch_dynamo(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, numpy as np; from bsqcodec import codec; "
+    code = ("import sys, numpy as np; from bsqcodec.codec import codec; "
             "codec.encode_array(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8), 'q6', effort=4); "
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from bsqcodec import intbits, modelfile, second, weights
+from bsqcodec.model import intbits, second, weights
+from bsqcodec.format import modelfile
 from bsqcodec.config import ResidualConfig, SecondConfig
 from bsqcodec.errors import ModelError
-from bsqcodec.residual import BitPrior, ResidualCoder
+from bsqcodec.model.residual import BitPrior, ResidualCoder
 
 RCFG = ResidualConfig(patch=2, channels=8, bits=6, enc_blocks=1, dec_blocks=1)
 

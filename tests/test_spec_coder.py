@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bsqcodec import entropy
+from bsqcodec.format import entropy
 
 import spec_ref
 

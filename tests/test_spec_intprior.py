@@ -5,8 +5,8 @@ from fractions import Fraction
 
 import torch
 
-from bsqcodec import weights
-from bsqcodec.intprior import IntPrior
+from bsqcodec.model import weights
+from bsqcodec.model.intprior import IntPrior
 
 from conftest import TINY
 

@@ -21,8 +21,10 @@ import pytest
 import torch
 
 import spec_ref
-from bsqcodec import codec, container, intprior, weights
-from bsqcodec.tokenizer import join_groups
+from bsqcodec.codec import codec
+from bsqcodec.format import container
+from bsqcodec.model import intprior, weights
+from bsqcodec.model.tokenizer import join_groups
 
 from conftest import as_version_1_2, empty_streams_file
 

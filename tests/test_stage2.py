@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from bsqcodec import intbits, stage2
-from bsqcodec.container import BAND2
+from bsqcodec.model import intbits
+from bsqcodec.codec import stage2
+from bsqcodec.format.container import BAND2
 from bsqcodec.errors import FormatError
-from bsqcodec.residual import BitPrior
+from bsqcodec.model.residual import BitPrior
 
 L1, R, L = 5, 2, 6
 CHOICES = (0, 2, 4, 6)

@@ -4,8 +4,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bsqcodec.config import TokenizerConfig
-from bsqcodec import tokenizer as tokenizer_mod
-from bsqcodec.tokenizer import BSQ, Tokenizer, bits_to_tokens, join_groups, split_groups, tokens_to_bits
+from bsqcodec.model import tokenizer as tokenizer_mod
+from bsqcodec.model.tokenizer import BSQ, Tokenizer, bits_to_tokens, join_groups, split_groups, tokens_to_bits
 
 
 def _randomize(tok: Tokenizer) -> Tokenizer:
@@ -168,7 +168,7 @@ class TestUpStage:
     def test_a_grown_decoder_starts_as_the_old_one(self, tmp_path):
         import dataclasses
 
-        from bsqcodec.train import _init_from
+        from bsqcodec.train.train import _init_from
 
         torch.manual_seed(2)
         cfg = TokenizerConfig(patch=4, channels=8, bits=10, enc_blocks=1, dec_blocks=1)

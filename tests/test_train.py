@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from bsqcodec import codec, weights
+from bsqcodec.codec import codec
+from bsqcodec.model import weights
 from bsqcodec.errors import BsqError
-from bsqcodec.cli import app
-from bsqcodec.train import TrainOptions, train
+from bsqcodec.cli.cli import app
+from bsqcodec.train.train import TrainOptions, train
 
 runner = CliRunner()
 
@@ -89,8 +90,8 @@ def test_ema_is_kept_resumed_exactly_and_exported(dataset, arch, tmp_path):
 
 def test_init_takes_the_averaged_weights(dataset, arch, tmp_path):
     from bsqcodec.config import ModelConfig
-    from bsqcodec.tokenizer import Tokenizer
-    from bsqcodec.train import _init_from
+    from bsqcodec.model.tokenizer import Tokenizer
+    from bsqcodec.train.train import _init_from
 
     train(_opts("tokenizer", dataset, tmp_path / "a", arch, steps=4, ema=0.9))
     st = weights.load_checkpoint(tmp_path / "a" / "tokenizer.ckpt")
@@ -107,7 +108,7 @@ def test_bf16_training_keeps_float32_weights(dataset, arch, tmp_path):
 
 
 def test_decoder_only_keeps_the_encoder_and_tokens(dataset, arch, tmp_path):
-    from bsqcodec.tokenizer import Tokenizer
+    from bsqcodec.model.tokenizer import Tokenizer
 
     base = train(_opts("tokenizer", dataset, tmp_path / "a", arch, steps=3))
     r = runner.invoke(app, ["train", "tokenizer", "--data", str(dataset), "--out", str(tmp_path / "b"), "--arch", str(arch),
@@ -183,7 +184,7 @@ def _free_port() -> int:
 def test_ddp_two_processes(dataset, arch, tmp_path):
     """The same training entry point under torchrun-style env vars, 2 processes, gloo on CPU."""
     code = (
-        "import sys; from bsqcodec.train import TrainOptions, train;"
+        "import sys; from bsqcodec.train.train import TrainOptions, train;"
         f"train(TrainOptions(stage='tokenizer', data={str(dataset)!r}, out={str(tmp_path / 'ddp')!r},"
         f" arch={str(arch)!r}, steps=3, batch=2, crop=32, per_image=2, eval_every=100, warmup=1, threads=1))"
     )
@@ -204,7 +205,7 @@ def test_tokenizing_memory_mapped_crops_warns_nothing(tmp_path, tiny_model):
     """The crop cache is a read-only memory map; torch warns on tensors over non-writable arrays."""
     import warnings
 
-    from bsqcodec.train import _tokenize_crops
+    from bsqcodec.train.train import _tokenize_crops
 
     p = tmp_path / "crops.npy"
     np.save(p, np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
@@ -219,7 +220,7 @@ def test_tokenizing_memory_mapped_crops_warns_nothing(tmp_path, tiny_model):
 def test_adversarial_decoder_training_keeps_the_tokens_and_resumes_exactly(dataset, arch, tmp_path):
     """--adversarial (issue 26): a discriminator trains beside the decoder; the encoder stays as it was, and
     the discriminator's state is checkpointed with the rest, so a resumed run continues exactly."""
-    from bsqcodec.tokenizer import Tokenizer
+    from bsqcodec.model.tokenizer import Tokenizer
 
     base = train(_opts("tokenizer", dataset, tmp_path / "a", arch, steps=3))
     init = str(tmp_path / "a" / "tokenizer.ckpt")
@@ -246,7 +247,7 @@ def test_adversarial_needs_decoder_only(dataset, arch, tmp_path):
 def test_perceptual_decoder_training_moves_the_decoder_only_and_logs_its_score(dataset, arch, tmp_path):
     """--perceptual (issue 26): SSIMULACRA2 as a loss beside squared error, for a decoder alone; the
     held-out evaluations then carry the decoder's SSIMULACRA2 as well as its PSNR."""
-    from bsqcodec.tokenizer import Tokenizer
+    from bsqcodec.model.tokenizer import Tokenizer
 
     base = train(_opts("tokenizer", dataset, tmp_path / "a", arch, steps=3))
     init = str(tmp_path / "a" / "tokenizer.ckpt")
@@ -264,7 +265,7 @@ def test_perceptual_decoder_training_moves_the_decoder_only_and_logs_its_score(d
 
 
 def test_discriminator_sees_the_tokens():
-    from bsqcodec.discriminator import PatchDiscriminator
+    from bsqcodec.train.discriminator import PatchDiscriminator
 
     torch.manual_seed(0)
     d = PatchDiscriminator(bits=12, width=8)
@@ -277,7 +278,8 @@ def test_discriminator_sees_the_tokens():
 
 def test_a_decoder_only_run_exports_a_look_of_its_model(dataset, arch, tmp_path, model_file, tiny_model):
     """bsqc train export-look: the run's decoder, for the files of the model the run started from."""
-    from bsqcodec import codec, look
+    from bsqcodec.codec import codec
+    from bsqcodec.model import look
 
     train(_opts("tokenizer", dataset, tmp_path / "s", arch, steps=2, init=str(model_file), decoder_only=True, lr=0.01))
     out = tmp_path / "sharp.safetensors"

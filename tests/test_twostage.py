@@ -6,7 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bsqcodec import codec, container, residual, twostage
+from bsqcodec.codec import codec, twostage
+from bsqcodec.format import container
+from bsqcodec.model import residual
 from bsqcodec.errors import BsqError, FormatError, ModelNotFoundError
 
 from conftest import smooth_image
@@ -38,7 +40,7 @@ def test_a_two_stage_file_decodes_to_the_first_stages_pixels_plus_the_correction
     assert not np.array_equal(arr, base[:150, :45])  # the second stage changed the pixels
     # the same as running the pieces by hand
     bits = twostage.second_bits(tiny_r.coder, codec._pad(image, 4), base)
-    from bsqcodec import stage2
+    from bsqcodec.codec import stage2
 
     got, budget = stage2.decode(tiny_r.prior, tokens.numpy(), 12, h.second.streams, h.second.table,
                                 tiny_r.config.choices, 2, 6)
@@ -153,8 +155,9 @@ def test_the_command_line_encodes_decodes_and_describes_two_stage_files(tiny_mod
     from PIL import Image
     from typer.testing import CliRunner
 
-    from bsqcodec import modelfile, weights
-    from bsqcodec.cli import app
+    from bsqcodec.format import modelfile
+    from bsqcodec.model import weights
+    from bsqcodec.cli.cli import app
 
     models = tmp_path / "models"
     models.mkdir()
@@ -237,8 +240,8 @@ def test_model_files_given_twice_encode_and_decode_a_second_stage(tiny_model, ti
     from PIL import Image
     from typer.testing import CliRunner
 
-    from bsqcodec import weights
-    from bsqcodec.cli import app
+    from bsqcodec.model import weights
+    from bsqcodec.cli.cli import app
 
     weights.save(tiny_model, tmp_path / "tiny.safetensors")
     weights.save(tiny_r, tmp_path / "tiny-r.safetensors")
@@ -262,8 +265,8 @@ def test_model_files_given_twice_encode_and_decode_a_second_stage(tiny_model, ti
 def test_cut_writes_the_first_stages_file(two, tiny_model, tiny_r, image, tmp_path):
     from typer.testing import CliRunner
 
-    from bsqcodec import weights
-    from bsqcodec.cli import app
+    from bsqcodec.model import weights
+    from bsqcodec.cli.cli import app
 
     weights.save(tiny_model, tmp_path / "tiny.safetensors")
     weights.save(tiny_r, tmp_path / "tiny-r.safetensors")
@@ -320,8 +323,8 @@ def _objective(smodel, arr, base_px, b1, bits, budget, lam, r):
 
 
 def test_the_search_lowers_error_plus_lambda_rate_and_effort_1_keeps_the_coders_signs(tiny_model, tiny_r, image):
-    from bsqcodec import search2, stage2
-    from bsqcodec.tokenizer import tokens_to_bits
+    from bsqcodec.codec import search2, stage2
+    from bsqcodec.model.tokenizer import tokens_to_bits
 
     tokens = codec.image_to_tokens(tiny_model, image)
     base_px = codec.padded_pixels(tiny_model, tokens)

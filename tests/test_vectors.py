@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 import bsqcodec
-from bsqcodec import codec, container, entropy, weights
+from bsqcodec.codec import codec
+from bsqcodec.format import container, entropy
+from bsqcodec.model import weights
 from bsqcodec.config import LookConfig, SecondLookConfig
 
 VEC = Path(__file__).resolve().parent.parent / "formats" / "vectors"
@@ -132,7 +134,7 @@ def test_every_installed_look_decodes_the_vectors_of_its_models(name):
 
 def _second_tokens(data: bytes, tokens: torch.Tensor) -> dict:
     """A 2.1 file's second-stage tokens as its vector records them (test_vectors_21.py)."""
-    from bsqcodec import stage2, twostage
+    from bsqcodec.codec import stage2, twostage
 
     header, _ = container.unpack(data)
     _, bits, budget = twostage.decode_tokens(header, weights.find(header.model_hash, header.preset), tokens.numpy())
@@ -184,7 +186,7 @@ def test_preset_vector_decodes_to_recorded_tokens_and_bytes(name):
 def test_every_path_of_the_prior_products_decodes_the_vectors(path, monkeypatch):
     """The conformance vectors decode to their tokens whichever exact path the prior's products take
     (intprior.product_path: int8 where the CPU has int8 dot products, float32 digits, float64)."""
-    from bsqcodec import intprior
+    from bsqcodec.model import intprior
 
     monkeypatch.setenv(intprior.PRODUCTS_ENV, path)
     cases = [(VEC / "v2-70x100.bsq", VEC / "tiny-model.safetensors"),

@@ -12,7 +12,9 @@ import os
 import pytest
 import torch
 
-from bsqcodec import codec, container, stage2, twostage, weights
+from bsqcodec.codec import codec, stage2, twostage
+from bsqcodec.format import container
+from bsqcodec.model import weights
 
 from test_vectors import VEC, _image
 

@@ -1,0 +1,181 @@
+"""Encoder-side search: token grids that the fixed decoder turns into pixels closer to the original.
+
+The decoder and the prior never change; any token grid is a valid file, so the encoder may choose
+tokens other than the signs its own network gives. `refine` starts from those signs and takes
+gradient steps on the continuous code before the signs (straight-through, as in training) to lower
+
+    squared error of the decoded pixels + lam x rate,
+
+where the rate is the prior's code length of each bit, taken from the probability tables of the
+starting tokens (`rate_costs` turns tables into per-bit costs; codec.py computes the tables). The
+context of each token is held at the starting tokens: a bit that the prior predicts confidently
+costs many bits to flip, an unlikely one saves bits when flipped. The file's real size is measured
+after the search by the encoder as always.
+
+Effort 1 is no search at all: exactly the bytes of the plain sign encoder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .adam import Adam
+from ..config import DEFAULT_EFFORT, MAX_EFFORT, MIN_EFFORT  # noqa: F401 - defined there, light for the CLI
+from ..model.tokenizer import Tokenizer, native_bf16, tokens_to_bits
+
+# gradient steps per effort. A step decodes without the decoder's up stage (a third cheaper; on 7 training
+# photos at 6 steps the same bytes and PSNR as with it), so the default effort affords 8 steps in the time
+# 6 took with the stage: about 2% fewer bytes at equal PSNR on the default rung
+ITERATIONS = {1: 0, 2: 2, 3: 4, 4: 8, 5: 10, 6: 12, 7: 16, 8: 32, 9: 64}
+# Adam's learning rate, per step of the unit-norm code: large for the first steps, which decide most of
+# the sign flips, then small, so that the codes settle. Measured on 7 training photos against a constant
+# 0.003 at 6 steps (effort 4): q1 -0.5% bytes at +0.04 dB, the default rung -0.5% at +0.05 dB, q5 +0.2%
+# at +0.10 dB; on q1 and the default rung at 2 to 16 steps it was worth 1-3% of the bytes at equal PSNR
+# every time. A function of the step alone, so the first k steps of a longer search are the search of k.
+LR_FIRST, FIRST_STEPS, LR = 0.006, 3, 0.002
+# the weight of a bit of rate against the mean squared error (pixels in [0, 1]) per pixel, over the square
+# of the token bits; measured on Kodak photos (kodim01, 13, 23; q1 and default), 4 keeps each rung's
+# rate about where effort 1 has it and turns the search into quality (1: +3-5% bytes for +0.1 dB more)
+RATE_WEIGHT = 4.0
+WINDOW_TOKENS = 16384  # tokens optimised together; larger images go in strips (bounds memory)
+
+Progress = Callable[[str, int, int], None]
+Costs = tuple[torch.Tensor, torch.Tensor]  # (cost of each bit being 0, being 1), each (bits, rows, cols)
+
+
+def iterations(effort: int) -> int:
+    """Gradient steps of an effort (0 for effort 1: no search); ValueError for anything but 1..9."""
+    if isinstance(effort, bool) or not isinstance(effort, int) or not MIN_EFFORT <= effort <= MAX_EFFORT:
+        raise ValueError(f"effort must be an integer from {MIN_EFFORT} to {MAX_EFFORT}, not {effort!r}")
+    return ITERATIONS[effort]
+
+
+def learning_rate(step: int) -> float:
+    """Adam's learning rate for gradient step `step` (1, 2, ...)."""
+    return LR_FIRST if step <= FIRST_STEPS else LR
+
+
+def schedule() -> dict:
+    """The learning rates as benchmark result files record them."""
+    return {"first": LR_FIRST, "first_steps": FIRST_STEPS, "then": LR}
+
+
+def steps() -> dict:
+    """The gradient steps of every effort as benchmark result files record them ({"1": 0, ...})."""
+    return {str(e): n for e, n in ITERATIONS.items()}
+
+
+def rate_weight(bits: int) -> float:
+    """lam for a tokenizer of `bits` bits per token (see RATE_WEIGHT)."""
+    return RATE_WEIGHT / bits**2
+
+
+def bit_costs(tables: torch.Tensor, group_bits: int) -> Costs:
+    """Tables (..., 2^g) of one group -> (cost of each bit being 0, being 1), each (..., g), in bits.
+
+    A bit's probability is the sum of the table over the symbols that have it set; bits are
+    most significant first, as in the token.
+    """
+    has = tokens_to_bits(torch.arange(tables.shape[-1]), group_bits).to(torch.float64)  # (n, g)
+    p = tables.to(torch.float64)
+    p1 = ((p @ has) / p.sum(-1, keepdim=True)).clamp(1e-6, 1 - 1e-6)
+    return -torch.log2(1 - p1), -torch.log2(p1)
+
+
+def _windows(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, WINDOW_TOKENS // max(1, cols))
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def refine(tok: Tokenizer, latent: torch.Tensor, target: np.ndarray, steps: int, costs: Costs | None = None,
+           lam: float = 0.0, progress: Progress | None = None) -> torch.Tensor:
+    """Searched tokens (rows, cols) after `steps` gradient steps from the tokenizer's latent (1, bits, rows, cols).
+
+    target: the (height, width, 3) uint8 image itself (not padded). costs: per-bit rate costs from
+    `bit_costs`; with lam = 0 or costs None the search weighs distortion only. Images of more than
+    WINDOW_TOKENS tokens are searched in strips of rows, one after the other, each with its
+    neighbours' current codes as context. The result depends only on the inputs and the torch build
+    (the decoder is never affected).
+    """
+    s = _Search(tok, latent, target, costs, lam)
+    windows = _windows(*s.u.shape[-2:])
+    for w, (r0, r1) in enumerate(windows):
+        def report(i, w=w):
+            if progress:
+                progress("search", w * steps + i, steps * len(windows))
+        s.run(r0, r1, steps, report)
+    return s.tokens()
+
+
+def trajectory(tok: Tokenizer, latent: torch.Tensor, target: np.ndarray, steps: list[int],
+               costs: Costs | None = None, lam: float = 0.0) -> dict[int, torch.Tensor]:
+    """{k: the tokens `refine` gives after k steps} for every k in `steps`, in one search.
+
+    For benchmarks of all efforts at the cost of the highest; images of one window only.
+    """
+    s = _Search(tok, latent, target, costs, lam)
+    rows, cols = s.u.shape[-2:]
+    if len(_windows(rows, cols)) != 1:
+        raise ValueError("trajectory() needs an image of at most WINDOW_TOKENS tokens")
+    out = {0: s.tokens()} if 0 in steps else {}
+
+    def keep(i):
+        if i in steps:
+            out[i] = s.tokens()
+
+    s.run(0, rows, max(steps), keep)
+    return out
+
+
+class _Search:
+    """The unit-norm codes of the whole grid, and what the loss needs."""
+
+    def __init__(self, tok: Tokenizer, latent: torch.Tensor, target: np.ndarray, costs: Costs | None, lam: float) -> None:
+        self.tok = tok
+        self.u = F.normalize(latent.detach().float(), dim=1)
+        self.height, self.width = target.shape[:2]
+        self.target = torch.from_numpy(np.array(target, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255)
+        self.costs = tuple(c.float() for c in costs) if costs is not None and lam > 0 else None
+        self.lam = lam
+        # bfloat16 where the decoders use it (the CPU has bfloat16 dot products), not wherever oneDNN accepts
+        # it: oneDNN also emulates it on AVX-512 CPUs without them (Skylake to Ice Lake)
+        self.bf16 = native_bf16()
+
+    def tokens(self) -> torch.Tensor:
+        return self.tok.quant.codes_to_tokens(self.u)[0]
+
+    def run(self, r0: int, r1: int, steps: int, after: Callable[[int], None]) -> None:
+        """Adam steps on the codes of latent rows r0..r1, the other rows fixed; self.u follows every step."""
+        tok = self.tok
+        p, L, halo = tok.cfg.patch, tok.cfg.bits, tok.cfg.halo
+        rows = self.u.shape[-2]
+        a, b = max(0, r0 - halo), min(rows, r1 + halo)
+        own = self.u[:, :, r0:r1].clone().requires_grad_(True)
+        opt = Adam(own, learning_rate(1))
+        y0, y1 = r0 * p, min(self.height, r1 * p)  # the pixel rows this window owns
+        tgt = self.target[:, :, y0:y1]
+        n_px = self.height * self.width
+        if self.costs is not None:
+            c0, c1 = (c[None, :, r0:r1] for c in self.costs)
+        for i in range(1, steps + 1):
+            with torch.enable_grad():
+                ste = tok.quant.straight_through(torch.cat([self.u[:, :, a:r0], own, self.u[:, :, r1:b]], 2))
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                    # without the decoder's up stage (see ITERATIONS); the file decodes in full as always
+                    y = tok.decode_code(ste, up=False)
+                y = y.float()[:, :, y0 - a * p : y1 - a * p, : self.width]
+                loss = F.mse_loss(y, tgt, reduction="sum") / (3 * n_px)
+                if self.costs is not None:
+                    bit = (ste[:, :, r0 - a : r1 - a] * math.sqrt(L) + 1) / 2  # 1 where the code is +1
+                    loss = loss + self.lam * (bit * c1 + (1 - bit) * c0).sum() / n_px
+                (grad,) = torch.autograd.grad(loss, [own])
+            opt.lr = learning_rate(i)
+            opt.step(grad)
+            with torch.no_grad():
+                self.u[:, :, r0:r1] = own
+            after(i)
