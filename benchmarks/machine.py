@@ -14,6 +14,7 @@ from __future__ import annotations
 import compileall
 import os
 import platform
+import shlex
 from pathlib import Path
 
 import torch
@@ -22,8 +23,18 @@ from bsqcodec import cpu
 from bsqcodec.model import intprior, tokenizer
 
 
-SWITCHES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE",
-            "NPY_DISABLE_CPU_FEATURES", intprior.PRODUCTS_ENV, tokenizer.FLOAT32_ENV)  # as benchmarks/avx2.env sets them
+def _avx2_env() -> dict[str, str]:
+    """The switches benchmarks/avx2.env exports and their values: the one list of them."""
+    out = {}
+    for line in (Path(__file__).resolve().parent / "avx2.env").read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["export"]:
+            out.update(w.split("=", 1) for w in words[1:])
+    return out
+
+
+SWITCHES = _avx2_env()
+assert {intprior.PRODUCTS_ENV, tokenizer.FLOAT32_ENV} <= SWITCHES.keys(), "avx2.env must force bsqcodec's float32 paths"
 
 
 def kind() -> str:
@@ -49,7 +60,7 @@ def describe(model=None) -> dict:
         "cpu": cpu.describe(),
         "cpus": os.cpu_count(),
         "switches": {k: os.environ.get(k) for k in SWITCHES},
-        "complete": all(os.environ.get(k) for k in SWITCHES) if emulated else None,
+        "complete": all(os.environ.get(k) == v for k, v in SWITCHES.items()) if emulated else None,
         "paths": {
             "prior_products": lin.path if lin is not None else intprior.product_path(192, "cpu"),
             "pixel_decoder": "bfloat16" if tokenizer.native_bf16() else "float32",

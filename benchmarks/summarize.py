@@ -185,9 +185,10 @@ def robustness_section() -> str:
         switches = {k: v for k, v in first.get("machine", {}).get("switches", {}).items() if v}
         how = (" Emulated on that processor with " + ", ".join(f"`{k}={v}`" for k, v in switches.items()) + "."
                if first.get("machine", {}).get("emulated") else "")
-        enc = [(q, d["encode_net_idle_best"]) for q, d in rungs if d.get("encode_net_idle_best") is not None]
-        how += (" Encoding at the default effort, timed the same way (best of 3): "
-                + ", ".join(f"{q} {e:.2f} s" for q, e in enc) + "." if enc else "")
+        enc = [(q, d) for q, d in rungs if d.get("encode_net_idle_best") is not None]
+        how += (" Encoding at the default effort, timed the same way: "
+                + ", ".join(f"{q} {d['encode_net_idle_best']:.2f} s (best of {len(d['encode_seconds_idle'])})"
+                            for q, d in enc) + "." if enc else "")
         out += [f"### Every rung as a whole process (`results/decode-load-RUNG{suffix}.json`)", "",
                 f"Machine: {machine}.{how} `bsqc decode` of {first['image']} on {first['cpus']} cores, net of the "
                 f"six imports (best of 5), and the slowest of 5 beside 2 CPU-bound processes against the idle best:", "",

@@ -24,11 +24,12 @@ ALLOWED = {
 
 
 def _part(module: str) -> str:
-    """'bsqcodec.model.weights' -> 'model'; 'bsqcodec.errors' -> 'leaf'; the API and the plugin -> 'top'."""
+    """'bsqcodec.model.weights' -> 'model'; 'bsqcodec.errors' -> 'leaf'; the API and the plugin -> 'top'.
+    The package's __version__ counts as a leaf: every import of a bsqcodec module has run __init__ already."""
     parts = module.split(".")[1:]
-    if not parts or parts[0] in TOP or parts[0] == "__version__":
+    if not parts or parts[0] in TOP:
         return "top"
-    return "leaf" if parts[0] in LEAVES else parts[0]
+    return "leaf" if parts[0] in LEAVES or parts[0] == "__version__" else parts[0]
 
 
 def _imports(source: str, package: list[str]) -> list[tuple[int, str]]:
@@ -54,8 +55,6 @@ def _allowed(src: str, mod: str) -> bool:
         return True
     if src == "leaf":
         return False
-    if mod == "bsqcodec.__version__":  # a constant of the API module, read by `bsqc --version`
-        return True
     return dst == src or dst in ALLOWED[src]
 
 

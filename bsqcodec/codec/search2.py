@@ -26,8 +26,8 @@ from ..model.residual import ResidualCoder, halo, to_float
 from ..model.tokenizer import native_bf16
 
 # gradient steps per effort (1 to 9). Each step runs the stage's decoder forward and backward over the image
-# (about 0.5 s for a 768x512 photo on 2 cores). Effort 4 took 4 until 0.7.0; 8 spend 0.3-1.4% more bytes for
-# 0.07-0.17 dB, about 2.5% fewer bytes at equal PSNR over the lambdas of q7-q9 on Kodak (kodim01-03, -2.5%)
+# (about 0.5 s for a 768x512 photo on 2 cores). At effort 4, 8 steps against 4 spend 0.3-1.4% more bytes for
+# 0.07-0.17 dB: about 2.5% fewer bytes at equal PSNR over the lambdas of q7-q9 on Kodak (kodim01-03, -2.5%)
 # and on training photos (4 of bsds500, -2.45%): results/residual-search-q8-kodak3.json, -q8-bsds4.json
 ITERATIONS = {1: 0, 2: 1, 3: 2, 4: 8, 5: 10, 6: 12, 7: 16, 8: 24, 9: 32}
 # Adam's learning rate on the unit-norm code. Measured on kodim01-02 (the default rung's stage, lambda 200,
