@@ -13,6 +13,13 @@ of 8 and 16 bits and at mixed budgets:
 - `quad`: four passes ((even, even), (odd, odd), (even, odd), (odd, even) rows and columns), each token seeing
   its eight neighbours of earlier passes;
 - `quad3x3`: both.
+Two more ask whether the bits of one token predict each other (each bit is independent of its token's
+other bits given the context in the designs above):
+- `quad3x3+tri`: quad3x3, plus a strictly lower-triangular linear term from the token's own earlier
+  (more significant, kept) bits to each bit's logit: decoding would go bit by bit within a pass;
+- `quad3x3+halves`: quad3x3 for the first half of the bits; a second network sees that context and the
+  first half's kept bits and gives the second half (two steps per pass).
+`--variants` picks which run (all by default).
 The coder was trained with the shipped design's rate term, so this ranks the designs' modelling power only.
 Writes benchmarks/results/bitprior-variants-NAME.json.
 """
@@ -41,13 +48,21 @@ NEIGH8 = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 class Variant(nn.Module):
     """A bit prior over one of the contexts above (1x1 layers, as BitPrior)."""
 
-    def __init__(self, L1: int, ratio: int, bits: int, quad: bool, wide: bool, width: int = 256) -> None:
+    def __init__(self, L1: int, ratio: int, bits: int, quad: bool, wide: bool, width: int = 256,
+                 intra: str = "") -> None:
         super().__init__()
-        self.ratio, self.bits, self.quad, self.wide = ratio, bits, quad, wide
+        self.ratio, self.bits, self.quad, self.wide, self.intra = ratio, bits, quad, wide, intra
         passes = 4 if quad else 2
         ctx = L1 * (9 if wide else 1) + ratio * ratio + passes + (8 if quad else 4) * bits + 1
+        self.half = bits // 2 if intra == "halves" else bits
         self.net = nn.Sequential(nn.Conv2d(ctx, width, 1), nn.GELU(), nn.Conv2d(width, width, 1), nn.GELU(),
-                                 nn.Conv2d(width, bits, 1))
+                                 nn.Conv2d(width, self.half, 1))
+        if intra == "halves":
+            self.net2 = nn.Sequential(nn.Conv2d(ctx + self.half, width, 1), nn.GELU(), nn.Conv2d(width, width, 1),
+                                      nn.GELU(), nn.Conv2d(width, bits - self.half, 1))
+        elif intra == "tri":
+            self.tri = nn.Parameter(torch.zeros(bits, bits))
+            self.register_buffer("tri_mask", torch.ones(bits, bits).tril(-1))
 
     def pass_of(self, H: int, W: int) -> torch.Tensor:
         yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
@@ -73,7 +88,14 @@ class Variant(nn.Module):
             earlier = (pp[1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W] < ps.float()).float()  # decoded before this token
             neigh.append(n * earlier)
         budget = kept.mean(1, keepdim=True).expand(B, 1, H, W)
-        return self.net(torch.cat([up, pos, onehot, *neigh, budget], 1))
+        ctx = torch.cat([up, pos, onehot, *neigh, budget], 1)
+        own = (bits01 * 2 - 1) * kept  # this token's kept bits, +-1 (0 where dropped)
+        if self.intra == "halves":
+            return torch.cat([self.net(ctx), self.net2(torch.cat([ctx, own[:, : self.half]], 1))], 1)
+        out = self.net(ctx)
+        if self.intra == "tri":  # bit i sees bits j < i of its own token
+            out = out + torch.einsum("ij,bjhw->bihw", self.tri * self.tri_mask, own)
+        return out
 
     def bits_of(self, base_code, bits01, kept):
         lg = self.logits(base_code, bits01, kept)
@@ -100,6 +122,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--name", default="probe")
+    ap.add_argument("--variants", default="checker,base3x3,quad,quad3x3,quad3x3+tri,quad3x3+halves")
     args = ap.parse_args()
     torch.manual_seed(0)
     run = load_run(args.checkpoint)
@@ -121,9 +144,12 @@ def main() -> None:
     print(f"codes: {len(c1)} training crops, {len(e1)} held out", flush=True)
     levels = (4, 8, 12, 16, 24, 24)
     out = {"checkpoint_step": st["step"], "crops": len(c1), "held_out": len(e1), "steps": args.steps, "variants": {}}
-    for name, quad, wide in (("checker", False, False), ("base3x3", False, True), ("quad", True, False), ("quad3x3", True, True)):
+    designs = {"checker": (False, False, ""), "base3x3": (False, True, ""), "quad": (True, False, ""),
+               "quad3x3": (True, True, ""), "quad3x3+tri": (True, True, "tri"), "quad3x3+halves": (True, True, "halves")}
+    for name in args.variants.split(","):
+        quad, wide, intra = designs[name]
         torch.manual_seed(0)
-        v = Variant(L1, r, cfg.bits, quad, wide)
+        v = Variant(L1, r, cfg.bits, quad, wide, intra=intra)
         opt = torch.optim.AdamW(v.parameters(), lr=1e-3)
         rng = np.random.default_rng(0)
         t0 = time.time()
