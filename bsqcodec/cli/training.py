@@ -115,7 +115,8 @@ def train_prior(
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where decoded crops and tokens are cached.")] = None,
     eval_every: int = 500, checkpoint_seconds: float = 300.0, threads: int = 0, per_image: int = 16,
-    init: Annotated[Optional[Path], typer.Option(help="Start from this prior checkpoint (tensors that fit).")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this prior checkpoint or model file (its integer prior read back as float weights); "
+                                                    "tensors that fit: fewer layers keep the first ones.")] = None,
     ema: Annotated[float, typer.Option(help="Keep an exponential moving average of the weights with this decay "
                                             "(e.g. 0.999); it is evaluated and exported. 0: none.")] = 0.0,
 ) -> None:

@@ -582,3 +582,75 @@ def export(prior, calib_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         W, b = _fold_ln(prior.head_ln[j], prior.heads[j])
         _quant_linear(out, f"heads.{j}", W, b, 1 / LN_SCALE, torch.full((n,), 1 / EXP_STEP, dtype=torch.float64))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# back to a float prior (to train on from shipped weights)
+
+
+def _gelu_scale(table: torch.Tensor) -> float:
+    """The real value st of one integer unit of a block's MLP, recovered from its GELU table
+    (gelu_table(st)): the table's least entry is round(min GELU / st); the scale that rebuilds the
+    whole table best is searched around the value that gives."""
+    lowest = -0.16997120747  # min over x of x * Phi(x)
+    least = float(table.min())
+    if least >= 0:
+        raise ValueError("not a GELU table")
+    base = lowest / least
+    best, err = base, math.inf
+    for k in range(-200, 201):
+        s = base * (1 + k * 1e-3)
+        e = float((gelu_table(s).double() - table.double()).abs().sum())
+        if e < err:
+            best, err = s, e
+    return best
+
+
+@torch.no_grad()
+def float_state(cfg: PriorConfig, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The integer prior's tensors (as export gives them) read back as a float Prior's state dict: the
+    same function up to the integer path's roundings (its LayerNorm gains and biases are folded into the
+    next linear layer, so the float LayerNorms get gain 1 and bias 0). For training on from shipped
+    weights (`bsqc train prior --init MODEL.safetensors`); never used to code.
+
+    Units: the residual stream is int / 2^FRAC; q and k are rescaled so that the float attention's
+    q.k / sqrt(hs) is the integer path's logit; v and the attention output stay in integer units; the MLP's
+    hidden layer is real (its unit recovered from the GELU table); the heads give logits in nats.
+    """
+    validate(cfg, t)
+    D, H = cfg.dim, cfg.heads
+    hs = D // H
+    res = 2.0**-FRAC
+    f = lambda x: x.double()  # noqa: E731
+
+    def affine(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, b) with y_int ~ x_int @ W^T + b, the layer's integer output without rounding."""
+        scale = f(t[f"{name}.m"]) * 2.0 ** -int(t[f"{name}.s"])
+        return f(t[f"{name}.w"]) * scale[:, None], f(t[f"{name}.b"])
+
+    out = {k: f(t[k]) * res for k in ("tok_emb", "row_emb", "col_emb", "cond_emb")}
+    out = {f"{k}.weight": v for k, v in out.items()}
+    out["start"] = f(t["start"]) * res
+    for i in range(cfg.layers):
+        p = f"blocks.{i}."
+        out[p + "ln1.weight"], out[p + "ln1.bias"] = torch.ones(D), torch.zeros(D)
+        out[p + "ln2.weight"], out[p + "ln2.bias"] = torch.ones(D), torch.zeros(D)
+        W, b = affine(p + "qkv")
+        W, b = W * LN_SCALE, b.clone()  # the float LayerNorm's output is the integer one / LN_SCALE
+        att = float(t[p + "att_m"]) * 2.0 ** -int(t[p + "att_s"])  # logit in nats = dot_int * att / EXP_STEP
+        c = math.sqrt(att / EXP_STEP * math.sqrt(hs))  # q and k times c: q.k / sqrt(hs) is that logit
+        W[: 2 * D] *= c
+        b[: 2 * D] *= c
+        out[p + "attn.qkv.weight"], out[p + "attn.qkv.bias"] = W, b
+        W, b = affine(p + "proj")
+        out[p + "attn.proj.weight"], out[p + "attn.proj.bias"] = W * res, b * res
+        st = _gelu_scale(t[p + "gelu_table"])
+        W, b = affine(p + "fc1")
+        out[p + "fc1.weight"], out[p + "fc1.bias"] = W * LN_SCALE * st, b * st
+        W, b = affine(p + "fc2")
+        out[p + "fc2.weight"], out[p + "fc2.bias"] = W * res / st, b * res
+    for j in range(cfg.groups):
+        out[f"head_ln.{j}.weight"], out[f"head_ln.{j}.bias"] = torch.ones(D), torch.zeros(D)
+        W, b = affine(f"heads.{j}")
+        out[f"heads.{j}.weight"], out[f"heads.{j}.bias"] = W * LN_SCALE / EXP_STEP, b / EXP_STEP
+    return {k: v.float().contiguous() for k, v in out.items()}

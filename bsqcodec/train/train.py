@@ -328,11 +328,17 @@ def _init_from(model: torch.nn.Module, stage: str, path: str) -> None:
     that do not match (a prior's other group sizes, a decoder's new stage) keep their initialisation.
     """
     if path.endswith(".safetensors"):
-        if stage != "tokenizer":
-            raise BsqError("--init for the prior takes a prior checkpoint (model files hold the integer prior)")
         from ..model.weights import load
 
-        src = load(path).tokenizer.state_dict()
+        if stage not in ("tokenizer", "prior"):
+            raise BsqError(f"--init for the {stage} takes a {stage} checkpoint, not a model file")
+        m = load(path)
+        if stage == "tokenizer":
+            src = m.tokenizer.state_dict()
+        else:  # the model's integer prior read back as float weights (intprior.float_state)
+            from ..model.intprior import float_state
+
+            src = float_state(m.config.prior, {k[len("prior."):]: v for k, v in m.tensors.items() if k.startswith("prior.")})
     else:
         st = load_checkpoint(path)
         if st.get("stage") != stage:
