@@ -15,10 +15,6 @@ from bsqcodec.train import train
 from conftest import smooth_image
 
 
-def _prior_tensors(model):
-    return {k[len("prior."):]: v for k, v in model.tensors.items() if k.startswith("prior.")}
-
-
 def _tiles(model, rng_seed):
     arr = np.asarray(smooth_image(np.random.default_rng(rng_seed), 128, 128))
     tok = codec.image_to_tokens(model, arr)
@@ -32,7 +28,7 @@ def _tiles(model, rng_seed):
 def test_the_float_prior_codes_as_the_integer_prior_does(tiny_model, name):
     model = tiny_model if name == "tiny" else weights.preset(name)
     prior = Prior(model.config.prior)
-    prior.load_state_dict(intprior.float_state(model.config.prior, _prior_tensors(model)))
+    prior.load_state_dict(intprior.float_state(model.config.prior, model.prior_tensors()))
     prior.eval()
     tiles = _tiles(model, 3)
     B, r, c = tiles.shape
@@ -50,7 +46,7 @@ def test_init_from_a_model_file_starts_a_prior_with_fewer_layers_from_its_first_
     cfg = tiny_model.config.prior
     fewer = Prior(dataclasses.replace(cfg, layers=max(1, cfg.layers - 1)))
     train._init_from(fewer, "prior", str(model_file))
-    want = intprior.float_state(cfg, _prior_tensors(tiny_model))
+    want = intprior.float_state(cfg, tiny_model.prior_tensors())
     got = fewer.state_dict()
     for k, v in got.items():
         assert torch.equal(v, want[k]), k

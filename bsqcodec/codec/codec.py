@@ -17,7 +17,6 @@ from PIL import Image
 from ..format import container, entropy
 from . import images, search
 from ..model import weights
-from ..model import approxprior
 from ..model import look as look_mod
 from . import workers as workers_mod
 from ..config import DEFAULT_BATCH_TILES, LOOKS, MAX_BATCH_TILES, RUNG_NAMES
@@ -32,7 +31,7 @@ from ..model.tokenizer import join_groups, split_groups
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 ENCODE_BATCH = 8  # tiles per teacher-forced pass; affects speed only, never the bytes
-APPROX_BATCH = 32  # tiles per pass of the prior's float twin (the search's rate estimates)
+APPROX_BATCH = 32  # tiles per pass of the float prior (the search's rate estimates)
 
 
 @dataclass
@@ -95,13 +94,14 @@ def make_header(model: weights.Model, width: int, height: int, icc: bytes | None
 def _tile_tables(model: weights.Model, header: Header, tokens: torch.Tensor, approx: bool = False):
     """Yields (tile indices, symbols (B, T, G), tables (B, T, G, n)) for batches of same-shape tiles.
 
-    approx: the prior's float twin (approxprior.py), for estimates only: its tables never code a file.
+    approx: the float prior read back from the integer one (Model.float_prior), for estimates only: its
+    tables never code a file.
     """
     slices = tile_slices(header)
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, (rs, cs) in enumerate(slices):
         by_shape.setdefault((rs.stop - rs.start, cs.stop - cs.start), []).append(i)
-    prior, per_batch = (approxprior.of(model.prior), APPROX_BATCH) if approx else (model.prior, ENCODE_BATCH)
+    prior, per_batch = (model.float_prior(), APPROX_BATCH) if approx else (model.prior, ENCODE_BATCH)
     for (r, c), idxs in by_shape.items():
         for k in range(0, len(idxs), per_batch):
             batch = idxs[k : k + per_batch]
@@ -136,7 +136,8 @@ def rate_costs(model: weights.Model, header: Header, tokens: torch.Tensor,
     """The prior's cost in bits of each token bit being 0 and being 1, given the other tokens.
 
     Each (bits, rows, cols); the context of every token is `tokens` (see search.py). approx: from the
-    prior's float twin (a few times faster; costs within about a tenth of a bit, a few thousandths on average).
+    float prior (Model.float_prior: a few times faster; costs within about a tenth of a bit, a few
+    thousandths on average).
     """
     g = header.bits // header.groups
     slices = tile_slices(header)

@@ -83,12 +83,22 @@ class Prior(nn.Module):
     def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """(B, r, c) tokens -> list over groups of (B, T, 2^g) logits, teacher-forced."""
         B, r, c = tokens.shape
+        return self.logits(self.symbols(tokens), r, c)
+
+    @torch.no_grad()
+    def tables(self, sym: torch.Tensor, rows: int, cols: int) -> list[torch.Tensor]:
+        """As IntPrior.tables, in float: sym (B, T, G) of tiles rows x cols -> list over groups of (B, T, 2^g)
+        probabilities. For estimates only (the search's bit costs); files are coded with IntPrior's tables."""
+        return [torch.softmax(lg, -1) for lg in self.logits(sym, rows, cols)]
+
+    def logits(self, sym: torch.Tensor, r: int, c: int) -> list[torch.Tensor]:
+        """(B, T, G) symbols of r x c tiles in raster order -> list over groups of (B, T, 2^g) logits."""
+        B = sym.shape[0]
         n = 2**self.cfg.group_bits
-        sym = self.symbols(tokens)  # (B, T, G)
-        offs = torch.arange(self.cfg.groups, device=tokens.device) * n
+        offs = torch.arange(self.cfg.groups, device=sym.device) * n
         emb = self.tok_emb(sym + offs).sum(2)  # (B, T, D)
         x = torch.cat([self.start.expand(B, 1, -1), emb[:, :-1]], 1)
-        rr, cc = self.positions(r, c, tokens.device)
+        rr, cc = self.positions(r, c, sym.device)
         x = x + self.row_emb(rr) + self.col_emb(cc)
         for blk in self.blocks:
             x = blk(x)

@@ -333,12 +333,8 @@ def _init_from(model: torch.nn.Module, stage: str, path: str) -> None:
         if stage not in ("tokenizer", "prior"):
             raise BsqError(f"--init for the {stage} takes a {stage} checkpoint, not a model file")
         m = load(path)
-        if stage == "tokenizer":
-            src = m.tokenizer.state_dict()
-        else:  # the model's integer prior read back as float weights (intprior.float_state)
-            from ..model.intprior import float_state
-
-            src = float_state(m.config.prior, {k[len("prior."):]: v for k, v in m.tensors.items() if k.startswith("prior.")})
+        # a prior starts from the model's integer prior read back as float weights (intprior.float_state)
+        src = (m.tokenizer if stage == "tokenizer" else m.float_prior()).state_dict()
     else:
         st = load_checkpoint(path)
         if st.get("stage") != stage:

@@ -1,11 +1,12 @@
-"""The prior's float twin (model/approxprior.py): the search's rate estimates, never a file's tables."""
+"""The float prior read back from the integer one (Model.float_prior): the search's rate estimates, never
+a file's tables."""
 
 import numpy as np
 import pytest
 import torch
 
 from bsqcodec.codec import codec, search
-from bsqcodec.model import approxprior, weights
+from bsqcodec.model import weights
 
 from conftest import smooth_image
 
@@ -17,7 +18,7 @@ def _costs(model, arr, approx):
 
 
 @pytest.mark.parametrize("name", ["tiny", "default", "q5"])
-def test_the_twin_gives_the_exact_priors_bit_costs_to_a_tenth_of_a_bit(tiny_model, name):
+def test_the_float_prior_gives_the_exact_priors_bit_costs_to_a_tenth_of_a_bit(tiny_model, name):
     model = tiny_model if name == "tiny" else weights.preset(name)
     arr = np.asarray(smooth_image(np.random.default_rng(5), 96, 80))
     exact, approx = _costs(model, arr, False), _costs(model, arr, True)
@@ -28,18 +29,18 @@ def test_the_twin_gives_the_exact_priors_bit_costs_to_a_tenth_of_a_bit(tiny_mode
         assert float((exact[0] - exact[1]).abs().max()) > 2
 
 
-def test_the_twins_tables_are_distributions_of_every_group(tiny_model):
+def test_the_float_priors_tables_are_distributions_of_every_group(tiny_model):
     sym = torch.randint(0, tiny_model.prior.n, (3, 12, tiny_model.config.prior.groups))
     exact = tiny_model.prior.tables(sym, 3, 4)
-    twin = approxprior.of(tiny_model.prior)
-    assert approxprior.of(tiny_model.prior) is twin  # made once per prior
+    twin = tiny_model.float_prior()
+    assert tiny_model.float_prior() is twin  # made once per model
     for e, a in zip(exact, twin.tables(sym, 3, 4)):
         assert a.shape == e.shape
         assert torch.allclose(a.sum(-1), torch.ones(a.shape[:-1]))
         assert float((a - e.double() / e.double().sum(-1, keepdim=True)).abs().max()) < 0.02
 
 
-def test_the_search_uses_the_twin_and_its_file_is_coded_by_the_exact_prior(tiny_model, monkeypatch):
+def test_the_search_uses_the_float_prior_and_its_file_is_coded_by_the_exact_prior(tiny_model, monkeypatch):
     arr = np.asarray(smooth_image(np.random.default_rng(6), 45, 27))
     seen = []
     real = codec.rate_costs
