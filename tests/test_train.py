@@ -294,3 +294,37 @@ def test_a_decoder_only_run_exports_a_look_of_its_model(dataset, arch, tmp_path,
     r = runner.invoke(app, ["train", "export-look", "--run", str(tmp_path / "s"), "--base", str(model_file),
                             "-o", str(out), "--name", "tiny-sharp"])
     assert r.exit_code == 1  # exists: --force
+
+
+def test_a_look_is_repointed_at_a_model_with_its_bases_tokenizer(dataset, arch, tmp_path, model_file, tiny_model):
+    """export-look --from-look: a retrained prior (same tokenizer, new hash) keeps its look's decoder as it is;
+    a model with another tokenizer is refused, since its files hold other tokens."""
+    from bsqcodec.model import look
+
+    train(_opts("tokenizer", dataset, tmp_path / "s", arch, steps=2, init=str(model_file), decoder_only=True, lr=0.01))
+    sharp = tmp_path / "sharp.safetensors"
+    assert runner.invoke(app, ["train", "export-look", "--run", str(tmp_path / "s"), "--base", str(model_file),
+                               "-o", str(sharp), "--name", "tiny-sharp"]).exit_code == 0
+    t = dict(tiny_model.tensors)
+    t["prior.start"] = t["prior.start"] + 1  # another prior: another model, the same tokens
+    new_prior = weights.from_tensors(tiny_model.config, t)
+    weights.save(new_prior, tmp_path / "new.safetensors")
+    out = tmp_path / "sharp2.safetensors"
+    r = runner.invoke(app, ["train", "export-look", "--from-look", str(sharp), "--base", str(tmp_path / "new.safetensors"),
+                            "-o", str(out)])
+    assert r.exit_code == 1 and "give its file with --from-base" in r.output  # tiny is not installed
+    r = runner.invoke(app, ["train", "export-look", "--from-look", str(sharp), "--base", str(tmp_path / "new.safetensors"),
+                            "--from-base", str(model_file), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    old, m = weights.load(sharp), weights.load(out)
+    assert isinstance(m, look.LookModel) and m.fits(new_prior) and not m.fits(tiny_model) and m.name == "tiny-sharp"
+    assert m.tensors.keys() == old.tensors.keys() and all(torch.equal(m.tensors[k], old.tensors[k]) for k in m.tensors)
+    t = dict(tiny_model.tensors)
+    k = next(k for k in t if k.startswith("tokenizer.dec") and t[k].is_floating_point())
+    t[k] = t[k] + 1  # another decoder: the faithful look of its files differs, so the tokenizer is not the same
+    weights.save(weights.from_tensors(tiny_model.config, t), tmp_path / "other.safetensors")
+    r = runner.invoke(app, ["train", "export-look", "--from-look", str(sharp), "--base", str(tmp_path / "other.safetensors"),
+                            "--from-base", str(model_file), "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 1 and "tokenizer is not that of" in r.output
+    r = runner.invoke(app, ["train", "export-look", "--base", str(model_file), "-o", str(tmp_path / "y.safetensors")])
+    assert r.exit_code == 1 and "either --run or --from-look" in r.output

@@ -148,20 +148,34 @@ def train_export(
 @train_app.command("export-look")
 @guarded
 def train_export_look(
-    run: Annotated[Path, typer.Option(help="Run folder of a --decoder-only run: tokenizer.ckpt (`train tokenizer`) or "
-                                           "residual.ckpt (`train residual`).")],
     base: Annotated[list[Path], typer.Option(help="The model file whose files it decodes (the run's --init). A second "
                                                   "stage's look: each second-stage model file that shares the run's "
                                                   "coder (repeat --base), e.g. q4s ... q9.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Look model file to write (.safetensors).")],
-    name: Annotated[str, typer.Option(help="The look model's name, e.g. default-sharp.")],
+    run: Annotated[Optional[Path], typer.Option(help="Run folder of a --decoder-only run: tokenizer.ckpt (`train "
+                                                     "tokenizer`) or residual.ckpt (`train residual`).")] = None,
+    from_look: Annotated[Optional[Path], typer.Option(help="Instead of --run: a first stage's look model file, re-pointed "
+                                                           "at --base, a model with exactly its base's tokenizer (a "
+                                                           "retrained prior); the decoder is kept as it is.")] = None,
+    from_base: Annotated[Optional[Path], typer.Option(help="With --from-look: the model file it was made for, where "
+                                                           "that is not installed.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="The look model's name, e.g. default-sharp [default with "
+                                                     "--from-look: its own].")] = None,
     look: Annotated[str, typer.Option(help="Which look it gives.")] = "sharp",
     force: bool = False,
 ) -> None:
     """Freeze a decoder-only run into a look model file: another decoder for a model's files."""
-    from ..train.export import export_look_run, export_second_look_run
+    from ..train.export import export_look_run, export_second_look_run, rebase_look
 
-    if (run / "residual.ckpt").exists():
+    if (run is None) == (from_look is None):
+        raise BsqError("give either --run or --from-look")
+    if from_look is not None:
+        if len(base) != 1:
+            raise BsqError("the look of a first stage decodes one model's files: give --base once")
+        m = rebase_look(from_look, base[0], output, name, force, from_base)
+    elif name is None:
+        raise BsqError("--name is needed with --run")
+    elif (run / "residual.ckpt").exists():
         m = export_second_look_run(run, base, output, name, look, force)
     elif len(base) != 1:
         raise BsqError("the look of a first stage decodes one model's files: give --base once")

@@ -11,7 +11,7 @@ import torch
 from . import data as data_mod
 from ..model import weights
 from ..config import ModelConfig
-from ..errors import BsqError, ModelError
+from ..errors import BsqError, ModelError, ModelNotFoundError
 from ..codec.fileio import check_output
 from ..model.prior import Prior
 from ..model.tokenizer import Tokenizer
@@ -130,6 +130,37 @@ def export_look_run(run: str | Path, base: str | Path, output: str | Path, name:
     tok = Tokenizer(cfg)
     tok.load_state_dict(state)
     m = look_mod.build(base_model, look, name, tok.truncated(tok_cfg.bits).state_dict(), tok_cfg)
+    weights.save(m, output)
+    return m
+
+
+def rebase_look(look_file: str | Path, base: str | Path, output: str | Path, name: str | None = None,
+                force: bool = False, old_base: str | Path | None = None):
+    """A first stage's look model file re-pointed at `base`: a model whose tokenizer is exactly that of the
+    look's own base (its prior retrained, say), so that its files hold the same tokens. The look's decoder
+    tensors are kept as they are; only the name and hash of the model it decodes for change. The look's old
+    base (installed, or the file `old_base`) proves the two tokenizers equal."""
+    from ..model import look as look_mod
+
+    output = Path(output)
+    check_output(output, force)
+    old = weights.load(look_file)
+    new = weights.load(base)
+    if not isinstance(old, look_mod.LookModel):
+        raise BsqError(f"{look_file} is not the look model file of a first stage")
+    if not isinstance(new, weights.Model):
+        raise BsqError(f"{base} is not a first-stage model file")
+    try:
+        was = weights.find(old.base_hash, old.config.base, [new] + ([weights.load(old_base)] if old_base else []))
+    except ModelNotFoundError:
+        raise BsqError(f"{old.config.base} ({old.config.base_hash[:16]}...), the model the look was made for, is not "
+                       "installed: give its file with --from-base, to compare the tokenizers") from None
+    tok = lambda m: {k: v for k, v in m.tensors.items() if k.startswith("tokenizer.")}  # noqa: E731
+    a, b = tok(was), tok(new)
+    if was.config.tokenizer != new.config.tokenizer or a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a):
+        raise BsqError(f"{new.name}'s tokenizer is not that of {was.name} ({old.config.base_hash}), whose files the look decodes")
+    config = dataclasses.replace(old.config, name=name or old.config.name, base=new.name, base_hash=new.sha256[:16].hex())
+    m = look_mod.from_tensors(config, old.tensors)
     weights.save(m, output)
     return m
 
