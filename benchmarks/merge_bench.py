@@ -1,7 +1,7 @@
 """Join two `bsqc bench` results of the same images into one ladder: the rungs of both, with bsqc's curve and
 its BD-rates computed again over all of them (the baselines' curves are the newer file's).
 
-    python benchmarks/merge_bench.py results/bench-kodak.json NEW.json -o results/bench-kodak.json
+    python benchmarks/merge_bench.py results/bench-kodak.json NEW.json -o results/bench-kodak.json [--keep-baselines]
 
 For a ladder whose lower rungs were benched before its upper rungs shipped: the same images and effort are
 required (checked), and each rung keeps the numbers of the run that measured it.
@@ -19,7 +19,9 @@ from bsqcodec.config import RUNG_NAMES
 from bsqcodec.metrics import bd_rate, overlap
 
 
-def merge(old: dict, new: dict, old_name: str, new_name: str) -> dict:
+def merge(old: dict, new: dict, old_name: str, new_name: str, keep_baselines: bool = False) -> dict:
+    """keep_baselines: the baselines' curves (and so the BD-rates) are the older file's, for a newer run of some
+    rungs without a sweep (--no-sweep: no curves of its own)."""
     for key in ("dataset", "images", "effort", "schema"):
         if old.get(key) != new.get(key):
             raise SystemExit(f"the two results differ in {key!r}: {old.get(key)!r} and {new.get(key)!r}")
@@ -40,13 +42,15 @@ def merge(old: dict, new: dict, old_name: str, new_name: str) -> dict:
         row["matched"] = {**{p: v for p, v in a["matched"].items() if p not in b["matched"]}, **b["matched"]}
         out["per_image"].append(row)
     rungs = [p for p in presets if p in LADDER_NAMES]
-    out["curves"] = dict(new["curves"])
+    base = old if keep_baselines else new
+    out["baselines"] = base["baselines"]
+    out["curves"] = dict(base["curves"])
     out["curves"]["bsqc"] = sorted(({"preset": p, "bpp": out["totals"][p]["bpp"], metric: out["totals"][p][f"mean_{metric}"]}
                                     for p in rungs), key=lambda d: d["bpp"])
     notes = [n for n in new["notes"] if not n.startswith("BD-rate against")]
     bd, rng = {}, {}
     ours = out["curves"]["bsqc"]
-    for c in new["baselines"]:  # the newer run's baselines (a codec it could not run has no curve)
+    for c in base["baselines"]:  # the newer run's baselines (a codec it could not run has no curve)
         theirs = out["curves"].get(c, [])
         if not theirs:
             continue
@@ -61,7 +65,9 @@ def merge(old: dict, new: dict, old_name: str, new_name: str) -> dict:
     out["bd_rate_psnr_range_db" if metric == "psnr" else f"bd_rate_{metric}_range"] = rng
     kept = [p for p in old["presets"] if p not in new["presets"]]
     notes.append(f"merged (benchmarks/merge_bench.py): {', '.join(kept)} from {old_name}; {', '.join(new['presets'])} from {new_name}")
-    missing = [c for c in old["baselines"] if c not in new["baselines"]]
+    if keep_baselines:
+        notes.append(f"the baselines' curves are {old_name}'s")
+    missing = [c for c in old["baselines"] if c not in base["baselines"]]
     if missing:
         notes.append(f"{', '.join(missing)}: in {old_name} only, so matched for its rungs only and without a curve here")
     out["notes"] = notes
@@ -75,9 +81,12 @@ def main() -> None:
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--old-name", default=None, help="how the note names the older run (default: its file name)")
     ap.add_argument("--new-name", default=None)
+    ap.add_argument("--keep-baselines", action="store_true",
+                    help="the baselines' curves from OLD (NEW was run with --no-sweep)")
     args = ap.parse_args()
     old, new = (json.loads(Path(p).read_text()) for p in (args.old, args.new))
-    res = merge(old, new, args.old_name or Path(args.old).name, args.new_name or Path(args.new).name)
+    res = merge(old, new, args.old_name or Path(args.old).name, args.new_name or Path(args.new).name,
+                args.keep_baselines)
     Path(args.output).write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {args.output}: {', '.join(res['presets'])}; BD-rate {res['bd_rate_' + res.get('metric', 'psnr')]}")
 

@@ -84,6 +84,16 @@ def test_cli_bench(folder, tiny_model, tmp_path):
     assert "JPEG" in r.stdout
 
 
+def test_cli_bench_refuses_two_models_of_one_name(folder, tiny_model, tmp_path):
+    """Results are keyed by a model's name: a --model file named as another model would replace its rows."""
+    for f in ("a", "b"):
+        weights.save(tiny_model, tmp_path / f"{f}.safetensors")
+    r = CliRunner().invoke(app, ["bench", str(folder), "--model", str(tmp_path / "a.safetensors"), "--model",
+                                 str(tmp_path / "b.safetensors"), "--json", str(tmp_path / "r.json"), "--quiet"])
+    assert r.exit_code == 1 and f"two models named {tiny_model.name!r}" in r.output
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_searches_sharing_a_cache_find_what_separate_searches_find(folder, monkeypatch):
     arr = np.asarray(Image.open(folder / "img1.png").convert("RGB"))
     targets = [26.0, 29.5, 30.0, 33.0, 45.0, 80.0]
