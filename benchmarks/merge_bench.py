@@ -47,7 +47,9 @@ def merge(old: dict, new: dict, old_name: str, new_name: str, keep_baselines: bo
     out["curves"] = dict(base["curves"])
     out["curves"]["bsqc"] = sorted(({"preset": p, "bpp": out["totals"][p]["bpp"], metric: out["totals"][p][f"mean_{metric}"]}
                                     for p in rungs), key=lambda d: d["bpp"])
-    notes = [n for n in new["notes"] if not n.startswith("BD-rate against")]
+    # a run of some rungs joins the older file: its notes (which rung came from where) stay
+    notes = [n for n in (old["notes"] if keep_baselines else []) + new["notes"]
+             if not n.startswith(("BD-rate against", "the baselines' curves are"))]
     bd, rng = {}, {}
     ours = out["curves"]["bsqc"]
     for c in base["baselines"]:  # the newer run's baselines (a codec it could not run has no curve)
