@@ -51,6 +51,12 @@ def _spin() -> None:
         pass
 
 
+def _model_hash(preset: str) -> str:
+    from bsqcodec.model import weights
+
+    return weights.preset(preset).hash_hex
+
+
 def _machine(preset: str) -> dict:
     import machine  # benchmarks/machine.py (imports torch: only here, never in a timed process)
     from bsqcodec.model import weights
@@ -100,6 +106,7 @@ def main() -> None:
     res = {
         "image": os.path.basename(args.image), "preset": args.preset, "runs": args.runs, "busy_processes": args.busy,
         "cpus": os.cpu_count(), "machine": _machine(args.preset), "bytecode": bytecode,
+        "model": _model_hash(args.preset),  # which model of the preset was timed (after the timings: imports torch)
         "import_seconds": imports, "import_and_ordinary_exit_seconds": imports_exit,
         "decode_seconds_idle": idle, "decode_seconds_busy": loaded,
         "net_idle_best": min(idle) - min(imports), "whole_idle_best": min(idle),

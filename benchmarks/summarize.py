@@ -269,7 +269,8 @@ def ladder_table(bench: dict) -> str:
         decs = []
         for suffix in ("", "-avx2"):  # bsqc decode as a whole process, net of imports (decode_load.py)
             dl = load(f"decode-load-{name}{suffix}.json")
-            decs.append(f"{dl['net_idle_best']:.2f} s" if dl else "-")
+            stale = dl and dl.get("model") not in (None, bench["models"].get(name))  # older files name no model
+            decs.append(f"{dl['net_idle_best']:.2f} s" + (" (an earlier model)" if stale else "") if dl else "-")
         if name in configs:
             bits = f"{configs[name].tokenizer.bits} ({configs[name].prior.groups})"
         else:  # a second-stage rung: its first stage's tokens, then up to L2 bits per P2 x P2 token
