@@ -51,17 +51,13 @@ def _spin() -> None:
         pass
 
 
-def _model_hash(preset: str) -> str:
-    from bsqcodec.model import weights
-
-    return weights.preset(preset).hash_hex
-
-
-def _machine(preset: str) -> dict:
+def _machine(preset: str) -> tuple[dict, str]:
+    """The machine and its paths for the preset's model, and that model's hash (which model was timed)."""
     import machine  # benchmarks/machine.py (imports torch: only here, never in a timed process)
     from bsqcodec.model import weights
 
-    return machine.describe(weights.preset(preset))
+    model = weights.preset(preset)
+    return machine.describe(model), model.hash_hex
 
 
 def _compile() -> dict:
@@ -103,10 +99,10 @@ def main() -> None:
             for p in procs:
                 p.terminate()
                 p.join()
+    described, model_hash = _machine(args.preset)  # after the timings: it imports torch
     res = {
         "image": os.path.basename(args.image), "preset": args.preset, "runs": args.runs, "busy_processes": args.busy,
-        "cpus": os.cpu_count(), "machine": _machine(args.preset), "bytecode": bytecode,
-        "model": _model_hash(args.preset),  # which model of the preset was timed (after the timings: imports torch)
+        "cpus": os.cpu_count(), "machine": described, "bytecode": bytecode, "model": model_hash,
         "import_seconds": imports, "import_and_ordinary_exit_seconds": imports_exit,
         "decode_seconds_idle": idle, "decode_seconds_busy": loaded,
         "net_idle_best": min(idle) - min(imports), "whole_idle_best": min(idle),

@@ -1,5 +1,6 @@
 """Join two `bsqc bench` results of the same images into one ladder: the rungs of both, with bsqc's curve and
-its BD-rates computed again over all of them (the baselines' curves are the newer file's).
+its BD-rates computed again over all of them (the baselines' curves are the newer file's, or with
+--keep-baselines the older file's).
 
     python benchmarks/merge_bench.py results/bench-kodak.json NEW.json -o results/bench-kodak.json [--keep-baselines]
 
@@ -52,7 +53,7 @@ def merge(old: dict, new: dict, old_name: str, new_name: str, keep_baselines: bo
              if not n.startswith(("BD-rate against", "the baselines' curves are"))]
     bd, rng = {}, {}
     ours = out["curves"]["bsqc"]
-    for c in base["baselines"]:  # the newer run's baselines (a codec it could not run has no curve)
+    for c in base["baselines"]:  # the baselines of the file whose curves are kept (a codec it could not run has none)
         theirs = out["curves"].get(c, [])
         if not theirs:
             continue

@@ -57,6 +57,10 @@ def run(root: Path, models: list, limit: int | None = None, codecs=baselines.LOS
     models = [m for m in models if not isinstance(m, (LookModel, SecondLookModel))]  # the rungs; looks only decode
     if not models:
         raise BsqError("no preset to bench: look models only decode (give their presets, and --look)")
+    names = [m.name for m in models]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:  # results are keyed by name: one would silently replace the other's
+        raise BsqError(f"two models named {twice!r} (a preset and a --model file, say): bench them in separate runs")
     files = find_images(Path(root), limit)
     usable, notes = [], []
     for c in codecs:

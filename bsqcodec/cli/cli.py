@@ -456,10 +456,6 @@ def bench(
         preset = [name for name in RUNG_NAMES if name in inst] or sorted(inst)
     models = [weights.preset(p) for p in preset or []]
     models += [weights.load(m) for m in model or []]
-    names = [m.name for m in models]
-    twice = next((n for n in names if names.count(n) > 1), None)
-    if twice is not None:  # results are keyed by name: one would silently replace the other's
-        raise BsqError(f"two models named {twice!r} (a preset and a --model file, say): bench them in separate runs")
     with LazyProgress(err_console, enabled=not quiet) as prog:
         if sweep is None:
             sweep = len(models) > 1 or plot_out is not None

@@ -92,14 +92,13 @@ def build(base, look: str, name: str, tokenizer_state: dict, tokenizer_config=No
 def build_second(bases: list, look: str, name: str, coder_state: dict) -> SecondLookModel:
     """A look of the second-stage models `bases` (which share one coder) from a residual coder's state (its
     decoder's entries are kept)."""
-    from .weights import float_tensors
+    from .weights import float_tensors, same_tensors
 
     if not bases:
         raise ModelError("a second-stage look needs the second-stage models it decodes for")
     enc = [{k: v for k, v in m.tensors.items() if k.startswith(tuple(f"residual.{e}" for e in ResidualCoder.ENCODER))
             or k.startswith("bits.")} for m in bases]
-    if any(m.config.residual != bases[0].config.residual or e.keys() != enc[0].keys()
-           or any(not torch.equal(e[k], enc[0][k]) for k in e) for m, e in zip(bases, enc)):
+    if any(m.config.residual != bases[0].config.residual or not same_tensors(e, enc[0]) for m, e in zip(bases, enc)):
         raise ModelError("the second-stage models of one look must share one coder (the same encoder and bit prior)")
     config = SecondLookConfig(name=name, look=look, bases=tuple((m.name, m.sha256[:16].hex()) for m in bases),
                               residual=bases[0].config.residual)

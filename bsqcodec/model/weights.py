@@ -85,6 +85,11 @@ def float_tensors(state: dict, pre: str = "tokenizer.") -> dict[str, torch.Tenso
     return out
 
 
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Whether two sets of named tensors are the same names with equal tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def float_state(tensors: dict[str, torch.Tensor], pre: str = "tokenizer.") -> dict[str, torch.Tensor]:
     """float_tensors' inverse: the float32 state of the network whose tensors are under `pre`."""
     out = {}

@@ -156,8 +156,7 @@ def rebase_look(look_file: str | Path, base: str | Path, output: str | Path, nam
         raise BsqError(f"{old.config.base} ({old.config.base_hash[:16]}...), the model the look was made for, is not "
                        "installed: give its file with --from-base, to compare the tokenizers") from None
     tok = lambda m: {k: v for k, v in m.tensors.items() if k.startswith("tokenizer.")}  # noqa: E731
-    a, b = tok(was), tok(new)
-    if was.config.tokenizer != new.config.tokenizer or a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a):
+    if was.config.tokenizer != new.config.tokenizer or not weights.same_tensors(tok(was), tok(new)):
         raise BsqError(f"{new.name}'s tokenizer is not that of {was.name} ({old.config.base_hash}), whose files the look decodes")
     config = dataclasses.replace(old.config, name=name or old.config.name, base=new.name, base_hash=new.sha256[:16].hex())
     m = look_mod.from_tensors(config, old.tensors)
