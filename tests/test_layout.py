@@ -10,7 +10,7 @@ from pathlib import Path
 import bsqcodec
 
 PKG = Path(bsqcodec.__file__).parent
-LEAVES = {"errors", "config", "cpu", "metrics"}
+LEAVES = {"errors", "config", "cpu", "metrics", "perceptual"}
 TOP = {"__init__", "pillow_plugin"}
 # what each part may import, besides itself and the leaves
 ALLOWED = {

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bsqcodec.train import perceptual
+from bsqcodec import perceptual
 from bsqcodec.metrics import ssimulacra2
 
 

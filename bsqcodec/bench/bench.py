@@ -42,12 +42,13 @@ def find_images(root: Path, limit: int | None = None) -> list[Path]:
 
 def run(root: Path, models: list, limit: int | None = None, codecs=baselines.LOSSY,
         progress=None, sweep: bool | None = None, effort: int = search.DEFAULT_EFFORT, metric: str = "psnr",
-        look: str = "faithful") -> dict:
+        look: str = "faithful", tune: str = "faithful") -> dict:
     """The whole benchmark as a JSON-ready dict (schema in benchmarks/README.md); bsqc encodes at `effort`.
 
     metric: the score codecs are matched at, image by image ("psnr" or another of metrics.METRICS); the
     curves and BD-rates are in it too. look: which decoder makes bsqc's pixels (codec.LOOKS; look models
     among `models` or installed); with another than "faithful", each file's faithful scores are kept too.
+    tune: the look bsqc's encoder search aims at (codec.tuned_look; as `bsqc encode --tune`).
     """
     if metric not in METRICS:
         raise BsqError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
@@ -61,6 +62,8 @@ def run(root: Path, models: list, limit: int | None = None, codecs=baselines.LOS
     twice = next((n for n in names if names.count(n) > 1), None)
     if twice is not None:  # results are keyed by name: one would silently replace the other's
         raise BsqError(f"two models named {twice!r} (a preset and a --model file, say): bench them in separate runs")
+    for m in models:  # a look that is missing or cannot be tuned for fails before any work
+        codec.tuned_look(m, tune, effort, extra)
     files = find_images(Path(root), limit)
     usable, notes = [], []
     for c in codecs:
@@ -77,7 +80,7 @@ def run(root: Path, models: list, limit: int | None = None, codecs=baselines.LOS
         seen = {c.name: {} for c in usable}  # quality -> baselines.Point of this image, shared by every search
         for m in models:
             t0 = time.perf_counter()
-            data = codec.encode_array(arr, m, effort=effort, models=models).data  # a second stage's first among them
+            data = codec.encode_array(arr, m, effort=effort, models=extra, tune=tune).data  # a second stage's first among them
             t1 = time.perf_counter()
             header, tokens, out = codec.decode_detailed(data, models=extra, look=look)
             t2 = time.perf_counter()
@@ -105,7 +108,7 @@ def run(root: Path, models: list, limit: int | None = None, codecs=baselines.LOS
         if progress:
             progress("bench", i + 1, len(files))
     res = _summarize(root, models, usable, per_image, curve_pts, sweep, notes, effort, metric)
-    res["look"] = look
+    res["look"], res["tune"] = look, tune
     if look != "faithful":
         for m in models:
             rows = [r["bsqc"][m.name]["faithful"] for r in per_image]

@@ -162,25 +162,43 @@ def search_inputs(model: weights.Model, arr: np.ndarray) -> tuple[torch.Tensor, 
     return latent, rate_costs(model, make_header(model, w, h), start, approx=True)
 
 
-def search_tokens(model: weights.Model, arr: np.ndarray, effort: int, progress: Progress | None = None) -> torch.Tensor:
-    """The token grid of an image at an effort (1: the tokenizer's own signs; see search.py)."""
+def search_tokens(model: weights.Model, arr: np.ndarray, effort: int, progress: Progress | None = None,
+                  look: look_mod.LookModel | None = None) -> torch.Tensor:
+    """The token grid of an image at an effort (1: the tokenizer's own signs; see search.py); look: a look
+    of the model to tune the search for (tuned_look), None: its own decoder and squared error."""
     steps = search.iterations(effort)
     if not steps:
         return image_to_tokens(model, arr)
     latent, costs = search_inputs(model, arr)
-    return search.refine(model.tokenizer, latent, arr, steps, costs, search.rate_weight(model.config.tokenizer.bits), progress)
+    return search.refine(model.tokenizer, latent, arr, steps, costs, search.rate_weight(model.config.tokenizer.bits), progress,
+                         look.tokenizer if look is not None else None)
+
+
+def tuned_look(model: weights.Model | SecondModel, tune: str, effort: int, models: list | None = None) -> look_mod.LookModel | None:
+    """The look an encoder's search is tuned for (`--tune`): None for "faithful" (the model's own decoder and
+    squared error); else that look of the model, installed or among `models`. BsqError where it cannot be."""
+    if tune not in LOOKS:
+        raise BsqError(f"unknown tune {tune!r}; choose from {', '.join(LOOKS)}")
+    if tune == "faithful":
+        return None
+    if isinstance(model, SecondModel):
+        raise BsqError(f"--tune {tune} is for rungs of one stage (q1, q2, default), not the two-stage rung {model.name!r}")
+    if not search.iterations(effort):
+        raise BsqError(f"--tune {tune} tunes the encoder's search, and effort 1 does not search: use effort 2 or more")
+    return look_mod.find(model, tune, models)
 
 
 def encode_array(arr: np.ndarray, model: weights.Model | SecondModel | str | None = None, icc: bytes | None = None,
                  progress: Progress | None = None, effort: int = search.DEFAULT_EFFORT, lam: float | None = None,
-                 models: list | None = None) -> Encoded:
+                 models: list | None = None, tune: str = "faithful") -> Encoded:
     """effort 1..9: how hard the encoder searches for better tokens (1: none; see search.py). A second-stage
     model codes its first stage (installed, or among `models`), then its own (lam: its rate-distortion
-    trade-off; None: the model's)."""
+    trade-off; None: the model's). tune: the look the search aims at (tuned_look; the file is the same kind)."""
     model = _model(model)
+    look = tuned_look(model, tune, effort, models)
     if isinstance(model, SecondModel):
         return _encode_two(arr, model, icc, progress, effort, lam, models)
-    return encode_grid(model, search_tokens(model, arr, effort, progress), arr.shape[1], arr.shape[0], icc, progress)
+    return encode_grid(model, search_tokens(model, arr, effort, progress, look), arr.shape[1], arr.shape[0], icc, progress)
 
 
 def base_model(smodel: SecondModel, models: list | None = None) -> weights.Model:
@@ -294,14 +312,18 @@ def encode_to_target(arr: np.ndarray, icc: bytes | None = None, *, target_size: 
 def encode(image: Image.Image | np.ndarray, model: weights.Model | str | None = None,
            progress: Progress | None = None, *, target_size: int | None = None,
            target_psnr: float | None = None, max_pixels: int | None = None,
-           effort: int = search.DEFAULT_EFFORT) -> bytes:
+           effort: int = search.DEFAULT_EFFORT, tune: str = "faithful") -> bytes:
     """An image (PIL or (H, W, 3) uint8 array) -> the bytes of a .bsq file.
 
     model: a Model, a preset name, or None for the default preset. target_size (bytes) or
     target_psnr (dB) instead picks a rung of the quality ladder (see encode_to_target).
     effort: 1 (fastest: the tokenizer's own tokens) to 9 (slowest, smallest files at equal quality).
+    tune: the look the encoder's search aims at: "faithful" (squared error) or "sharp" (the sharp look's
+    SSIMULACRA2; decode those files with look="sharp"); see tuned_look.
     """
     search.iterations(effort)  # a bad effort fails before any work
+    if tune != "faithful" and (target_size is not None or target_psnr is not None):
+        raise ValueError("a target picks among every rung; --tune sharp is for one-stage rungs: give a preset with it")
     icc = None
     if isinstance(image, Image.Image):
         container.check_pixels(*image.size, max_pixels)  # before converting its pixels
@@ -314,7 +336,7 @@ def encode(image: Image.Image | np.ndarray, model: weights.Model | str | None = 
             raise ValueError("a target picks the model: give no model with it")
         return encode_to_target(arr, icc, target_size=target_size, target_psnr=target_psnr, progress=progress,
                                 effort=effort)[0].data
-    return encode_array(arr, model, icc, progress, effort).data
+    return encode_array(arr, model, icc, progress, effort, tune=tune).data
 
 
 def _check_geometry(header: Header, model: weights.Model) -> None:

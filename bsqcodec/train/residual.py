@@ -185,7 +185,7 @@ def evaluate(model: ResidualCoder, arr, base, bits: tuple[int, ...], prior: BitP
     """Held-out PSNR for each bit budget (0: the base pixels alone); with a bit prior, (PSNR, its bpp); with
     ssimulacra2, also "ssimulacra2": the mean SSIMULACRA2 of the same outputs over the budgets but 0."""
     if ssimulacra2:
-        from . import perceptual
+        from .. import perceptual
     model.eval()
     out = {}
     s2, n2 = 0.0, 0
@@ -257,7 +257,7 @@ def train_residual(opts: ResidualOptions, progress=None) -> dict:
     if decoder_only and (lam or (state is None and not opts.init)):
         raise BsqError("--decoder-only fine-tunes a trained stage: give --init, and no --rate-weight (its codes do not change)")
     if perceptual:
-        from .perceptual import loss as perceptual_loss
+        from ..perceptual import loss as perceptual_loss
     ratio = base_model.cfg.patch // cfg.patch
     mixed = state.get("mixed", 0.0) if state is not None else opts.mixed
     kind = state.get("context", "checker") if state is not None else opts.context

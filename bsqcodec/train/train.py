@@ -190,7 +190,7 @@ def train(opts: TrainOptions, progress=None) -> dict:
 
                     loss = loss + generator_loss(disc, out["x"], out["y"], out["code"], opts.adversarial, opts.feature_matching)
             if opts.perceptual:
-                from . import perceptual
+                from .. import perceptual
 
                 loss = loss + opts.perceptual * perceptual.loss(out["x"].float(), out["y"].float())
             opt.zero_grad(set_to_none=True)
@@ -424,7 +424,7 @@ def _loss(stage, model, arr, idx, rng, device, nested=(), out: dict | None = Non
 @torch.no_grad()
 def evaluate_ssimulacra2(model, arr, device) -> float:
     """A tokenizer's mean SSIMULACRA2 on held-out crops (each crop scored with its scales' own weights)."""
-    from . import perceptual
+    from .. import perceptual
 
     model.eval()
     try:

@@ -139,7 +139,7 @@ def to_tensor(img) -> torch.Tensor:
     """A uint8 (H, W, 3) array -> (1, 3, H, W) float64 in [0, 1]."""
     import numpy as np
 
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].to(torch.float64) / 255.0
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].to(torch.float64) / 255.0
 
 
 __all__ = ["score", "loss", "to_tensor", "SCALES"]

@@ -1,0 +1,105 @@
+"""`--tune sharp`: the encoder's search aims at the sharp look (its decoder and SSIMULACRA2) instead of the
+model's own decoder and squared error. The files are the same kind and decode with either look."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+from typer.testing import CliRunner
+
+from bsqcodec import perceptual
+from bsqcodec.bench import baselines, bench
+from bsqcodec.cli.cli import app
+from bsqcodec.codec import codec
+from bsqcodec.errors import BsqError, ModelNotFoundError
+from bsqcodec.model import look, weights
+
+from conftest import image_folder, smooth_image
+from test_look import tiny_sharp
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return np.asarray(smooth_image(np.random.default_rng(21), 45, 27))
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny_model):
+    return tiny_sharp(tiny_model)
+
+
+def sharp_score(model, data: bytes, arr: np.ndarray) -> float:
+    """The sharp look's SSIMULACRA2 of a file (the differentiable copy: no optional package needed)."""
+    px = np.asarray(codec.decode(data, look="sharp"))
+    return float(perceptual.score(perceptual.to_tensor(arr), perceptual.to_tensor(px))[0])
+
+
+def textured(rng, width: int, height: int) -> np.ndarray:
+    """A smooth_image with fine grain on it: detail for a perceptual score to find missing."""
+    base = np.asarray(smooth_image(rng, width, height)).astype(np.float32)
+    grain = Image.fromarray(rng.integers(0, 256, (height, width), dtype="uint8")).filter(ImageFilter.GaussianBlur(0.8))
+    return np.clip(base + (np.asarray(grain, np.float32)[..., None] - 128) * 0.6, 0, 255).astype(np.uint8)
+
+
+def test_a_tuned_search_scores_higher_in_the_sharp_look_with_the_shipped_model():
+    arr = textured(np.random.default_rng(5), 128, 96)  # under 256 pixels: the metric's layout of fewer scales
+    m = weights.preset("default")
+    plain, tuned = (codec.encode_array(arr, m, tune=t) for t in ("faithful", "sharp"))
+    assert sharp_score(m, tuned.data, arr) > sharp_score(m, plain.data, arr) + 5  # about +18 here
+    for data, enc in ((plain.data, plain), (tuned.data, tuned)):  # the same kind of file: both looks decode it
+        _, tokens, _ = codec.decode_detailed(data, look="sharp")
+        assert torch.equal(tokens, enc.tokens)
+
+
+def test_the_tuned_search_uses_the_looks_decoder_and_its_file_decodes_either_way(tiny_model, sharp, photo):
+    plain = codec.encode_array(photo, tiny_model)
+    tuned = codec.encode_array(photo, tiny_model, models=[tiny_model, sharp], tune="sharp")
+    assert not torch.equal(plain.tokens, tuned.tokens)
+    for lk in ("faithful", "sharp"):
+        _, tokens, px = codec.decode_detailed(tuned.data, [tiny_model, sharp], look=lk)
+        assert torch.equal(tokens, tuned.tokens) and px.shape == photo.shape
+    other = tiny_sharp(tiny_model, seed=1)  # another look's decoder: other tokens
+    assert not torch.equal(codec.encode_array(photo, tiny_model, models=[other], tune="sharp").tokens, tuned.tokens)
+    assert codec.encode(photo, tiny_model) == plain.data  # the default is the faithful search
+
+
+def test_what_cannot_be_tuned_is_refused_before_any_work(tiny_model, sharp, photo):
+    with pytest.raises(BsqError, match="unknown tune 'blurry'"):
+        codec.encode_array(photo, tiny_model, tune="blurry")
+    with pytest.raises(ModelNotFoundError, match="no sharp look"):
+        codec.encode_array(photo, tiny_model, tune="sharp")
+    with pytest.raises(BsqError, match="effort 1 does not search"):
+        codec.encode_array(photo, tiny_model, effort=1, models=[sharp], tune="sharp")
+    with pytest.raises(BsqError, match="two-stage rung 'q6'"):
+        codec.tuned_look(weights.preset("q6"), "sharp", 4)
+    with pytest.raises(ValueError, match="give a preset"):
+        codec.encode(photo, target_size=10_000, tune="sharp")
+    assert codec.tuned_look(tiny_model, "faithful", 1) is None
+    assert isinstance(codec.tuned_look(weights.preset("q1"), "sharp", 4), look.LookModel)  # every one-stage rung has one
+
+
+def test_cli_encode_and_bench_take_tune(tmp_path, tiny_model, sharp, photo):
+    weights.save(tiny_model, tmp_path / "tiny.safetensors")
+    weights.save(sharp, tmp_path / "sharp.safetensors")
+    Image.fromarray(photo).save(tmp_path / "a.png")
+    models = ["--model", str(tmp_path / "tiny.safetensors"), "--model", str(tmp_path / "sharp.safetensors")]
+    r = CliRunner().invoke(app, ["encode", str(tmp_path / "a.png"), *models, "--tune", "sharp", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.strip().splitlines()[-1])
+    data = (tmp_path / "a.bsq").read_bytes()
+    assert res["tune"] == "sharp" and data == codec.encode_array(photo, tiny_model, models=[sharp], tune="sharp").data
+    for args, msg in ((["-e", "1"], "effort 1 does not search"), (["--target-size", "900"], "not a target"),
+                      (["--tune", "blurry"], "unknown tune")):
+        r = CliRunner().invoke(app, ["encode", str(tmp_path / "a.png"), "-o", str(tmp_path / "b.bsq"), "--tune", "sharp",
+                                     *(models if "--target-size" not in args else []), *args])
+        assert r.exit_code == 1 and msg in r.output, r.output
+        assert not (tmp_path / "b.bsq").exists()
+    (tmp_path / "imgs").mkdir()
+    folder = image_folder(tmp_path / "imgs", [(40, 32)], 2)
+    res = bench.run(folder, [tiny_model, sharp], codecs=(baselines.JPEG,), look="sharp", tune="sharp")
+    row = res["per_image"][0]
+    arr = np.asarray(Image.open(folder / row["image"]).convert("RGB"))
+    assert res["tune"] == "sharp"
+    assert row["bsqc"]["tiny"]["bytes"] == len(codec.encode_array(arr, tiny_model, models=[sharp], tune="sharp").data)
