@@ -1,9 +1,9 @@
 """Crops to judge by eye: the original, bsqc's two looks of one file, and WebP and AVIF at the same bytes.
 
-    python benchmarks/crops.py LOOK [IMAGE:X,Y ...] [--preset default] [--effort 4] [--size 192] [--out DIR]
+    python benchmarks/crops.py LOOK [IMAGE:X,Y ...] [--preset default] [--effort 4] [--tune sharp] [--size 192] [--out DIR]
 
 LOOK is a look model file (`bsqc export-look`) or a decoder-only training checkpoint. Each image is encoded
-once with the preset; WebP (method 6) and AVIF (speed 6) get the largest file not over bsqc's bytes. Per
+once with the preset (with --tune sharp, its search aimed at LOOK, which must then be a look model file); WebP (method 6) and AVIF (speed 6) get the largest file not over bsqc's bytes. Per
 image, one PNG holds the crop at X,Y (its top-left corner, in pixels) of all five, side by side and
 labelled with bytes, PSNR and SSIMULACRA2 of the whole image, and a JSON line gives the numbers.
 """
@@ -41,15 +41,16 @@ def at_most(arr: np.ndarray, c: baselines.Codec, limit: int) -> baselines.Point 
 
 
 def sharp_decoder(path: str, model):
+    """(the look's decoder, its look model or None for a checkpoint)."""
     if path.endswith(".safetensors"):
         look = weights.load(path)
         if not look.fits(model):
             raise SystemExit(f"{path} is not a look of this preset's model")
-        return look.tokenizer
+        return look.tokenizer, look
     tok = weights.load_tokenizer_any(path)
     if not tok.cfg.encodes_like(model.config.tokenizer):
         raise SystemExit("the checkpoint's tokenizer does not read this preset's tokens")
-    return tok
+    return tok, None
 
 
 def main() -> None:
@@ -58,26 +59,30 @@ def main() -> None:
     ap.add_argument("images", nargs="*", default=DEFAULT)
     ap.add_argument("--preset", default="default")
     ap.add_argument("--effort", type=int, default=4)
+    ap.add_argument("--tune", default="faithful", help="what the encoder's search aims at (as bsqc encode --tune)")
     ap.add_argument("--size", type=int, default=192)
     ap.add_argument("--out", default=str(HERE / "crops"))
     args = ap.parse_args()
     model = weights.preset(args.preset)
-    sharp = sharp_decoder(args.look, model)
+    sharp, look = sharp_decoder(args.look, model)
+    if args.tune != "faithful" and look is None:
+        raise SystemExit("--tune needs LOOK as a look model file (bsqc train export-look)")
+    tuned = "" if args.tune == "faithful" else "/tuned"  # a short label: the panels are narrow
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for spec in args.images:
         path, _, at = spec.partition(":")
         x0, y0 = (int(v) for v in at.split(",")) if at else (0, 0)
         a = np.asarray(Image.open(path).convert("RGB"))
         h, w = a.shape[:2]
-        enc = codec.encode_array(a, model, effort=args.effort)
+        enc = codec.encode_array(a, model, effort=args.effort, models=[look] if look else None, tune=args.tune)
         n = len(enc.data)
-        panels = [("original", a, None), ("bsqc faithful", codec.tokens_to_array(model, enc.tokens, w, h), n),
-                  ("bsqc sharp", sharp.tokens_to_image(enc.tokens)[:h, :w].numpy(), n)]
+        panels = [("original", a, None), ("bsqc faithful" + tuned, codec.tokens_to_array(model, enc.tokens, w, h), n),
+                  ("bsqc sharp" + tuned, sharp.tokens_to_image(enc.tokens)[:h, :w].numpy(), n)]
         for c in (baselines.WEBP, baselines.AVIF):
             p = at_most(a, c, n)
             if p is not None:
                 panels.append((c.name, baselines.decode(p.data), p.bytes))
-        row = {"image": Path(path).name, "crop": [x0, y0, args.size], "bsqc_bytes": n, "panels": []}
+        row = {"image": Path(path).name, "crop": [x0, y0, args.size], "tune": args.tune, "bsqc_bytes": n, "panels": []}
         s = args.size
         tiles = []
         for name, img, nbytes in panels:
@@ -94,7 +99,8 @@ def main() -> None:
         sheet = Image.new("RGB", (len(tiles) * (s + 4), s + 28), "white")
         for i, t in enumerate(tiles):
             sheet.paste(t, (i * (s + 4), 0))
-        sheet.save(Path(args.out) / f"{Path(path).stem}-{args.preset}.png", optimize=True)
+        tag = "" if args.tune == "faithful" else f"-tuned-{args.tune}"
+        sheet.save(Path(args.out) / f"{Path(path).stem}-{args.preset}{tag}.png", optimize=True)
         print(json.dumps(row), flush=True)
 
 

@@ -4,7 +4,7 @@
     python benchmarks/cvvdp.py score DIR OUT.json [--display standard_fhd]
 
 `dump` (in bsqcodec's environment) remakes every file the bench compared: bsqc's, encoded again with the
-bench's effort (the encoder is deterministic, and the bytes are checked against the bench's) and decoded
+bench's effort and tune (the encoder is deterministic, and the bytes are checked against the bench's) and decoded
 with the bench's look (and, for another look than faithful, the faithful one too), and each baseline codec's at the quality the bench matched. It writes them as PNGs
 with the originals and a manifest. `score` (in an environment with `pip install cvvdp`, which brings its own
 torch and needs no download: its base metric ships its calibration) scores each against its original.
@@ -42,7 +42,7 @@ def dump(args) -> None:
         Image.fromarray(a).save(out / f"{stem}.ref.png")
         for rung, got in row["bsqc"].items():
             model = rungs.get(rung) or weights.preset(rung)
-            data = codec.encode_array(a, model, effort=res["effort"], models=list(rungs.values())).data
+            data = codec.encode_array(a, model, effort=res["effort"], models=given, tune=res.get("tune", "faithful")).data
             if len(data) != got["bytes"]:
                 sys.exit(f"{stem} {rung}: {len(data)} bytes, the bench had {got['bytes']}")
             for look in dict.fromkeys([args.look, "faithful"]):  # a look, and the same file's faithful pixels
@@ -61,7 +61,8 @@ def dump(args) -> None:
                                  "bytes": len(data), "file": name})
         print(row["image"], flush=True)
     (out / "manifest.json").write_text(json.dumps({"bench": Path(args.bench).name, "metric": res.get("metric"),
-                                                   "look": args.look, "files": manifest}, indent=1) + "\n")
+                                                   "look": args.look, "tune": res.get("tune", "faithful"),
+                                                   "files": manifest}, indent=1) + "\n")
 
 
 def score(args) -> None:
@@ -91,7 +92,9 @@ def score(args) -> None:
     man["mean"] = {k: {"bytes": v["bytes"], "images": v["images"], "mean_jod": float(np.mean(v["jod"]))}
                    for k, v in means.items()}
     man["display"] = args.display
-    man["cvvdp_version"] = getattr(pycvvdp, "__version__", "unknown")
+    from importlib.metadata import version
+
+    man["cvvdp_version"] = version("cvvdp")  # pycvvdp has no __version__
     Path(args.out).write_text(json.dumps(man, indent=1) + "\n")
     print(json.dumps(man["mean"], indent=1))
 

@@ -4,6 +4,7 @@
     im.set_look("sharp")                          # before load(): decode with an installed look model
     im.save("photo.bsq", quality=3)               # quality 1..9 = the rung (-q), or preset= / model=
     im.save("photo.bsq", effort=9)                # encoder search 1..9, as `bsqc encode --effort`
+    im.save("photo.bsq", tune="sharp")            # the search aims at the sharp look, as `bsqc encode --tune`
 
 Opening reads the header (size, preset, model; checksums verified) and exposes its fields in
 `im.info` (with the ICC profile as `icc_profile`); the prior runs only when the pixels are needed.
@@ -81,7 +82,8 @@ def _save(im: Image.Image, fp, filename) -> None:
     from .codec import codec
 
     fp.write(codec.encode(im, model or preset, target_size=info.get("target_size"),
-                          target_psnr=info.get("target_psnr"), effort=info.get("effort", DEFAULT_EFFORT)))
+                          target_psnr=info.get("target_psnr"), effort=info.get("effort", DEFAULT_EFFORT),
+                          tune=info.get("tune", "faithful")))
 
 
 def register() -> None:

@@ -103,3 +103,9 @@ def test_cli_encode_and_bench_take_tune(tmp_path, tiny_model, sharp, photo):
     arr = np.asarray(Image.open(folder / row["image"]).convert("RGB"))
     assert res["tune"] == "sharp"
     assert row["bsqc"]["tiny"]["bytes"] == len(codec.encode_array(arr, tiny_model, models=[sharp], tune="sharp").data)
+
+
+def test_pillow_save_takes_tune(tmp_path):
+    arr = textured(np.random.default_rng(7), 64, 48)
+    Image.fromarray(arr).save(tmp_path / "a.bsq", quality=3, tune="sharp")
+    assert (tmp_path / "a.bsq").read_bytes() == codec.encode(arr, "default", tune="sharp") != codec.encode(arr, "default")

@@ -16,7 +16,8 @@ Effort 1 is no search at all: exactly the bytes of the plain sign encoder.
 
 Tuned for a look (`bsqc encode --tune sharp`), the search decodes with that look's decoder, up stage
 included, and its loss adds PERCEPTUAL x (100 - SSIMULACRA2) / 100 (bsqcodec.perceptual): the tokens are
-chosen for how the look's pictures score, not for their squared error. The files are the same kind.
+chosen for how the look's pictures score, not for their squared error, with TUNED_STEPS times the effort's
+steps. The files are the same kind.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ WINDOW_TOKENS = 16384  # tokens optimised together; larger images go in strips (
 # (default rung, effort 4) weights 0.2, 0.5 and 2.0 gave the same SSIMULACRA2 (+17 on the sharp look) and
 # bytes (+6%), and 5x or 20x the rate weight took back at most 0.5% of the bytes for up to 8 points
 PERCEPTUAL = 0.5
+# a search tuned for a look takes this many times the effort's steps: the perceptual term's search is far from
+# settled after 8 steps. On six training photos (default rung), 16 steps instead of 8 gave +3.0 and +5.1
+# SSIMULACRA2 on two sets of three for +0.8% and +1.2% bytes; twice the learning rate at 8 steps gave
+# -0.9 and +2.3 (not kept). A tuned step costs about twice a plain one (the look's up stage, the metric)
+TUNED_STEPS = 2
 
 Progress = Callable[[str, int, int], None]
 Costs = tuple[torch.Tensor, torch.Tensor]  # (cost of each bit being 0, being 1), each (bits, rows, cols)
