@@ -109,3 +109,20 @@ def test_pillow_save_takes_tune(tmp_path):
     arr = textured(np.random.default_rng(7), 64, 48)
     Image.fromarray(arr).save(tmp_path / "a.bsq", quality=3, tune="sharp")
     assert (tmp_path / "a.bsq").read_bytes() == codec.encode(arr, "default", tune="sharp") != codec.encode(arr, "default")
+
+
+def test_a_tuned_search_of_a_large_image_goes_in_strips(tiny_model, sharp, monkeypatch):
+    from bsqcodec.codec import search
+
+    arr = textured(np.random.default_rng(8), 40, 64)  # 16 rows of 10 tokens
+    monkeypatch.setattr(search, "WINDOW_TOKENS", 40)  # strips of 4 token rows
+    seen, whole = [], []
+    score = search._Search._perceptual
+    monkeypatch.setattr(search._Search, "_perceptual", staticmethod(lambda r, d, w: whole.append(w) or score(r, d, w)))
+    enc = codec.encode_array(arr, tiny_model, effort=2, models=[sharp], tune="sharp",
+                             progress=lambda s, d, t: seen.append((s, d, t)))
+    steps = search.ITERATIONS[2] * search.TUNED_STEPS
+    assert [x for x in seen if x[0] == "search"] == [("search", i, 4 * steps) for i in range(1, 4 * steps + 1)]
+    assert whole == [False] * 4 * steps  # each strip scored as a part of a larger image
+    _, tokens, _ = codec.decode_detailed(enc.data, [tiny_model, sharp], look="sharp")
+    assert torch.equal(tokens, enc.tokens)
