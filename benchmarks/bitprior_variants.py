@@ -23,8 +23,9 @@ Three more ask whether quad3x3 misses context or capacity:
 - `quad3x3+px`: plus 64 features of the first stage's pixels around (a 3x3 convolution at the second grid);
 - `quad3x3+bits5x5`: plus 64 features of the 5x5 neighbourhood's bits of earlier passes (pass k sees
   passes before k only);
-- `quad3x3+w512`: its network twice as wide.
-`--variants` picks which run (the six above by default).
+- `quad3x3+w512`: its network twice as wide;
+- `quad3x3+px+bits5x5`: the first two together.
+`--variants` picks which run (the first six by default).
 The coder was trained with the shipped design's rate term, so this ranks the designs' modelling power only.
 Writes benchmarks/results/bitprior-variants-NAME.json.
 """
@@ -126,10 +127,9 @@ def codes(res, crops, base, toks, L1):
     b1, b2, px = [], [], []
     for i in range(0, len(crops), 64):
         x = torch.from_numpy(np.array(crops[i : i + 64])).permute(0, 3, 1, 2).float() / 255
-        b = torch.from_numpy(np.array(base[i : i + 64])).permute(0, 3, 1, 2).float() / 255
-        b2.append((res.encode_latent(x, b) > 0).to(torch.uint8))
-        b1.append(_base_code(torch.from_numpy(np.array(toks[i : i + 64])), L1).to(torch.int8))
         px.append(torch.from_numpy(np.array(base[i : i + 64])).permute(0, 3, 1, 2).contiguous())
+        b2.append((res.encode_latent(x, px[-1].float() / 255) > 0).to(torch.uint8))
+        b1.append(_base_code(torch.from_numpy(np.array(toks[i : i + 64])), L1).to(torch.int8))
     return torch.cat(b1), torch.cat(b2), torch.cat(px)
 
 

@@ -30,7 +30,7 @@ def sharp(tiny_model):
     return tiny_sharp(tiny_model)
 
 
-def sharp_score(model, data: bytes, arr: np.ndarray) -> float:
+def sharp_score(data: bytes, arr: np.ndarray) -> float:
     """The sharp look's SSIMULACRA2 of a file (the differentiable copy: no optional package needed)."""
     px = np.asarray(codec.decode(data, look="sharp"))
     return float(perceptual.score(perceptual.to_tensor(arr), perceptual.to_tensor(px))[0])
@@ -47,7 +47,7 @@ def test_a_tuned_search_scores_higher_in_the_sharp_look_with_the_shipped_model()
     arr = textured(np.random.default_rng(5), 128, 96)  # under 256 pixels: the metric's layout of fewer scales
     m = weights.preset("default")
     plain, tuned = (codec.encode_array(arr, m, tune=t) for t in ("faithful", "sharp"))
-    assert sharp_score(m, tuned.data, arr) > sharp_score(m, plain.data, arr) + 5  # about +18 here
+    assert sharp_score(tuned.data, arr) > sharp_score(plain.data, arr) + 5  # about +18 here
     for data, enc in ((plain.data, plain), (tuned.data, tuned)):  # the same kind of file: both looks decode it
         _, tokens, _ = codec.decode_detailed(data, look="sharp")
         assert torch.equal(tokens, enc.tokens)

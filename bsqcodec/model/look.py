@@ -119,7 +119,7 @@ def find(model, look: str, models: list | None = None) -> LookModel | SecondLook
     h = model.sha256[:16].hex()
     for name, config in weights.installed_configs().items():
         if isinstance(config, (LookConfig, SecondLookConfig)) and config.look == look and h in config.base_hashes():
-            m = weights.load(inst[name][0])
+            m = weights.load_installed(inst[name][0])  # once per process: every tuned encode and sharp decode asks
             if isinstance(m, kind) and m.fits(model):
                 return m
     what = "model" if kind is LookModel else "the second-stage model"

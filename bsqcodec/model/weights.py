@@ -228,7 +228,8 @@ def broken() -> dict[str, str]:
 _loaded: dict[str, Model] = {}
 
 
-def _load_cached(path: str) -> Model:
+def load_installed(path: str) -> Model:
+    """An installed file's model (or look model), read and hashed once per process."""
     if path not in _loaded:
         _loaded[path] = load(path)
     return _loaded[path]
@@ -247,7 +248,7 @@ def _named(name: str) -> Model | None:
     if not path.is_file():
         return None
     try:
-        model = _load_cached(str(path))
+        model = load_installed(str(path))
     except ModelError:
         return None
     return model if model.name == name else None
@@ -278,7 +279,7 @@ def preset(name: str) -> Model:
             raise ModelNotFoundError(f"quality {RUNG_NAMES.index(name) + 1} (preset {name!r}) is not installed "
                                      f"(installed qualities: {rungs})")
         raise ModelNotFoundError(f"unknown preset {asked!r} (installed: {known})")
-    return _load_cached(inst[name][0])
+    return load_installed(inst[name][0])
 
 
 def find(model_hash: bytes, name: str, extra: list[Model] | None = None) -> Model:
@@ -299,7 +300,7 @@ def find(model_hash: bytes, name: str, extra: list[Model] | None = None) -> Mode
             return first
     for pname, (path, h) in installed().items():
         if h[:n] == model_hash:
-            return _load_cached(path)
+            return load_installed(path)
     if name in broken():
         raise ModelError(f"the file needs preset {name!r}, whose installed file is broken: {broken()[name]}")
     old = next((v for k, v in retired().items() if k.startswith(model_hash.hex())), None)
