@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from bsqcodec import perceptual
 from bsqcodec.bench import baselines, bench
 from bsqcodec.cli.cli import app
-from bsqcodec.codec import codec
+from bsqcodec.codec import codec, search
 from bsqcodec.errors import BsqError, ModelNotFoundError
 from bsqcodec.model import look, weights
 
@@ -102,6 +102,7 @@ def test_cli_encode_and_bench_take_tune(tmp_path, tiny_model, sharp, photo):
     row = res["per_image"][0]
     arr = np.asarray(Image.open(folder / row["image"]).convert("RGB"))
     assert res["tune"] == "sharp"
+    assert res["tuned_search"] == {"steps_times": search.TUNED_STEPS, "lr_first": search.TUNED_LR[0], "lr_last": search.TUNED_LR[1]}
     assert row["bsqc"]["tiny"]["bytes"] == len(codec.encode_array(arr, tiny_model, models=[sharp], tune="sharp").data)
 
 
@@ -112,8 +113,6 @@ def test_pillow_save_takes_tune(tmp_path):
 
 
 def test_a_tuned_search_of_a_large_image_goes_in_strips(tiny_model, sharp, monkeypatch):
-    from bsqcodec.codec import search
-
     arr = textured(np.random.default_rng(8), 40, 64)  # 16 rows of 10 tokens
     monkeypatch.setattr(search, "WINDOW_TOKENS", 40)  # strips of 4 token rows
     seen, whole = [], []
@@ -126,3 +125,24 @@ def test_a_tuned_search_of_a_large_image_goes_in_strips(tiny_model, sharp, monke
     assert whole == [False] * 4 * steps  # each strip scored as a part of a larger image
     _, tokens, _ = codec.decode_detailed(enc.data, [tiny_model, sharp], look="sharp")
     assert torch.equal(tokens, enc.tokens)
+
+
+def test_a_tuned_search_steps_its_learning_rate_down_in_a_straight_line(tiny_model, sharp, monkeypatch):
+    from bsqcodec.codec import adam
+
+    first, last = search.TUNED_LR
+    assert first > last > 0
+    assert search.tuned_learning_rate(1, 16) == first and search.tuned_learning_rate(16, 16) == pytest.approx(last)
+    assert search.tuned_learning_rate(1, 1) == first
+    rates = {}
+    step = adam.Adam.step
+    monkeypatch.setattr(adam.Adam, "step", lambda self, g: rates.setdefault(id(self), []).append(self.lr) or step(self, g))
+    arr = textured(np.random.default_rng(9), 32, 24)
+    codec.encode_array(arr, tiny_model, effort=2, models=[sharp], tune="sharp")
+    n = search.ITERATIONS[2] * search.TUNED_STEPS
+    (seen,) = rates.values()
+    assert seen == pytest.approx([first + (last - first) * i / (n - 1) for i in range(n)])
+    rates.clear()
+    codec.encode_array(arr, tiny_model, effort=2)  # the squared-error search keeps its own schedule
+    (seen,) = rates.values()
+    assert seen == [search.learning_rate(i) for i in range(1, search.ITERATIONS[2] + 1)]

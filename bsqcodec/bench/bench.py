@@ -109,6 +109,8 @@ def run(root: Path, models: list, limit: int | None = None, codecs=baselines.LOS
             progress("bench", i + 1, len(files))
     res = _summarize(root, models, usable, per_image, curve_pts, sweep, notes, effort, metric)
     res["look"], res["tune"] = look, tune
+    if tune != "faithful":
+        res["tuned_search"] = search.tuned_schedule()
     if look != "faithful":
         for m in models:
             rows = [r["bsqc"][m.name]["faithful"] for r in per_image]
