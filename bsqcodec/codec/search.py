@@ -63,8 +63,10 @@ TUNED_STEPS = 2
 # schedule (LR_FIRST for three steps, then LR) leaves the perceptual search short of where it goes. On two sets
 # of six training photos (default rung, 16 steps; bytes at matched SSIMULACRA2 of the sharp look) 0.009 down to
 # 0.001 gave +4.5 and +6.2 points for +0.9% bytes, WebP 1.51x -> 1.66x and 1.53x -> 1.73x, about what 32 steps
-# of the old schedule gave; 0.006 or 0.012 to start, or 0.0002 or 0.002 to end, gave as much or less. In the
-# squared-error search the same straight line changed nothing (WebP and AVIF within 0.02x)
+# of the old schedule gave; 0.012 or 0.018 to start gave WebP within 0.02x of it for more bytes and less PSNR,
+# 0.006 to start (with 0.0002, 0.001 or 0.002 to end) gave less (benchmarks/README.md). In the
+# squared-error search (8 steps, matched PSNR) a line from 0.006 moved WebP and AVIF by at most 0.02x and one
+# from 0.009 lost WebP 1.19x -> 1.08x on one set, so that search keeps LR_FIRST and LR
 TUNED_LR = (0.009, 0.001)
 
 Progress = Callable[[str, int, int], None]
