@@ -89,10 +89,16 @@ def _pool(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, torch.where(pos, torch.where(pos, l4, 1.0) ** 0.25, 0.0)
 
 
-def _scale_terms(a: torch.Tensor, b: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """One scale's 18 numbers per image: (B, 3 channels, 2 poolings, 3 kinds)."""
-    mu1, mu2 = _blur(a, k), _blur(b, k)
-    s11, s22, s12 = _blur(a * a, k), _blur(b * b, k), _blur(a * b, k)
+def _ref_scale(a: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's part of one scale: (its XYB, their blur, the blur of their squares)."""
+    return a, _blur(a, k), _blur(a * a, k)
+
+
+def _scale_terms(ref: tuple, b: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """One scale's 18 numbers per image: (B, 3 channels, 2 poolings, 3 kinds); ref from _ref_scale."""
+    a, mu1, s11 = ref
+    mu2 = _blur(b, k)
+    s22, s12 = _blur(b * b, k), _blur(a * b, k)
     num_m = 1.0 - (mu1 - mu2) ** 2
     num_s = 2.0 * (s12 - mu1 * mu2) + _C2
     den_s = (s11 - mu1 * mu1) + (s22 - mu2 * mu2) + _C2
@@ -103,27 +109,41 @@ def _scale_terms(a: torch.Tensor, b: torch.Tensor, k: torch.Tensor) -> torch.Ten
     return torch.stack([torch.stack([p[n] for p in pooled], -1) for n in range(2)], 2)
 
 
-def score(ref: torch.Tensor, dist: torch.Tensor, full_layout: bool = False) -> torch.Tensor:
+class Reference:
+    """What the score needs of a reference image, computed once: for scoring many candidates against it
+    (the encoder's search scores each of its steps). The same numbers as scoring with the image itself."""
+
+    def __init__(self, ref: torch.Tensor) -> None:
+        self.kernel = _kernel(ref.dtype, ref.device)
+        la, self.scales = _linear(ref), []
+        for s in range(SCALES):
+            if la.shape[-2] < 8 or la.shape[-1] < 8:
+                break
+            self.scales.append(_ref_scale(_xyb(la), self.kernel))
+            if s < SCALES - 1:
+                la = F.avg_pool2d(la, 2, ceil_mode=True)
+
+
+def score(ref: torch.Tensor | Reference, dist: torch.Tensor, full_layout: bool = False) -> torch.Tensor:
     """SSIMULACRA2 of each image: ref and dist (B, 3, H, W) sRGB in [0, 1] -> (B,), differentiable in dist.
+
+    ref may be a Reference of the image, for many scores against one image.
 
     Scales stop where an image gets under 8 pixels high or wide. The package then reads the weights in
     order, as if the scales it computed were the first of fewer (so a small image's coarse scales take
     other scales' weights); that is the default here too. full_layout gives each computed scale its own
     weights instead, which suits crops that stand for parts of larger images (training).
     """
-    k = _kernel(ref.dtype, ref.device)
-    la, lb = _linear(ref), _linear(dist)
+    refs = ref if isinstance(ref, Reference) else Reference(ref)
+    lb = _linear(dist)
     terms = []
-    for s in range(SCALES):
-        if la.shape[-2] < 8 or la.shape[-1] < 8:
-            break
-        terms.append(_scale_terms(_xyb(la), _xyb(lb), k))
-        if s < SCALES - 1:
-            la = F.avg_pool2d(la, 2, ceil_mode=True)
+    for s, r in enumerate(refs.scales):
+        terms.append(_scale_terms(r, _xyb(lb), refs.kernel))
+        if s < len(refs.scales) - 1:
             lb = F.avg_pool2d(lb, 2, ceil_mode=True)
     n = len(terms)
     t = torch.stack(terms, 2).abs()  # (B, 3 channels, scales, 2, 3)
-    w = ref.new_tensor(_WEIGHTS).view(3, SCALES, 2, 3)
+    w = dist.new_tensor(_WEIGHTS).view(3, SCALES, 2, 3)
     w = w[:, :n] if full_layout else w.reshape(-1)[: 3 * n * 6].view(3, n, 2, 3)
     d = (t * w).sum((1, 2, 3, 4)) * 0.9562382616834844
     d = 2.326765642916932 * d - 0.020884521182843837 * d * d + 6.248496625763138e-05 * d * d * d
@@ -142,5 +162,5 @@ def to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].to(torch.float64) / 255.0
 
 
-__all__ = ["score", "loss", "to_tensor", "SCALES"]
+__all__ = ["score", "loss", "to_tensor", "Reference", "SCALES"]
 assert math.isclose(sum(_OPSIN[2]), 1.0)

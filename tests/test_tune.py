@@ -146,3 +146,19 @@ def test_a_tuned_search_steps_its_learning_rate_down_in_a_straight_line(tiny_mod
     codec.encode_array(arr, tiny_model, effort=2)  # the squared-error search keeps its own schedule
     (seen,) = rates.values()
     assert seen == [search.learning_rate(i) for i in range(1, search.ITERATIONS[2] + 1)]
+
+
+def test_a_reference_scores_exactly_as_its_image_does():
+    """The search scores every step against a Reference of its target: the same numbers and gradients."""
+    rng = np.random.default_rng(11)
+    for h, w in ((40, 56), (300, 260)):  # fewer scales, and all of them
+        ref = perceptual.to_tensor(textured(rng, w, h))
+        dist = (ref + torch.from_numpy(rng.normal(0, 0.05, ref.shape))).clamp(0, 1)
+        for full in (False, True):
+            got = []
+            for r in (ref, perceptual.Reference(ref)):
+                d = dist.clone().requires_grad_(True)
+                s = perceptual.score(r, d, full_layout=full)
+                (g,) = torch.autograd.grad(s.sum(), [d])
+                got.append((s, g))
+            assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])

@@ -166,7 +166,7 @@ def search_tokens(model: weights.Model, arr: np.ndarray, effort: int, progress: 
                   look: look_mod.LookModel | None = None) -> torch.Tensor:
     """The token grid of an image at an effort (1: the tokenizer's own signs; see search.py); look: a look
     of the model to tune the search for (tuned_look), None: its own decoder and squared error."""
-    steps = search.iterations(effort) * (search.TUNED_STEPS if look is not None else 1)
+    steps = search.iterations(effort, tuned=look is not None)
     if not steps:
         return image_to_tokens(model, arr)
     latent, costs = search_inputs(model, arr)

@@ -73,11 +73,12 @@ Progress = Callable[[str, int, int], None]
 Costs = tuple[torch.Tensor, torch.Tensor]  # (cost of each bit being 0, being 1), each (bits, rows, cols)
 
 
-def iterations(effort: int) -> int:
-    """Gradient steps of an effort (0 for effort 1: no search); ValueError for anything but 1..9."""
+def iterations(effort: int, tuned: bool = False) -> int:
+    """Gradient steps of an effort (0 for effort 1: no search), TUNED_STEPS times as many for a search tuned
+    for a look; ValueError for anything but 1..9."""
     if isinstance(effort, bool) or not isinstance(effort, int) or not MIN_EFFORT <= effort <= MAX_EFFORT:
         raise ValueError(f"effort must be an integer from {MIN_EFFORT} to {MAX_EFFORT}, not {effort!r}")
-    return ITERATIONS[effort]
+    return ITERATIONS[effort] * (TUNED_STEPS if tuned else 1)
 
 
 def learning_rate(step: int) -> float:
@@ -188,7 +189,7 @@ class _Search:
         return self.tok.quant.codes_to_tokens(self.u)[0]
 
     @staticmethod
-    def _perceptual(ref: torch.Tensor, dist: torch.Tensor, whole: bool) -> torch.Tensor:
+    def _perceptual(ref: perceptual.Reference, dist: torch.Tensor, whole: bool) -> torch.Tensor:
         """(100 - SSIMULACRA2) / 100 of a window's pixels: the whole image's score as the metric computes it
         (an image under 256 pixels high or wide has fewer scales, which take other scales' weights), a strip's
         with each scale's own weights (perceptual.score's full_layout: a part of a larger image)."""
@@ -205,6 +206,7 @@ class _Search:
         opt = Adam(own, rate(1))
         y0, y1 = r0 * p, min(self.height, r1 * p)  # the pixel rows this window owns
         tgt = self.target[:, :, y0:y1]
+        ref = perceptual.Reference(tgt) if self.look is not None else None  # the same for every step
         n_px = self.height * self.width
         if self.costs is not None:
             c0, c1 = (c[None, :, r0:r1] for c in self.costs)
@@ -218,7 +220,7 @@ class _Search:
                 y = y.float()[:, :, y0 - a * p : y1 - a * p, : self.width]
                 loss = F.mse_loss(y, tgt, reduction="sum") / (3 * n_px)
                 if self.look is not None:  # this window's share of the image, as its squared error is
-                    loss = loss + PERCEPTUAL * self._perceptual(tgt, y.clamp(0, 1), r1 - r0 == rows) * (y1 - y0) / self.height
+                    loss = loss + PERCEPTUAL * self._perceptual(ref, y.clamp(0, 1), r1 - r0 == rows) * (y1 - y0) / self.height
                 if self.costs is not None:
                     bit = (ste[:, :, r0 - a : r1 - a] * math.sqrt(L) + 1) / 2  # 1 where the code is +1
                     loss = loss + self.lam * (bit * c1 + (1 - bit) * c0).sum() / n_px
