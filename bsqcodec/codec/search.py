@@ -234,7 +234,7 @@ class _Search:
                 loss = loss_of(own)
                 (grad,) = torch.autograd.grad(loss, [own])
             if keep and float(loss.detach()) < best[0]:
-                best = (float(loss), own.detach().clone())  # the codes before this step: the loss is theirs
+                best = (float(loss.detach()), own.detach().clone())  # the codes before this step: the loss is theirs
             opt.lr = rate(i)
             opt.step(grad)
             with torch.no_grad():
