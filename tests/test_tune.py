@@ -122,7 +122,7 @@ def test_a_tuned_search_of_a_large_image_goes_in_strips(tiny_model, sharp, monke
                              progress=lambda s, d, t: seen.append((s, d, t)))
     steps = search.ITERATIONS[2] * search.TUNED_STEPS
     assert [x for x in seen if x[0] == "search"] == [("search", i, 4 * steps) for i in range(1, 4 * steps + 1)]
-    assert whole == [False] * 4 * steps  # each strip scored as a part of a larger image
+    assert whole == [False] * 4 * (steps + 1)  # each strip scored as a part of a larger image, each step and its last codes
     _, tokens, _ = codec.decode_detailed(enc.data, [tiny_model, sharp], look="sharp")
     assert torch.equal(tokens, enc.tokens)
 
@@ -162,3 +162,20 @@ def test_a_reference_scores_exactly_as_its_image_does():
                 (g,) = torch.autograd.grad(s.sum(), [d])
                 got.append((s, g))
             assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+
+
+def test_a_tuned_search_keeps_its_best_codes_not_its_last(tiny_model, sharp, monkeypatch):
+    """A last step far too long ruins the codes; the search then ends where it was before that step."""
+    arr = textured(np.random.default_rng(10), 32, 24)
+    model_latent, costs = codec.search_inputs(tiny_model, arr)
+    lam = search.rate_weight(tiny_model.config.tokenizer.bits)
+
+    def tokens(steps):
+        return search.refine(tiny_model.tokenizer, model_latent, arr, steps, costs, lam, look=sharp.tokenizer)
+
+    monkeypatch.setattr(search, "tuned_learning_rate", lambda i, n: 0.009)
+    before = tokens(3)
+    monkeypatch.setattr(search, "tuned_learning_rate", lambda i, n: 0.009 if i < n else 50.0)
+    assert torch.equal(tokens(4), before)
+    monkeypatch.setattr(search, "KEEP_BEST", False)
+    assert not torch.equal(tokens(4), before)  # the long step did change the codes
