@@ -21,5 +21,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'bsqcodec' has no attribute {name!r}")
 
 
-__version__ = "0.7.4"
+__version__ = "0.7.5"
 __all__ = ["encode", "decode", "BsqError", "__version__"]
