@@ -35,7 +35,7 @@ def edge_bits(model: weights.Model, arr: np.ndarray) -> dict[str, list[float]]:
     header = codec.make_header(model, arr.shape[1], arr.shape[0])
     slices = codec.tile_slices(header)
     acc = {k: [0.0, 0] for k in PLACES}
-    for batch, sym, tabs in codec._tile_tables(model, header, tokens):
+    for batch, sym, tabs in codec.tile_tables(model, header, tokens):
         t = tabs.double()
         bits = -torch.log2(t.gather(-1, sym.long().unsqueeze(-1))[..., 0] / t.sum(-1)).sum(-1)  # (B, T)
         for k, i in enumerate(batch):

@@ -126,7 +126,7 @@ def _coverage(model, header, tokens, streams) -> dict[str, list]:
 def _tables_by_tile(model, header, tokens) -> list[tuple[list[int], list[list[int]]]]:
     """(symbols, tables) of every tile in coding order, the tables as bsqcodec's prior computes them."""
     out: dict[int, tuple] = {}
-    for batch, sym, tabs in codec._tile_tables(model, header, tokens):
+    for batch, sym, tabs in codec.tile_tables(model, header, tokens):
         for b, i in enumerate(batch):
             G = sym.shape[-1]
             s = sym[b].reshape(-1).tolist()

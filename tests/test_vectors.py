@@ -91,7 +91,7 @@ def test_version_2_is_a_smaller_header_and_trimmed_streams(vector_model, name):
     saved = 16 + 4 + sum(4 - len(container.varint(len(s))) for s in s2) + 1 + 3 * len(h1.chunks)
     assert n1 - n2 == saved - (4 + 1 + 4)
     tokens = codec.decode_detailed((VEC / f"v1-{name}.bsq").read_bytes(), [vector_model])[1]
-    for batch, sym, tabs in codec._tile_tables(vector_model, h1, tokens):
+    for batch, sym, tabs in codec.tile_tables(vector_model, h1, tokens):
         for b, i in enumerate(batch):
             symbols = sym[b].reshape(-1).numpy()
             tables = tabs[b].reshape(len(symbols), -1).numpy().astype(np.float64)

@@ -91,7 +91,7 @@ def make_header(model: weights.Model, width: int, height: int, icc: bytes | None
     return h
 
 
-def _tile_tables(model: weights.Model, header: Header, tokens: torch.Tensor, approx: bool = False):
+def tile_tables(model: weights.Model, header: Header, tokens: torch.Tensor, approx: bool = False):
     """Yields (tile indices, symbols (B, T, G), tables (B, T, G, n)) for batches of same-shape tiles.
 
     approx: the float prior read back from the integer one (Model.float_prior), for estimates only: its
@@ -118,7 +118,7 @@ def encode_tokens(model: weights.Model, header: Header, tokens: torch.Tensor, pr
     streams: list[bytes | None] = [None] * n_tiles
     est = 0.0
     done = 0
-    for batch, sym, tabs in _tile_tables(model, header, tokens):
+    for batch, sym, tabs in tile_tables(model, header, tokens):
         tabs = tabs.numpy()
         for b, i in enumerate(batch):
             s = sym[b].reshape(-1).numpy()
@@ -143,7 +143,7 @@ def rate_costs(model: weights.Model, header: Header, tokens: torch.Tensor,
     slices = tile_slices(header)
     shape = (header.bits, *tokens.shape)
     cost0, cost1 = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
-    for batch, _, tabs in _tile_tables(model, header, tokens, approx):
+    for batch, _, tabs in tile_tables(model, header, tokens, approx):
         c0, c1 = search.bit_costs(tabs, g)  # (B, T, G, g) each
         for b, i in enumerate(batch):
             rs, cs = slices[i]
