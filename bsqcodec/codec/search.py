@@ -17,7 +17,8 @@ Effort 1 is no search at all: exactly the bytes of the plain sign encoder.
 Tuned for a look (`bsqc encode --tune sharp`), the search decodes with that look's decoder, up stage
 included, and its loss adds PERCEPTUAL x (100 - SSIMULACRA2) / 100 (bsqcodec.perceptual): the tokens are
 chosen for how the look's pictures score, not for their squared error, with TUNED_STEPS times the effort's
-steps and a learning rate that falls in a straight line over them (TUNED_LR). The files are the same kind.
+steps and a learning rate that falls in a straight line over them (TUNED_LR), keeping the codes of its
+lowest loss (KEEP_BEST). The files are the same kind.
 """
 
 from __future__ import annotations
