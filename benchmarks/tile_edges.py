@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bsqcodec.codec import codec, images, search
+from bsqcodec.format import entropy
 from bsqcodec.model import weights
 from bsqcodec.train.data import find_images
 
@@ -36,14 +36,16 @@ def edge_bits(model: weights.Model, arr: np.ndarray) -> dict[str, list[float]]:
     slices = codec.tile_slices(header)
     acc = {k: [0.0, 0] for k in PLACES}
     for batch, sym, tabs in codec.tile_tables(model, header, tokens):
-        t = tabs.double()
-        bits = -torch.log2(t.gather(-1, sym.long().unsqueeze(-1))[..., 0] / t.sum(-1)).sum(-1)  # (B, T)
+        n = tabs.shape[-1]
         for k, i in enumerate(batch):
             rs, cs = slices[i]
-            grid = bits[k].reshape(rs.stop - rs.start, cs.stop - cs.start)
-            for place, part in zip(PLACES, (grid[:1, :1], grid[:1, 1:], grid[1:, :1], grid[1:, 1:])):
-                acc[place][0] += float(part.sum())
-                acc[place][1] += part.numel()
+            r, c = rs.stop - rs.start, cs.stop - cs.start
+            s, t = sym[k].reshape(r, c, -1).numpy(), tabs[k].reshape(r, c, -1, n).numpy()
+            for place, (rows, cols) in zip(PLACES, ((slice(0, 1), slice(0, 1)), (slice(0, 1), slice(1, None)),
+                                                    (slice(1, None), slice(0, 1)), (slice(1, None), slice(1, None)))):
+                part = s[rows, cols]
+                acc[place][0] += entropy.bits(part.reshape(-1), t[rows, cols].reshape(-1, n))
+                acc[place][1] += part.shape[0] * part.shape[1]
     return acc
 
 

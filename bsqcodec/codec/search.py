@@ -238,8 +238,8 @@ class _Search:
             with torch.enable_grad():
                 loss = loss_of(own)
                 (grad,) = torch.autograd.grad(loss, [own])
-            if keep and float(loss.detach()) < best[0]:
-                best = (float(loss.detach()), own.detach().clone())  # the codes before this step: the loss is theirs
+            if keep and (value := float(loss.detach())) < best[0]:
+                best = (value, own.detach().clone())  # the codes before this step: the loss is theirs
             opt.lr = rate(i)
             opt.step(grad)
             with torch.no_grad():
